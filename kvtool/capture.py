@@ -1,0 +1,120 @@
+"""KV capture: run a prefill and return, per layer, pre-RoPE keys, cached (post-RoPE) keys and values.
+
+The cache is read through transformers' public ``DynamicCache.layers[i].keys / .values``. Pre-RoPE keys are
+recovered by rotating the cached keys back with the very ``(cos, sin)`` each layer used, observed with forward
+pre-hooks (:class:`RopeRecorder`); so models that normalise keys before RoPE (Gemma3's ``k_norm``) give the normed
+key, and per-layer-type RoPE (Gemma3's local/global theta) is handled without naming any module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvtool.arch import ArchInfo, invert_rope
+
+
+class RopeRecorder:
+    """Records the ``(cos, sin)`` pair every attention layer receives during a forward pass.
+
+    Attention modules are recognised generically: they carry an integer ``layer_idx`` and are called with a
+    ``position_embeddings`` keyword (transformers' convention for RoPE models).
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.by_module: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list[Any] = []
+
+    def _hook(self, module: Any, args: tuple, kwargs: dict) -> None:
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            self.by_layer[module.layer_idx] = pe
+            self.by_module[id(module)] = pe
+
+    def __enter__(self) -> RopeRecorder:
+        for module in self.model.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                self._handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def cos_sin(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(cos, sin)`` of ``layer_idx``, each of shape ``(batch, seq, head_dim)``."""
+        if layer_idx not in self.by_layer:
+            raise RuntimeError(
+                f"layer {layer_idx} received no position_embeddings: this model does not use RoPE the way "
+                "transformers' decoder models do, so pre-RoPE keys are not available"
+            )
+        return self.by_layer[layer_idx]
+
+
+@dataclass
+class LayerKV:
+    """One layer's captured cache.
+
+    Attributes
+    ----------
+    keys_pre_rope : torch.Tensor
+        ``(batch, num_kv_heads, n, head_dim)``: keys before RoPE (after any key norm).
+    keys : torch.Tensor
+        ``(batch, num_kv_heads, n, head_dim)``: keys as cached (post-RoPE).
+    values : torch.Tensor
+        ``(batch, num_kv_heads, n, head_dim)``.
+    positions : torch.Tensor
+        ``(n,)`` int64 positions of the cached tokens (sliding layers keep only the most recent ones).
+    cos, sin : torch.Tensor
+        ``(batch, n, head_dim)``: the rotation applied to these keys.
+    """
+
+    keys_pre_rope: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+@dataclass
+class KVCapture:
+    """Per-layer :class:`LayerKV` of one prefill, plus the cache object itself (for continuing generation)."""
+
+    layers: list[LayerKV]
+    cache: Any
+    input_ids: torch.Tensor
+
+
+def layer_rope(rec: RopeRecorder, layer_idx: int, n_cached: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(positions, cos, sin)`` of the ``n_cached`` most recent positions of a layer in the recorded forward."""
+    cos, sin = rec.cos_sin(layer_idx)
+    total = cos.shape[-2]
+    positions = torch.arange(total - n_cached, total, device=cos.device)
+    return positions, cos[..., total - n_cached :, :], sin[..., total - n_cached :, :]
+
+
+@torch.no_grad()
+def capture_kv(model: Any, input_ids: torch.Tensor, arch: ArchInfo | None = None) -> KVCapture:
+    """Prefill ``input_ids`` (shape ``(seq,)`` or ``(batch, seq)``) from position 0 and capture the cache.
+
+    Returns a :class:`KVCapture` whose layer ``i`` holds pre-RoPE keys, cached keys and values of shape
+    ``(batch, num_kv_heads, n_i, head_dim)`` where ``n_i`` is ``seq`` for full-attention layers and at most
+    ``sliding_window - 1`` for sliding-window layers.
+    """
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    ids = ids.to(next(model.parameters()).device)
+    with RopeRecorder(model) as rec:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        keys, values = layer.keys, layer.values
+        positions, cos, sin = layer_rope(rec, i, keys.shape[-2])
+        layers.append(LayerKV(invert_rope(keys, cos, sin), keys, values, positions, cos, sin))
+    return KVCapture(layers, cache, ids)

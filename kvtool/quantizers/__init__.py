@@ -1,0 +1,5 @@
+"""Quantizers: one method per file, each a :class:`kvtool.transforms.TensorTransform`."""
+
+from kvtool.quantizers.uniform import UniformQuantizer
+
+__all__ = ["UniformQuantizer"]

@@ -1,0 +1,93 @@
+"""Uniform asymmetric quantization with fp16 scale and fp16 zero point.
+
+Two grouping axes, as in KIVI (arXiv:2402.02750) and KVTuner (arXiv:2502.04420):
+
+* ``token``: each token of each head is split into groups of ``group_size`` consecutive channels along
+  ``head_dim`` (default: the whole head, one scale and zero point per token and head);
+* ``channel``: each channel of each head is split into groups of ``group_size`` consecutive tokens (KIVI's
+  per-channel keys; default 32 tokens). A last, shorter group takes the remaining tokens.
+
+The zero point is the group minimum stored in fp16, not an integer-rounded zero (KVQuant, arXiv:2401.18079,
+found integer zero points hurt per-channel keys). Code ``q = clamp(round((x - zero) / scale), 0, 2^b - 1)``,
+reconstruction ``q * scale + zero``, with ``scale = (max - min) / (2^b - 1)`` rounded to fp16 first, so the
+simulation reproduces what a decoder of the stored fp16 metadata computes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from kvtool.config import register
+from kvtool.transforms import BitCost, TensorTransform
+
+FP16_MAX = 65504.0
+
+
+@register
+@dataclass(frozen=True)
+class UniformQuantizer(TensorTransform):
+    """``bits``-bit uniform asymmetric quantizer, grouped along ``axis`` (see module docstring)."""
+
+    bits: int
+    axis: Literal["token", "channel"] = "token"
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 1..8, got {self.bits}")
+        if self.axis not in ("token", "channel"):
+            raise ValueError(f"axis must be 'token' or 'channel', got {self.axis!r}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+
+    def _group(self, head_dim: int) -> int:
+        if self.group_size is not None:
+            return self.group_size
+        return head_dim if self.axis == "token" else 32
+
+    def label(self) -> str:
+        return f"int{self.bits}/{self.axis}-g{self.group_size or ('D' if self.axis == 'token' else 32)}"
+
+    def cost(self, head_dim: int, num_tokens: int) -> BitCost:
+        g = self._group(head_dim)
+        if self.axis == "token":
+            groups_per_token = math.ceil(head_dim / g)
+            meta = 32.0 * groups_per_token / head_dim
+        else:
+            meta = 32.0 * math.ceil(num_tokens / g) / max(num_tokens, 1)
+        return BitCost(float(self.bits), self.bits + meta)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize ``x`` of shape ``(batch, heads, tokens, head_dim)``; computed in float32."""
+        b, h, t, d = x.shape
+        g = self._group(d)
+        xf = x.float()
+        if self.axis == "token":
+            if d % g:
+                raise ValueError(f"group_size {g} does not divide head_dim {d}")
+            groups = xf.reshape(b, h, t, d // g, g)
+            out = _fake_quant_lastdim(groups, self.bits).reshape(b, h, t, d)
+        else:
+            n_groups = math.ceil(t / g)
+            pad = n_groups * g - t
+            # Padding with the last token leaves the last group's min and max unchanged.
+            xp = torch.cat([xf, xf[:, :, -1:, :].expand(b, h, pad, d)], dim=2) if pad else xf
+            groups = xp.reshape(b, h, n_groups, g, d).transpose(-1, -2)  # (b, h, n_groups, d, g)
+            out = _fake_quant_lastdim(groups, self.bits).transpose(-1, -2).reshape(b, h, n_groups * g, d)[:, :, :t]
+        return out.to(x.dtype)
+
+
+def _fake_quant_lastdim(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Asymmetric min/max quantize-dequantize over the last dimension, fp16 scale and zero point."""
+    levels = (1 << bits) - 1
+    mn = x.amin(dim=-1, keepdim=True)
+    mx = x.amax(dim=-1, keepdim=True)
+    zero = mn.clamp(-FP16_MAX, FP16_MAX).half().float()
+    scale = ((mx - mn) / levels).clamp(max=FP16_MAX).half().float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round((x - zero) / safe), 0, levels)
+    return q * scale + zero
