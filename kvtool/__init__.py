@@ -1,0 +1,29 @@
+"""kvtool: offline KV-cache calibration and compact, portable prefix-KV artifacts.
+
+Public API (the catalogue)::
+
+    load_model, capture_kv, perplexity, continuation_quality, KVTransform, UniformQuantizer,
+    transformed_attention, read_artifact, write_artifact
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from kvtool.attention import transformed_attention
+from kvtool.capture import capture_kv
+from kvtool.harness import continuation_quality, perplexity
+from kvtool.models import load_model
+from kvtool.quantizers import UniformQuantizer
+from kvtool.transforms import KVTransform
+
+__all__ = [
+    "__version__",
+    "load_model",
+    "capture_kv",
+    "perplexity",
+    "continuation_quality",
+    "KVTransform",
+    "UniformQuantizer",
+    "transformed_attention",
+]

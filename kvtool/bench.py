@@ -1,0 +1,83 @@
+"""``kvtool bench``: evaluate named KV configurations side by side on held-out text.
+
+Each row: nominal and all-in bits per element (at the window length), perplexity with the transform in every
+attention layer (prefill included), ΔPPL against the untouched model, and continuation quality of a transformed
+prefix cache (KL and top-1 agreement against the untouched cache; the protocol of ``harness``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kvtool.harness import continuation_quality, perplexity
+from kvtool.models import LoadedModel, tokenize
+from kvtool.presets import REFERENCE, parse_preset
+from kvtool.transforms import KVTransform
+
+
+@dataclass
+class BenchSettings:
+    """What ``bench`` measures on, recorded in its JSON output."""
+
+    text: str = "evaluation"
+    tokens: int = 8192
+    window: int = 2048
+    continuation: bool = True
+    prefix_len: int = 2048
+    cont_len: int = 256
+    offsets: list[int] = field(default_factory=lambda: [0, 40000, 80000])
+
+
+@dataclass
+class BenchRow:
+    name: str
+    nominal_bits: float
+    all_in_bits: float
+    ppl: float
+    delta_ppl_pct: float
+    cont_ppl: float | None = None
+    kl: float | None = None
+    top1: float | None = None
+
+
+def run_bench(
+    lm: LoadedModel,
+    configs: Sequence[str],
+    text: str,
+    settings: BenchSettings,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every configuration; the untouched model (``original``) is always measured first as the reference.
+
+    ``progress(stage, tokens_done)`` is called as work completes.
+    """
+    ids = tokenize(lm.tokenizer, text)
+    ppl_ids = ids[: settings.tokens]
+    names = [REFERENCE, *[c for c in configs if c != REFERENCE]]
+    transforms: list[KVTransform] = [parse_preset(n, lm.arch) for n in names]
+    rows: list[BenchRow] = []
+    base_ppl = None
+    for name, t in zip(names, transforms):
+
+        def advance(n: int, stage: str = name) -> None:
+            if progress is not None:
+                progress(stage, n)
+
+        r = perplexity(lm.model, ppl_ids, settings.window, t, progress=advance)
+        base_ppl = base_ppl or r.ppl
+        bits = t.bits(lm.arch, settings.window)
+        rows.append(BenchRow(name, bits["nominal"], bits["all_in"], r.ppl, 100.0 * (r.ppl / base_ppl - 1.0)))
+    if settings.continuation:
+        conts = continuation_quality(
+            lm.model, ids, transforms, settings.prefix_len, settings.cont_len, settings.offsets
+        )
+        for row, c in zip(rows, conts):
+            row.cont_ppl, row.kl, row.top1 = c.ppl, c.kl, c.top1
+    return {
+        "model": lm.fingerprint,
+        "settings": asdict(settings),
+        "ppl_tokens": int(ppl_ids.numel()),
+        "rows": [asdict(r) for r in rows],
+    }

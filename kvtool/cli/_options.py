@@ -1,0 +1,38 @@
+"""Options shared by every command (one definition, reused)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kvtool.cli._output import Output
+from kvtool.errors import UsageError
+from kvtool.models import DEFAULT_MODEL
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Model: alias (smollm2-135m, llama-3-8b, ...), hub id in the local HF cache, folder, or .gguf."
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the primary result.")]
+TextOpt = Annotated[
+    str,
+    typer.Option(
+        "--text",
+        help="Text: 'evaluation' (Persuasion), 'calibration' (Emma + Mansfield Park), a book name, a file, or '-'.",
+    ),
+]
+
+DEFAULT = DEFAULT_MODEL
+
+
+def output_for(json_mode: bool, quiet: bool) -> Output:
+    """The :class:`Output` for the flags given (``--json`` and ``-q`` exclude each other)."""
+    if json_mode and quiet:
+        raise UsageError("--json and --quiet cannot be used together")
+    return Output("json" if json_mode else "quiet" if quiet else "human")

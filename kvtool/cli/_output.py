@@ -1,0 +1,81 @@
+"""All CLI printing goes through :class:`Output`: results on stdout, everything else on stderr.
+
+Modes (like the Hugging Face ``hf`` CLI): ``human`` (tables, progress bars on stderr), ``json`` (exactly one JSON
+document on stdout, no progress), ``quiet`` (only the primary result, e.g. a path, one per line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+class Output:
+    """One output object per command invocation."""
+
+    def __init__(self, mode: str = "human"):
+        self.mode = mode
+        self.out = Console(soft_wrap=True)
+        self.err = Console(stderr=True, soft_wrap=True)
+
+    @property
+    def progress_enabled(self) -> bool:
+        return self.mode == "human" and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1" and self.err.is_terminal
+
+    def log(self, message: str) -> None:
+        """A progress or info line on stderr (silent in json/quiet modes)."""
+        if self.mode == "human":
+            self.err.print(message, highlight=False)
+
+    def warning(self, message: str) -> None:
+        self.err.print(f"kvtool: warning: {message}", highlight=False, markup=False)
+
+    def error(self, message: str) -> None:
+        self.err.print(f"kvtool: error: {message}", highlight=False, markup=False)
+
+    def result(self, data: dict[str, Any], primary: str | None = None, table: Table | None = None) -> None:
+        """Print the command's result: JSON document, the primary value alone, or a human view."""
+        if self.mode == "json":
+            sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        elif self.mode == "quiet":
+            if primary is not None:
+                sys.stdout.write(f"{data[primary]}\n")
+        else:
+            if table is not None:
+                self.out.print(table)
+            if primary is not None:
+                self.out.print(str(data[primary]), highlight=False, markup=False)
+        sys.stdout.flush()
+
+    def table(self, title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+        t = Table(title=title, show_lines=False, header_style="bold")
+        for c in columns:
+            t.add_column(c, justify="left" if c in columns[:1] else "right")
+        for r in rows:
+            t.add_row(*[str(x) for x in r])
+        return t
+
+    @contextmanager
+    def progress(self, description: str, total: int | None) -> Iterator[Any]:
+        """A progress bar on stderr; yields ``advance(n)``. A no-op outside human mode or without a terminal."""
+        if not self.progress_enabled:
+            yield lambda n=1: None
+            return
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.err,
+            transient=True,
+        ) as p:
+            task = p.add_task(description, total=total)
+            yield lambda n=1: p.advance(task, n)

@@ -1,0 +1,61 @@
+"""The ``kvtool`` command: assembly only (each command lives in its own module)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from kvtool import __version__
+from kvtool.cli.bench import EXAMPLES as BENCH_EXAMPLES
+from kvtool.cli.bench import bench
+from kvtool.cli.capture import capture
+from kvtool.cli.inspect import inspect
+
+app = typer.Typer(
+    name="kvtool",
+    help="Calibrate KV-cache compression and turn prefix KV caches into compact artifacts. Exit codes: "
+    "0 ok, 1 runtime failure, 2 usage, 3 bad or incompatible artifact, 4 quality gate failed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command(epilog=BENCH_EXAMPLES)(bench)
+app.command()(capture)
+app.command()(inspect)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show library logs and progress bars on stderr."),
+) -> None:
+    _configure_logging(verbose)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Progress and logs go to stderr; third-party chatter only with ``-v``."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="kvtool")

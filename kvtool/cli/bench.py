@@ -1,0 +1,79 @@
+"""``kvtool bench``: one table of named KV configurations on held-out text."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kvtool.bench import BenchSettings, run_bench
+from kvtool.cli._errors import handle_errors
+from kvtool.cli._options import DEFAULT, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, QuietOpt, TextOpt, output_for
+from kvtool.errors import UsageError
+from kvtool.models import load_model
+from kvtool.presets import BASELINES
+from kvtool.texts import load_text
+
+EXAMPLES = """Examples:
+  kvtool bench                                   # SmolLM2, Persuasion, all baselines
+  kvtool bench smollm2-135m --configs kivi-k4v4,kivi-k4v2-s1 --json
+  kvtool bench ./my-model --text my.txt --tokens 4096 --no-continuation
+"""
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+@handle_errors
+def bench(
+    model: ModelArg = DEFAULT,
+    configs: Annotated[
+        str, typer.Option("--configs", help="Comma-separated configurations (see docs/cli.md for the grammar).")
+    ] = ",".join(BASELINES),
+    text: TextOpt = "evaluation",
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens scored for perplexity.", min=2)] = 8192,
+    window: Annotated[int, typer.Option("--window", help="Perplexity window (tokens).", min=2)] = 2048,
+    continuation: Annotated[
+        bool, typer.Option("--continuation/--no-continuation", help="Also measure prefix-cache continuation.")
+    ] = True,
+    prefix_len: Annotated[int, typer.Option("--prefix-len", help="Continuation: cached prefix tokens.", min=1)] = 2048,
+    cont_len: Annotated[int, typer.Option("--cont-len", help="Continuation: scored tokens.", min=1)] = 256,
+    offsets: Annotated[str, typer.Option("--offsets", help="Continuation: prefix start offsets.")] = "0,40000,80000",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure size and quality of KV configurations side by side (PPL, ΔPPL, continuation KL, top-1)."""
+    out = output_for(json_mode, quiet)
+    try:
+        offs = [int(x) for x in offsets.split(",") if x.strip()]
+    except ValueError as e:
+        raise UsageError(f"--offsets must be comma-separated integers (got '{offsets}')") from e
+    names = [c.strip() for c in configs.split(",") if c.strip()]
+    settings = BenchSettings(text, tokens, window, continuation, prefix_len, cont_len, offs)
+    body = load_text(text)
+    out.log(f"loading {model} ...")
+    lm = load_model(model, device, dtype)
+    total = len(names) + 1
+    with out.progress("perplexity", total * tokens) as advance:
+        result = run_bench(lm, names, body, settings, progress=lambda stage, n: advance(n))
+    rows = result["rows"]
+    table = out.table(
+        f"{model}: PPL on {result['ppl_tokens']} tokens of '{text}' (window {window})",
+        ["config", "nominal bits", "all-in bits", "PPL", "ΔPPL %", "cont. KL", "top-1"],
+        [
+            [
+                r["name"],
+                f"{r['nominal_bits']:.2f}",
+                f"{r['all_in_bits']:.3f}",
+                f"{r['ppl']:.3f}",
+                f"{r['delta_ppl_pct']:+.2f}",
+                _fmt(r["kl"], ".4f"),
+                _fmt(r["top1"], ".3f"),
+            ]
+            for r in rows
+        ],
+    )
+    out.result(result, table=table)

@@ -1,0 +1,98 @@
+"""``kvtool inspect``: what any kvtool artifact is, for which model, made how, with per-layer tables.
+
+Plain safetensors files (no kvtool metadata) are listed tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kvtool.artifacts import Artifact, describe, read_artifact, read_header
+from kvtool.cli._errors import handle_errors
+from kvtool.cli._options import JsonOpt, QuietOpt, output_for
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _capture_layers(a: Artifact) -> tuple[list[str], list[list[Any]]]:
+    types = a.model.get("arch", {}).get("layer_types", [])
+    per_tok = a.tensors["k"][0, :, 0].numel() * a.tensors["k"].element_size()
+    rows = [
+        [i, types[i] if i < len(types) else "?", int(n), int(n) * per_tok, int(n) * per_tok]
+        for i, n in enumerate(a.tensors["lengths"].tolist())
+    ]
+    return ["layer", "type", "tokens", "K bytes", "V bytes"], rows
+
+
+#: schema -> per-layer table builder (calibration schemas register theirs)
+LAYER_TABLES: dict[str, Callable[[Artifact], tuple[list[str], list[list[Any]]]]] = {
+    "kvtool.kv_capture": _capture_layers,
+}
+
+
+def _plain(path: Path) -> dict[str, Any]:
+    header = read_header(path)
+    tensors = {
+        name: {
+            "dtype": info["dtype"],
+            "shape": info["shape"],
+            "bytes": math.prod(info["shape"]) * _DTYPE_BYTES.get(info["dtype"], 0),
+        }
+        for name, info in sorted(header.items())
+        if name != "__metadata__"
+    }
+    return {"path": str(path), "kind": "safetensors", "metadata": header.get("__metadata__", {}), "tensors": tensors}
+
+
+@handle_errors
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A kvtool artifact or any safetensors file.")],
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Describe a kvtool artifact (validating it fully) or list the tensors of a plain safetensors file."""
+    out = output_for(json_mode, quiet)
+    header = read_header(path)
+    if "kvtool" not in header.get("__metadata__", {}):
+        info = _plain(path)
+        rows = [[n, t["dtype"], "x".join(map(str, t["shape"])) or "()", t["bytes"]] for n, t in info["tensors"].items()]
+        table = out.table(
+            f"{path}: plain safetensors ({len(rows)} tensors)", ["tensor", "dtype", "shape", "bytes"], rows
+        )
+        out.result(info | {"schema": None}, primary="kind", table=table)
+        return
+    art = read_artifact(path)
+    info = {"path": str(path), "kind": "kvtool", **describe(art)}
+    if art.schema in LAYER_TABLES:
+        cols, rows = LAYER_TABLES[art.schema](art)
+        info["layers"] = [dict(zip(cols, r)) for r in rows]
+    else:
+        cols, rows = [], []
+    if out.mode == "human":
+        m = art.model
+        out.out.print(
+            f"[bold]{path}[/bold]: {art.schema} v{art.schema_version} (by {art.producer.get('name')} "
+            f"{art.producer.get('version')})"
+        )
+        out.out.print(
+            f"model: {m.get('id')}  config {m.get('config_digest', '')[:19]}  "
+            f"weights {m.get('weights_digest', '')[:19]}",
+            highlight=False,
+        )
+        for k, v in {**art.inputs, **art.method}.items():
+            out.out.print(f"{k}: {v}", highlight=False, markup=False)
+        out.out.print(f"content digest: {art.content_digest}", highlight=False)
+        tensor_rows = [
+            [n, str(t.dtype).removeprefix("torch."), "x".join(map(str, t.shape))]
+            for n, t in sorted(art.tensors.items())
+        ]
+        out.out.print(out.table("tensors", ["tensor", "dtype", "shape"], tensor_rows))
+        if rows:
+            out.out.print(out.table("per layer", cols, rows))
+        return
+    out.result(info, primary="schema")
