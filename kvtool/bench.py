@@ -59,7 +59,7 @@ def run_bench(
     transforms: list[KVTransform] = [parse_preset(n, lm.arch) for n in names]
     rows: list[BenchRow] = []
     base_ppl = None
-    for name, t in zip(names, transforms):
+    for name, t in zip(names, transforms, strict=True):
 
         def advance(n: int, stage: str = name) -> None:
             if progress is not None:
@@ -73,7 +73,7 @@ def run_bench(
         conts = continuation_quality(
             lm.model, ids, transforms, settings.prefix_len, settings.cont_len, settings.offsets
         )
-        for row, c in zip(rows, conts):
+        for row, c in zip(rows, conts, strict=True):
             row.cont_ppl, row.kl, row.top1 = c.ppl, c.kl, c.top1
     return {
         "model": lm.fingerprint,

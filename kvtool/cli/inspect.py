@@ -70,7 +70,7 @@ def inspect(
     info = {"path": str(path), "kind": "kvtool", **describe(art)}
     if art.schema in LAYER_TABLES:
         cols, rows = LAYER_TABLES[art.schema](art)
-        info["layers"] = [dict(zip(cols, r)) for r in rows]
+        info["layers"] = [dict(zip(cols, r, strict=True)) for r in rows]
     else:
         cols, rows = [], []
     if out.mode == "human":
