@@ -69,6 +69,8 @@ def transformed_attention(model: Any, transform: KVTransform | None) -> Iterator
         return
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if _ACTIVE.get() is not None:
+        raise RuntimeError("transformed_attention blocks cannot be nested; compose the transforms instead")
     base = model.config._attn_implementation
     if base not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         raise RuntimeError(

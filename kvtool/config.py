@@ -34,11 +34,17 @@ def from_dict(d: dict[str, Any]) -> Any:
         cls = _REGISTRY[d["_type"]]
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"unknown method type {d.get('_type') if isinstance(d, dict) else d!r}") from e
-    if int(d.get("_version", 0)) > cls.version:
+    try:
+        version = int(d.get("_version", 0))
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{d['_type']}: bad _version {d.get('_version')!r}") from e
+    if version > cls.version:
         raise ArtifactError(
             f"{d['_type']} version {d['_version']} is newer than this kvtool supports ({cls.version}); upgrade kvtool"
         )
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    if not isinstance(d.get("_data", {}), dict):
+        raise ArtifactError(f"{d['_type']}: _data must be an object")
     extra = set(d.get("_data", {})) - names
     if extra:
         raise ArtifactError(f"{d['_type']}: unknown fields {sorted(extra)}")

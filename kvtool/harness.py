@@ -44,8 +44,10 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``input_ids`` (shape ``(n,)``) over non-overlapping windows, K/V transformed by ``transform``.
 
-    A trailing partial window shorter than 2 tokens is dropped. ``progress`` is called with the number of tokens
-    done after each window.
+    A trailing partial window shorter than 2 tokens is dropped. Sink and recent-window settings apply to each
+    window as a whole (the last ``recent_tokens`` of the window stay fp16 for every query), which is the cache a
+    decoder holds after the window, the state :meth:`KVTransform.bits` counts. ``progress`` is called with the
+    number of tokens done after each window.
     """
     if window < 2:
         raise ValueError("window must be >= 2")

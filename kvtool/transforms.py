@@ -24,6 +24,7 @@ import torch
 
 from kvtool import config as kvconfig
 from kvtool.arch import SLIDING, ArchInfo, apply_rope, invert_rope
+from kvtool.errors import ArtifactError
 
 FP16_BITS = 16
 
@@ -172,6 +173,8 @@ class KVTransform:
         "v_all_in"}, ...]}``. ``nominal`` averages code bits over the transformed tokens (fp16 for untouched
         tensors), as KVTuner counts; ``all_in`` divides everything stored by the number of cached elements.
         """
+        if context_len < 1:
+            raise ValueError(f"context_len must be >= 1, got {context_len}")
         per_layer, tot_nom, tot_all, tot_el, tot_nom_el = [], 0.0, 0.0, 0, 0
         for i in range(arch.num_layers):
             n = context_len
@@ -210,15 +213,26 @@ class KVTransform:
             "name": self.name,
         }
 
+    _FIELDS = frozenset({"keys", "values", "keys_pre_rope", "sink_tokens", "recent_tokens", "name"})
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KVTransform:
-        dec = [None if t is None else kvconfig.from_dict(t) for t in d["keys"]]
-        vdec = [None if t is None else kvconfig.from_dict(t) for t in d["values"]]
-        return cls(
-            dec,
-            vdec,
-            keys_pre_rope=bool(d["keys_pre_rope"]),
-            sink_tokens=int(d["sink_tokens"]),
-            recent_tokens=int(d["recent_tokens"]),
-            name=str(d.get("name", "custom")),
-        )
+        """Inverse of :meth:`to_dict`; anything malformed is an :class:`~kvtool.errors.ArtifactError`."""
+        if not isinstance(d, dict):
+            raise ArtifactError(f"KV transform must be a JSON object, got {type(d).__name__}")
+        extra = set(d) - cls._FIELDS
+        if extra:
+            raise ArtifactError(f"KV transform: unknown fields {sorted(extra)}")
+        try:
+            dec = [None if t is None else kvconfig.from_dict(t) for t in d["keys"]]
+            vdec = [None if t is None else kvconfig.from_dict(t) for t in d["values"]]
+            return cls(
+                dec,
+                vdec,
+                keys_pre_rope=bool(d["keys_pre_rope"]),
+                sink_tokens=int(d["sink_tokens"]),
+                recent_tokens=int(d["recent_tokens"]),
+                name=str(d.get("name", "custom")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"KV transform: malformed ({type(e).__name__}: {e})") from e

@@ -37,6 +37,10 @@ class UniformQuantizer(TensorTransform):
     group_size: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool):
+            raise ValueError(f"bits must be an integer, got {self.bits!r}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)):
+            raise ValueError(f"group_size must be an integer or None, got {self.group_size!r}")
         if not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be in 1..8, got {self.bits}")
         if self.axis not in ("token", "channel"):
@@ -81,13 +85,25 @@ class UniformQuantizer(TensorTransform):
         return out.to(x.dtype)
 
 
+def _fp16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """Round float32 ``x`` to an fp16 value on the ``direction`` side (-inf: <= x, +inf: >= x), as float32."""
+    h = x.clamp(-FP16_MAX, FP16_MAX).half()
+    bad = (h.float() > x) if direction < 0 else (h.float() < x)
+    stepped = torch.nextafter(h, torch.full_like(h, direction))
+    return torch.where(bad, stepped, h).float()
+
+
 def _fake_quant_lastdim(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Asymmetric min/max quantize-dequantize over the last dimension, fp16 scale and zero point."""
+    """Asymmetric min/max quantize-dequantize over the last dimension, fp16 scale and zero point.
+
+    The zero point is rounded down and the scale up to fp16, so ``[zero, zero + levels * scale]`` still covers the
+    group after rounding (rounding to nearest could put the zero above the minimum and clip the whole group).
+    """
     levels = (1 << bits) - 1
     mn = x.amin(dim=-1, keepdim=True)
     mx = x.amax(dim=-1, keepdim=True)
-    zero = mn.clamp(-FP16_MAX, FP16_MAX).half().float()
-    scale = ((mx - mn) / levels).clamp(max=FP16_MAX).half().float()
+    zero = _fp16_toward(mn, float("-inf"))
+    scale = _fp16_toward((mx - zero) / levels, float("inf"))
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(torch.round((x - zero) / safe), 0, levels)
     return q * scale + zero

@@ -1,0 +1,5 @@
+"""``python -m kvtool`` runs the CLI."""
+
+from kvtool.cli.app import main
+
+main()

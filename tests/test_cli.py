@@ -1,0 +1,232 @@
+"""The CLI end to end on a tiny model folder (random weights, a small BPE tokenizer, both built in code).
+
+Covers the output contract (stdout = result, stderr = the rest, ``--json``, ``-q``) and every documented
+failure: one line on stderr, the documented exit code, no output file left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kvtool.cli.app import app
+from kvtool.texts import book
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "persuasion.txt"
+    path.write_text(book("persuasion")[:20000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path:
+    """A tiny Llama saved with a 128-token BPE tokenizer trained on Persuasion: a real, loadable model folder."""
+    from tiny_models import VOCAB, tiny_model
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(text_file)], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[UNK]"], limit_alphabet=90))
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    tiny_model("llama").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVTOOL_HOME", str(tmp_path / "kvhome"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    # Progress logs may come first; the failure itself is exactly one line, and the last one.
+    assert lines[-1].startswith("kvtool: error: "), result.stderr
+    assert sum(line.startswith("kvtool: error") for line in lines) == 1
+    assert "Traceback" not in result.stderr
+    for f in fragments:
+        assert f in lines[-1], lines[-1]
+    assert result.stdout == ""
+
+
+def test_version() -> None:
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout.startswith("kvtool ")
+
+
+@pytest.fixture
+def capture_file(model_dir: Path, text_file: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "kv.safetensors"
+    r = invoke("capture", model_dir, "--text", text_file, "--tokens", 24, "-o", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == str(out)  # -q prints the primary result only
+    return out
+
+
+def test_capture_then_inspect_json(capture_file: Path) -> None:
+    r = invoke("inspect", capture_file, "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["schema"] == "kvtool.kv_capture"
+    assert info["tensors"]["k_pre_rope"]["shape"] == [2, 2, 24, 16]
+    assert [row["tokens"] for row in info["layers"]] == [24, 24]
+    assert info["content_digest"].startswith("sha256:")
+
+
+def test_inspect_human_goes_to_stdout(capture_file: Path) -> None:
+    r = invoke("inspect", capture_file)
+    assert r.exit_code == 0
+    assert "kvtool.kv_capture" in r.stdout and "per layer" in r.stdout
+    assert r.stderr == ""
+
+
+def test_inspect_plain_safetensors(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2, 3)}, path, metadata={"format": "pt"})
+    r = invoke("inspect", path, "--json")
+    assert r.exit_code == 0
+    info = json.loads(r.stdout)
+    assert info["kind"] == "safetensors" and info["tensors"]["w"] == {"dtype": "F32", "shape": [2, 3], "bytes": 24}
+
+
+def test_capture_is_deterministic(model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    paths = [tmp_path / f"kv{i}.safetensors" for i in range(2)]
+    for p in paths:
+        assert invoke("capture", model_dir, "--text", text_file, "--tokens", 16, "-o", p, "-q").exit_code == 0
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_bench_json(model_dir: Path, text_file: Path) -> None:
+    r = invoke(
+        "bench", model_dir, "--text", text_file, "--tokens", 64, "--window", 32, "--prefix-len", 32,
+        "--cont-len", 8, "--offsets", "0,10", "--configs", "fp16,token-k4v4,kivi-k2v2", "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    rows = {row["name"]: row for row in doc["rows"]}
+    assert list(rows) == ["original", "fp16", "token-k4v4", "kivi-k2v2"]
+    ref = rows["original"]
+    assert ref["delta_ppl_pct"] == 0.0 and ref["kl"] == 0.0 and ref["top1"] == 1.0
+    # head_dim 16: per-token 4-bit codes + fp16 scale and zero per 16 elements = 4 + 32/16 bits
+    assert rows["token-k4v4"]["all_in_bits"] == pytest.approx(6.0)
+    assert rows["token-k4v4"]["nominal_bits"] == 4.0
+    assert rows["kivi-k2v2"]["kl"] > rows["fp16"]["kl"]
+
+
+def test_bench_human_table_on_stdout(model_dir: Path, text_file: Path) -> None:
+    r = invoke(
+        "bench", model_dir, "--text", text_file, "--tokens", 32, "--window", 16, "--no-continuation",
+        "--configs", "kivi-k4v4",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert "kivi-k4v4" in r.stdout and "ΔPPL" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["bench", "no-such-org/no-such-model"], 1, "not in the local Hugging Face cache"),
+        (["bench", "llama-3-8b"], 1, "hf download meta-llama/Meta-Llama-3-8B"),
+        (["bench", "./missing-folder"], 1, "unknown model"),
+        (["inspect", "/nonexistent/file.safetensors"], 1, "no such file"),
+    ],
+    ids=["hub-id-not-cached", "alias-not-cached", "missing-folder", "missing-artifact"],
+)
+def test_runtime_failures(args: list[str], code: int, fragment: str) -> None:
+    assert_one_line_error(invoke(*args), code, fragment)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--device", "tpu"], "--device"),
+        (["--dtype", "float8"], "--dtype"),
+        (["--configs", "kivi-k9v9"], "bits must be in 1..8"),
+        (["--configs", "zip-k4v4"], "unknown configuration"),
+        (["--json", "-q"], "--json and --quiet"),
+        (["--offsets", "a,b"], "--offsets"),
+    ],
+    ids=["device", "dtype", "bits", "family", "json-and-quiet", "offsets"],
+)
+def test_usage_errors_exit_2(model_dir: Path, text_file: Path, extra: list[str], fragment: str) -> None:
+    r = invoke("bench", model_dir, "--text", text_file, "--tokens", 32, "--window", 16, "--no-continuation", *extra)
+    assert_one_line_error(r, 2, fragment)
+
+
+def test_unknown_flag_is_usage_error() -> None:
+    r = invoke("bench", "--no-such-flag")
+    assert r.exit_code == 2
+
+
+def test_missing_text_file(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kv.safetensors"
+    r = invoke("capture", model_dir, "--text", tmp_path / "nope.txt", "-o", out)
+    assert_one_line_error(r, 1, "text file not found")
+    assert not out.exists()
+
+
+def test_text_too_short_leaves_no_output(model_dir: Path, tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("Anne")
+    out = tmp_path / "kv.safetensors"
+    r = invoke("capture", model_dir, "--text", short, "--tokens", 64, "-o", out)
+    assert_one_line_error(r, 1, "fewer than --tokens")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["kvhome", "short.txt"]
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flip_data_byte(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[-100] ^= 0x01
+    p.write_bytes(bytes(data))
+
+
+def _newer_schema(p: Path) -> None:
+    data = p.read_bytes()
+    p.write_bytes(data.replace(b'\\"schema_version\\":1', b'\\"schema_version\\":9', 1))
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [(_truncate, ""), (_flip_data_byte, "digest"), (_newer_schema, "upgrade kvtool")],
+    ids=["truncated", "flipped-byte", "newer-schema"],
+)
+def test_bad_artifacts_exit_3(capture_file: Path, damage, fragment: str) -> None:
+    damage(capture_file)
+    assert_one_line_error(invoke("inspect", capture_file), 3, fragment)
+
+
+def test_real_process_prints_no_traceback(tmp_path: Path) -> None:
+    """The installed entry point, in its own process: the error map also covers ``python -m kvtool``."""
+    r = subprocess.run(
+        [sys.executable, "-m", "kvtool", "inspect", str(tmp_path / "none.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("kvtool: error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
