@@ -188,6 +188,27 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _fingerprint(files: ModelFiles, config: Any) -> dict[str, str]:
+    return {
+        "id": files.name if files.name in ALIASES else str(getattr(config, "_name_or_path", "") or files.name),
+        "config_digest": arch_info(config).digest(),
+        "weights_digest": files.weights_digest,
+    }
+
+
+def model_fingerprint(spec: str) -> dict[str, str]:
+    """The fingerprint of a model without loading its weights (config and file digests only)."""
+    from transformers import AutoConfig
+
+    files = resolve_model(spec)
+    folder = _converted_gguf_folder(files) if files.gguf_file else files.folder
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"cannot read the config of {folder}: {str(e).splitlines()[0]}") from e
+    return _fingerprint(files, config)
+
+
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from local files, in eval mode, ready for KV capture.
 
@@ -219,13 +240,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     if dev.type == "cpu":
         model.to(dev)
     model.eval()
-    info = arch_info(model.config)
-    fingerprint = {
-        "id": files.name if files.name in ALIASES else str(getattr(model.config, "_name_or_path", files.name)),
-        "config_digest": info.digest(),
-        "weights_digest": files.weights_digest,
-    }
-    return LoadedModel(model, tokenizer, info, fingerprint, next(model.parameters()).device, dt)
+    device_used = next(model.parameters()).device
+    return LoadedModel(model, tokenizer, arch_info(model.config), _fingerprint(files, model.config), device_used, dt)
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:

@@ -194,6 +194,25 @@ def test_text_too_short_leaves_no_output(model_dir: Path, tmp_path: Path) -> Non
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["kvhome", "short.txt"]
 
 
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """Same tokenizer, different architecture (tiny Qwen2): an artifact of model_dir must not fit it."""
+    import shutil
+
+    from tiny_models import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, folder / name)
+    tiny_model("qwen2").save_pretrained(folder)
+    return folder
+
+
+def test_inspect_model_check(capture_file: Path, model_dir: Path, other_model_dir: Path) -> None:
+    assert invoke("inspect", capture_file, "--model", model_dir, "-q").exit_code == 0
+    assert_one_line_error(invoke("inspect", capture_file, "--model", other_model_dir), 3, "made for model")
+
+
 def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 

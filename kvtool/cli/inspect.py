@@ -15,6 +15,7 @@ import typer
 from kvtool.artifacts import Artifact, describe, read_artifact, read_header
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import JsonOpt, QuietOpt, output_for
+from kvtool.models import model_fingerprint
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -52,10 +53,17 @@ def _plain(path: Path) -> dict[str, Any]:
 @handle_errors
 def inspect(
     path: Annotated[Path, typer.Argument(help="A kvtool artifact or any safetensors file.")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Also check that the artifact was made for this model (exit 3 if not)."),
+    ] = None,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Describe a kvtool artifact (validating it fully) or list the tensors of a plain safetensors file."""
+    """Describe a kvtool artifact (validating it fully) or list the tensors of a plain safetensors file.
+
+    With --model, also refuse (exit 3) an artifact made for another model.
+    """
     out = output_for(json_mode, quiet)
     header = read_header(path)
     if "kvtool" not in header.get("__metadata__", {}):
@@ -66,7 +74,7 @@ def inspect(
         )
         out.result(info | {"schema": None}, primary="kind", table=table)
         return
-    art = read_artifact(path)
+    art = read_artifact(path, model=model_fingerprint(model) if model else None)
     info = {"path": str(path), "kind": "kvtool", **describe(art)}
     if art.schema in LAYER_TABLES:
         cols, rows = LAYER_TABLES[art.schema](art)
