@@ -97,14 +97,23 @@ def _weights_digest_of_folder(folder: Path) -> str:
     return sha256_json(entries)
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time: ``HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub`` (the hub library's own rule)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
 def _resolve_hub_id(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    cache = hf_hub_cache()
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as e:
-        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
         raise ModelNotFoundError(
             f"model '{repo_id}' is not in the local Hugging Face cache ({cache}); kvtool never downloads: "
             f"run 'hf download {repo_id}' where the hub is reachable, or pass a local folder or .gguf file"

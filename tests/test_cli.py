@@ -208,6 +208,23 @@ def other_model_dir(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -
     return folder
 
 
+def test_hub_id_served_from_local_hf_cache(model_dir: Path, text_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """A hub id resolves from ``HF_HUB_CACHE`` (the hub's cache layout, offline), never from the network."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "kv.safetensors"
+    r = invoke("capture", "tiny-org/tiny-llama", "--text", text_file, "--tokens", 8, "-o", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] == 8 and out.is_file()
+
+
 def test_inspect_model_check(capture_file: Path, model_dir: Path, other_model_dir: Path) -> None:
     assert invoke("inspect", capture_file, "--model", model_dir, "-q").exit_code == 0
     assert_one_line_error(invoke("inspect", capture_file, "--model", other_model_dir), 3, "made for model")

@@ -24,6 +24,8 @@ class Output:
     def __init__(self, mode: str = "human"):
         self.mode = mode
         self.out = Console(soft_wrap=True)
+        if not self.out.is_terminal:  # a pipe or a file: do not squeeze tables into 80 columns
+            self.out = Console(soft_wrap=True, width=160)
         self.err = Console(stderr=True, soft_wrap=True)
 
     @property
