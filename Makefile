@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 demo: install
 	@mkdir -p $(OUT)
 	@echo "== 1. capture: prefill 1024 tokens of Persuasion on SmolLM2-135M and save the KV cache" >&2
-	$(VENV)/bin/kvtool capture smollm2-135m --text evaluation --tokens 1024 -o $(OUT)/persuasion-1k.kv.safetensors
+	$(VENV)/bin/kvtool capture smollm2-135m --text evaluation --tokens 1024 -o $(OUT)/persuasion-1k.kv.safetensors --overwrite
 	@echo "== 2. inspect the artifact" >&2
 	$(VENV)/bin/kvtool inspect $(OUT)/persuasion-1k.kv.safetensors
 	@echo "== 3. bench: size and quality of uniform KV quantizers (PPL on 4096 tokens of Persuasion)" >&2

@@ -57,9 +57,20 @@ class ArchInfo:
         d["layer_types"] = list(self.layer_types)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArchInfo:
+        """Inverse of :meth:`to_dict` (as recorded in artifacts)."""
+        return cls(**{**d, "layer_types": tuple(d["layer_types"])})
+
     def digest(self) -> str:
         """Digest of everything that decides whether a KV cache or calibration fits this model."""
         return sha256_json(self.to_dict())
+
+    def cached_tokens(self, layer: int, context_len: int) -> int:
+        """Tokens layer ``layer`` holds after ``context_len`` tokens (sliding layers keep ``window - 1``)."""
+        if self.layer_types[layer] == SLIDING and self.sliding_window:
+            return min(context_len, self.sliding_window - 1)
+        return context_len
 
     def kv_elements_per_token(self) -> int:
         """Number of K and V scalars one token adds to the cache (both, all layers)."""
@@ -132,3 +143,11 @@ def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     c, s = _broadcast(cos, xf), _broadcast(sin, xf)
     out = (xf * c - rotate_half(xf) * s) / (c * c + s * s)
     return out.to(x.dtype)
+
+
+def rope_transpose(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``Rᵀ g`` for the rotation ``R`` of :func:`apply_rope`: maps a gradient with respect to post-RoPE keys to the
+    gradient with respect to pre-RoPE keys (``k_post = R k_pre`` so ``dL/dk_pre = Rᵀ dL/dk_post``)."""
+    gf = g.float()
+    c, s = _broadcast(cos, gf), _broadcast(sin, gf)
+    return (gf * c - rotate_half(gf) * s).to(g.dtype)

@@ -11,7 +11,7 @@ by :class:`~kvtool.capture.RopeRecorder`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -21,7 +21,11 @@ import torch
 from kvtool.capture import RopeRecorder
 from kvtool.transforms import KVTransform
 
-_ACTIVE: ContextVar[tuple[KVTransform, RopeRecorder] | None] = ContextVar("kvtool_active_transform", default=None)
+#: Called once per attention layer per forward: ``(layer_idx, key, value, cos, sin) -> (key, value)``.
+#: ``key`` is post-RoPE, ``(batch, kv_heads, seq, head_dim)``; ``cos``/``sin`` ``(batch, seq, head_dim)``.
+KVHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+_ACTIVE: ContextVar[tuple[KVHook, RopeRecorder] | None] = ContextVar("kvtool_active_kv_hook", default=None)
 
 
 def _wrapper_for(base_name: str) -> str:
@@ -39,23 +43,49 @@ def _wrapper_for(base_name: str) -> str:
     ) -> Any:
         active = _ACTIVE.get()
         if active is not None:
-            transform, rec = active
-            cos = sin = None
-            if transform.keys_pre_rope:
-                if id(module) not in rec.by_module:
-                    raise RuntimeError(f"no RoPE was observed for attention layer {module.layer_idx}")
-                cos, sin = rec.by_module[id(module)]
-                if cos.shape[-2] != key.shape[-2]:
-                    raise RuntimeError(
-                        "transformed_attention needs fresh forward passes without a cache "
-                        f"({key.shape[-2]} keys for {cos.shape[-2]} positions)"
-                    )
-            key, value = transform.apply_layer(module.layer_idx, key, value, cos, sin)
+            hook, rec = active
+            if id(module) not in rec.by_module:
+                raise RuntimeError(f"no RoPE was observed for attention layer {module.layer_idx}")
+            cos, sin = rec.by_module[id(module)]
+            if cos.shape[-2] != key.shape[-2]:
+                raise RuntimeError(
+                    "kvtool's attention hooks need fresh forward passes without a cache "
+                    f"({key.shape[-2]} keys for {cos.shape[-2]} positions)"
+                )
+            key, value = hook(module.layer_idx, key, value, cos, sin)
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(name, kvtool_attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
     return name
+
+
+@contextmanager
+def intercepted_attention(model: Any, hook: KVHook) -> Iterator[None]:
+    """Within the block, every attention layer of ``model`` passes its K/V through ``hook`` before attending.
+
+    For fresh forward passes from position 0 without a cache (keys then sit at the positions of the queries).
+    Blocks cannot be nested.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if _ACTIVE.get() is not None:
+        raise RuntimeError("kvtool attention hooks cannot be nested; compose the transforms instead")
+    base = model.config._attn_implementation
+    if base not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        raise RuntimeError(
+            f"attention implementation '{base}' cannot be wrapped; load the model with attn_implementation='sdpa'"
+        )
+    model.set_attn_implementation(_wrapper_for(base))
+    token = None
+    try:
+        with RopeRecorder(model) as rec:
+            token = _ACTIVE.set((hook, rec))
+            yield
+    finally:
+        if token is not None:
+            _ACTIVE.reset(token)
+        model.set_attn_implementation(base)
 
 
 @contextmanager
@@ -67,22 +97,5 @@ def transformed_attention(model: Any, transform: KVTransform | None) -> Iterator
     if transform is None or transform.is_identity:
         yield
         return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if _ACTIVE.get() is not None:
-        raise RuntimeError("transformed_attention blocks cannot be nested; compose the transforms instead")
-    base = model.config._attn_implementation
-    if base not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        raise RuntimeError(
-            f"attention implementation '{base}' cannot be wrapped; load the model with attn_implementation='sdpa'"
-        )
-    model.set_attn_implementation(_wrapper_for(base))
-    token = None
-    try:
-        with RopeRecorder(model) as rec:
-            token = _ACTIVE.set((transform, rec))
-            yield
-    finally:
-        if token is not None:
-            _ACTIVE.reset(token)
-        model.set_attn_implementation(base)
+    with intercepted_attention(model, transform.apply_layer):
+        yield

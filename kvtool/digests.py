@@ -57,3 +57,10 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     except OSError:  # a read-only home only costs us the cache
         tmp.unlink(missing_ok=True)
     return digest
+
+
+def token_digest(ids: Any) -> str:
+    """``sha256:<hex>`` of token ids (a torch tensor) as little-endian int64 bytes: identifies an exact text."""
+    import torch
+
+    return sha256_bytes(ids.to(torch.int64).cpu().numpy().astype("<i8").tobytes())

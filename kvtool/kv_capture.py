@@ -18,7 +18,7 @@ import torch
 
 from kvtool.artifacts import Artifact, write_artifact
 from kvtool.capture import capture_kv
-from kvtool.digests import sha256_bytes
+from kvtool.digests import token_digest
 from kvtool.errors import InputError, UsageError
 from kvtool.models import DTYPES, LoadedModel, tokenize
 
@@ -54,7 +54,7 @@ def save_capture(
         model={**lm.fingerprint, "arch": a.to_dict()},
         inputs={
             "text": text_source,
-            "token_ids_digest": sha256_bytes(ids.numpy().astype("<i8").tobytes()),
+            "token_ids_digest": token_digest(ids),
             "tokens": tokens,
             "compute_dtype": str(lm.dtype).removeprefix("torch."),
         },

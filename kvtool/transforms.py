@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvtool import config as kvconfig
-from kvtool.arch import SLIDING, ArchInfo, apply_rope, invert_rope
+from kvtool.arch import ArchInfo, apply_rope, invert_rope
 from kvtool.errors import ArtifactError
 
 FP16_BITS = 16
@@ -114,7 +114,7 @@ class KVTransform:
         if t is None:
             return x
         n = x.shape[-2]
-        sinks, recent = self._kept_tokens(n, first_position)
+        sinks, recent = self.kept_tokens(n, first_position)
         mid = x[..., sinks : n - recent, :]
         parts = [_fp16_roundtrip(x[..., :sinks, :])] if sinks else []
         if mid.shape[-2]:
@@ -151,7 +151,7 @@ class KVTransform:
 
     # -- accounting -------------------------------------------------------------------------------------------
 
-    def _kept_tokens(self, n: int, first_position: int) -> tuple[int, int]:
+    def kept_tokens(self, n: int, first_position: int) -> tuple[int, int]:
         """(sink, recent) token counts kept in fp16 among ``n`` tokens starting at ``first_position``."""
         sinks = min(max(self.sink_tokens - first_position, 0), n)
         return sinks, min(self.recent_tokens, n - sinks)
@@ -160,11 +160,17 @@ class KVTransform:
         """(nominal bits, all-in bits, transformed tokens) over ``n`` tokens of one head."""
         if t is None or n == 0:
             return FP16_BITS * head_dim * n, FP16_BITS * head_dim * n, n
-        sinks, recent = self._kept_tokens(n, first)
+        sinks, recent = self.kept_tokens(n, first)
         mid = n - sinks - recent
         c = t.cost(head_dim, mid) if mid else BitCost(0.0, 0.0)
         kept = FP16_BITS * head_dim * (sinks + recent)
         return c.nominal * head_dim * mid, c.all_in * head_dim * mid + kept, mid
+
+    def slot_cost(self, t: TensorTransform | None, head_dim: int, n: int, first: int = 0) -> BitCost:
+        """Bits per element of one layer's K or V holding ``n`` tokens from position ``first`` under ``t``, with
+        this transform's sink and recent settings: ``nominal`` over the transformed tokens, ``all_in`` over all."""
+        nom, alli, coded = self._tokens_cost(t, head_dim, n, first)
+        return BitCost(nom / (head_dim * coded) if coded else float(FP16_BITS), alli / (head_dim * n))
 
     def bits(self, arch: ArchInfo, context_len: int) -> dict[str, Any]:
         """Bits per element of the whole cache after ``context_len`` tokens.
@@ -177,19 +183,16 @@ class KVTransform:
             raise ValueError(f"context_len must be >= 1, got {context_len}")
         per_layer, tot_nom, tot_all, tot_el, tot_nom_el = [], 0.0, 0.0, 0, 0
         for i in range(arch.num_layers):
-            n = context_len
-            if arch.layer_types[i] == SLIDING and arch.sliding_window:
-                n = min(context_len, arch.sliding_window - 1)
+            n = arch.cached_tokens(i, context_len)
             row: dict[str, float] = {}
             for kind, t in (("k", self.keys[i]), ("v", self.values[i])):
                 nom, alli, coded = self._tokens_cost(t, arch.head_dim, n, context_len - n)
-                el = arch.head_dim * n
-                row[f"{kind}_nominal"] = (nom / (arch.head_dim * coded)) if coded else float(FP16_BITS)
-                row[f"{kind}_all_in"] = alli / el if el else 0.0
+                c = self.slot_cost(t, arch.head_dim, n, context_len - n)
+                row[f"{kind}_nominal"], row[f"{kind}_all_in"] = c.nominal, c.all_in
                 tot_nom += nom
                 tot_nom_el += arch.head_dim * coded
                 tot_all += alli
-                tot_el += el
+                tot_el += arch.head_dim * n
             per_layer.append(row)
         return {
             "nominal": tot_nom / tot_nom_el if tot_nom_el else float(FP16_BITS),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -28,7 +29,26 @@ TextOpt = Annotated[
     ),
 ]
 
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+
 DEFAULT = DEFAULT_MODEL
+
+
+def check_output(path: Path, overwrite: bool) -> Path:
+    """Refuse to replace an existing output unless ``--overwrite`` (outputs are written atomically anyway)."""
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise UsageError(f"output folder {path.parent} does not exist")
+    return path
+
+
+def default_output(model: str, suffix: str) -> Path:
+    """``<model name><suffix>`` in the current folder (alias, hub id tail, or folder/file stem)."""
+    name = Path(model.rstrip("/")).name
+    for ext in (".gguf", ".safetensors"):
+        name = name.removesuffix(ext)
+    return Path(f"{name}{suffix}")
 
 
 def output_for(json_mode: bool, quiet: bool) -> Output:

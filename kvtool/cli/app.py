@@ -11,6 +11,8 @@ import typer
 from kvtool import __version__
 from kvtool.cli.bench import EXAMPLES as BENCH_EXAMPLES
 from kvtool.cli.bench import bench
+from kvtool.cli.calibrate import EXAMPLES as CALIBRATE_EXAMPLES
+from kvtool.cli.calibrate import calibrate
 from kvtool.cli.capture import capture
 from kvtool.cli.inspect import inspect
 
@@ -23,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.command(epilog=CALIBRATE_EXAMPLES)(calibrate)
 app.command(epilog=BENCH_EXAMPLES)(bench)
 app.command()(capture)
 app.command()(inspect)

@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 from kvtool.cli._errors import handle_errors
-from kvtool.cli._options import DEFAULT, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, QuietOpt, TextOpt, output_for
+from kvtool.cli._options import (
+    DEFAULT,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    QuietOpt,
+    TextOpt,
+    check_output,
+    output_for,
+)
 from kvtool.kv_capture import save_capture
 from kvtool.models import load_model
 from kvtool.texts import load_text
@@ -18,6 +29,7 @@ from kvtool.texts import load_text
 def capture(
     model: ModelArg = DEFAULT,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .safetensors file.")] = Path("kv.safetensors"),
+    overwrite: OverwriteOpt = False,
     text: TextOpt = "evaluation",
     tokens: Annotated[
         int, typer.Option("--tokens", help="Tokens to prefill (from the start of the text).", min=1)
@@ -30,6 +42,7 @@ def capture(
 ) -> None:
     """Prefill TEXT and write its KV cache (pre-RoPE keys, cached keys, values) to one artifact."""
     out = output_for(json_mode, quiet)
+    check_output(output, overwrite)
     body = load_text(text)
     lm = load_model(model, device, dtype)
     out.log(f"prefilling {tokens} tokens of '{text}' on {lm.fingerprint['id']} ...")

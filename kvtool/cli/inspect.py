@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import typer
 
 from kvtool.artifacts import Artifact, describe, read_artifact, read_header
+from kvtool.arch import ArchInfo
+from kvtool.calibration import transform_of
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import JsonOpt, QuietOpt, output_for
 from kvtool.models import model_fingerprint
@@ -30,9 +32,25 @@ def _capture_layers(a: Artifact) -> tuple[list[str], list[list[Any]]]:
     return ["layer", "type", "tokens", "K bytes", "V bytes"], rows
 
 
-#: schema -> per-layer table builder (calibration schemas register theirs)
+def _calibration_layers(a: Artifact) -> tuple[list[str], list[list[Any]]]:
+    t = transform_of(a)
+    arch = ArchInfo.from_dict(a.model["arch"])
+    bits = t.bits(arch, int(a.extra.get("bits", {}).get("context_len", 2048)))["layers"]
+
+    def label(x: Any) -> str:
+        return "-" if x is None else x.label()
+
+    rows = [
+        [i, label(t.keys[i]), label(t.values[i]), f"{b['k_all_in']:.3f}", f"{b['v_all_in']:.3f}"]
+        for i, b in enumerate(bits)
+    ]
+    return ["layer", "keys", "values", "K all-in bits", "V all-in bits"], rows
+
+
+#: schema -> per-layer table builder
 LAYER_TABLES: dict[str, Callable[[Artifact], tuple[list[str], list[list[Any]]]]] = {
     "kvtool.kv_capture": _capture_layers,
+    "kvtool.kv_calibration": _calibration_layers,
 }
 
 
@@ -92,8 +110,14 @@ def inspect(
             f"weights {m.get('weights_digest', '')[:19]}",
             highlight=False,
         )
-        for k, v in {**art.inputs, **art.method}.items():
-            out.out.print(f"{k}: {v}", highlight=False, markup=False)
+        for k, v in art.inputs.items():
+            out.out.print(f"input {k}: {v}", highlight=False, markup=False)
+        method = art.method.get("_data", art.method)
+        name = art.method.get("_type", "method")
+        out.out.print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in method.items()), highlight=False, markup=False)
+        for key in ("bits", "validation"):
+            if art.extra.get(key):
+                out.out.print(f"{key}: {art.extra[key]}", highlight=False, markup=False)
         out.out.print(f"content digest: {art.content_digest}", highlight=False)
         tensor_rows = [
             [n, str(t.dtype).removeprefix("torch."), "x".join(map(str, t.shape))]

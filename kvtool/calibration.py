@@ -1,0 +1,90 @@
+"""The ``kvtool.kv_calibration`` artifact: what a calibrator decided, for which model, from which inputs.
+
+Every calibrator produces a per-layer :class:`~kvtool.transforms.KVTransform`; the artifact records it explicitly
+(``extra.transform``: per layer, the key and value method with all its settings; keys pre-RoPE or not; sink and
+recent tokens), its bits at the calibration context, the optional held-out validation, and the method's own
+tables as stacked tensors (e.g. the precision search's measured candidate table). Nothing is left implicit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvtool import config as kvconfig
+from kvtool.arch import ArchInfo
+from kvtool.artifacts import Artifact, read_artifact
+from kvtool.errors import ArtifactError
+from kvtool.harness import perplexity
+from kvtool.models import LoadedModel, tokenize
+from kvtool.texts import load_text
+from kvtool.transforms import KVTransform
+
+SCHEMA = "kvtool.kv_calibration"
+
+
+def calibration_artifact(
+    model: dict[str, Any],
+    method: Any,
+    inputs: dict[str, Any],
+    transform: KVTransform,
+    extra: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    context_len: int,
+) -> Artifact:
+    """Assemble the artifact of a calibration.
+
+    ``model`` is the fingerprint with its ``arch`` (:meth:`ArchInfo.to_dict`); ``method`` a registered config.
+    """
+    bits = transform.bits(ArchInfo.from_dict(model["arch"]), context_len)
+    return Artifact(
+        schema=SCHEMA,
+        schema_version=1,
+        model=model,
+        inputs=inputs,
+        method=kvconfig.to_dict(method),
+        extra={
+            "transform": transform.to_dict(),
+            "bits": {"nominal": bits["nominal"], "all_in": bits["all_in"], "context_len": context_len},
+            "validation": None,
+            **extra,
+        },
+        tensors=tensors,
+    )
+
+
+def transform_of(art: Artifact) -> KVTransform:
+    """The per-layer transform a calibration artifact prescribes."""
+    if art.schema != SCHEMA or "transform" not in art.extra:
+        raise ArtifactError(f"{art.schema} is not a calibration artifact with a KV transform")
+    return KVTransform.from_dict(art.extra["transform"])
+
+
+def load_calibration(path: str | Path, model: dict[str, str] | None = None) -> tuple[Artifact, KVTransform]:
+    """Read and validate a calibration artifact (optionally for ``model``'s fingerprint) and its transform."""
+    art = read_artifact(path, expect_schema=SCHEMA, model=model)
+    return art, transform_of(art)
+
+
+def model_record(lm: LoadedModel) -> dict[str, Any]:
+    """The ``model`` field of artifacts: fingerprint plus architecture."""
+    return {**lm.fingerprint, "arch": lm.arch.to_dict()}
+
+
+def validate_transform(
+    lm: LoadedModel, transform: KVTransform, text: str = "evaluation", tokens: int = 8192, window: int = 2048
+) -> dict[str, Any]:
+    """Perplexity of held-out text with and without ``transform`` (recorded as ``extra.validation``)."""
+    ids = tokenize(lm.tokenizer, load_text(text))[:tokens]
+    base = perplexity(lm.model, ids, window)
+    got = perplexity(lm.model, ids, window, transform)
+    return {
+        "text": text,
+        "tokens": int(ids.numel()),
+        "window": window,
+        "ppl_original": base.ppl,
+        "ppl": got.ppl,
+        "delta_ppl_pct": 100.0 * (got.ppl / base.ppl - 1.0),
+    }

@@ -1,0 +1,90 @@
+"""Calibration statistics shared by every calibrator: K/V on calibration text and their Fisher information.
+
+For each calibration sequence, one forward and one backward pass of the summed next-token loss give, per layer,
+the pre-RoPE keys and the values as attention reads them, and the gradient of the loss with respect to each of
+their elements. The squared gradient is the diagonal empirical Fisher information that KVQuant (arXiv:2401.18079,
+§3.4) uses to weight quantization error: ``Σ g² (x̂ - x)²`` approximates, to second order, the loss increase a
+quantizer causes. Statistics are yielded per sequence so callers accumulate what they need (nothing is dumped to
+disk, unlike KVQuant's 32 GiB Fisher checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvtool.arch import invert_rope, rope_transpose
+from kvtool.attention import intercepted_attention
+from kvtool.errors import InputError
+
+
+@dataclass
+class LayerStats:
+    """One layer on one calibration sequence; every tensor ``(batch, kv_heads, seq, head_dim)``, float32, CPU.
+
+    ``keys`` are pre-RoPE; ``key_grad`` is the gradient with respect to those pre-RoPE keys.
+    """
+
+    keys: torch.Tensor
+    key_grad: torch.Tensor
+    values: torch.Tensor
+    value_grad: torch.Tensor
+
+
+def calibration_windows(token_ids: torch.Tensor, seq_len: int, num_seqs: int, seed: int) -> list[torch.Tensor]:
+    """``num_seqs`` windows of ``seq_len`` tokens at seeded random, non-overlapping offsets of ``token_ids``."""
+    slots = token_ids.numel() // seq_len
+    if slots < num_seqs:
+        raise InputError(
+            f"the calibration text has {token_ids.numel()} tokens: too few for {num_seqs} sequences of {seq_len}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(slots, generator=gen)[:num_seqs].sort().values
+    return [token_ids[int(p) * seq_len : (int(p) + 1) * seq_len] for p in picks]
+
+
+def fisher_stats(model: Any, windows: list[torch.Tensor]) -> Iterator[list[LayerStats]]:
+    """Yield, per calibration window (shape ``(seq,)``), the :class:`LayerStats` of every layer."""
+    device = next(model.parameters()).device
+    grads_were = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def keep(layer: int, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        key.retain_grad()
+        value.retain_grad()
+        seen[layer] = (key, value, cos, sin)
+        return key, value
+
+    try:
+        for ids in windows:
+            ids = ids[None].to(device)
+            seen.clear()
+            with torch.enable_grad(), intercepted_attention(model, keep):
+                # A leaf input that requires grad makes autograd track the whole network, so every K/V gradient
+                # includes all paths through later layers.
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=embeds, use_cache=False).logits[0, :-1].float()
+                F.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
+            stats = []
+            for layer in sorted(seen):
+                key, value, cos, sin = seen[layer]
+                stats.append(
+                    LayerStats(
+                        keys=invert_rope(key.detach(), cos, sin).float().cpu(),
+                        key_grad=rope_transpose(key.grad, cos, sin).float().cpu(),
+                        values=value.detach().float().cpu(),
+                        value_grad=value.grad.float().cpu(),
+                    )
+                )
+            seen.clear()
+            del logits, embeds
+            yield stats
+    finally:
+        for p, was in zip(model.parameters(), grads_were, strict=True):
+            p.requires_grad_(was)

@@ -1,0 +1,228 @@
+"""Layer-wise K/V precision search under a bit budget (KVTuner, arXiv:2502.04420, done properly).
+
+KVTuner searches per-layer (key bits, value bits) with 1000 NSGA-II trials of GSM8K, counts bits without scales
+and zero points, and keeps the quantization mode only in a file name. Here:
+
+1. **Candidates** per layer and per K / V: every bit width in ``bits`` × every layout (per-channel pre-RoPE keys
+   in groups of 32/64/128 tokens, per-token keys and values, ...), plus fp16. Sink and recent-window tokens are
+   global settings, kept in fp16 and counted.
+2. **Sensitivity proxy**, additive over slots (a layer's keys or values): the Fisher-weighted squared error
+   ``Σ g² (x̂ - x)²`` of the candidate on calibration text, where ``g`` is the gradient of the next-token loss
+   with respect to that slot's pre-RoPE keys or values (:mod:`kvtool.calibrators.fisher`). One forward and backward
+   pass per calibration sequence measures every candidate of every layer.
+3. **Pareto pruning** per slot on (bits, proxy) and an **exact** multiple-choice knapsack
+   (:mod:`kvtool.calibrators.solver`) under the budget, in all-in bits by default (codes, fp16 scales and zero
+   points, fp16 sink and recent tokens, at ``seq_len`` tokens of context) or nominal bits (KVTuner's convention).
+4. The artifact keeps the whole measured candidate table, so a new budget is re-solved without the model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from kvtool import config as kvconfig
+from kvtool.arch import ArchInfo
+from kvtool.calibrators.fisher import calibration_windows, fisher_stats
+from kvtool.calibrators.solver import pareto_mask, solve_budget
+from kvtool.errors import UsageError
+from kvtool.quantizers import FloatCast, UniformQuantizer
+from kvtool.transforms import KVTransform, TensorTransform
+
+ACCOUNTINGS = ("all-in", "nominal")
+_LAYOUT = re.compile(r"^(token|channel)(?:-g(\d+))?$")
+
+
+def layout_quantizer(layout: str, bits: int) -> UniformQuantizer:
+    """``channel-g32`` → per-channel groups of 32 tokens; ``token`` / ``token-g32`` → per-token groups."""
+    m = _LAYOUT.match(layout)
+    if not m:
+        raise UsageError(f"unknown layout '{layout}' (expected token, token-g<N>, channel-g<N>)")
+    group = int(m[2]) if m[2] else None
+    if m[1] == "channel" and group is None:
+        group = 32
+    return UniformQuantizer(bits, m[1], group)
+
+
+@kvconfig.register
+@dataclass(frozen=True)
+class PrecisionSearch:
+    """Settings of the precision search (the method object is its config; every field is recorded)."""
+
+    version: ClassVar[int] = 1
+    target_bits: float = 3.25
+    accounting: Literal["all-in", "nominal"] = "all-in"
+    bits: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 8])
+    key_layouts: list[str] = field(default_factory=lambda: ["channel-g32", "channel-g64", "channel-g128", "token"])
+    value_layouts: list[str] = field(default_factory=lambda: ["token", "token-g32"])
+    sink_tokens: int = 1
+    recent_tokens: int = 0
+    num_seqs: int = 4
+    seq_len: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.accounting not in ACCOUNTINGS:
+            raise UsageError(f"--bits-accounting must be one of {', '.join(ACCOUNTINGS)} (got '{self.accounting}')")
+        if not 0 < self.target_bits <= 16:
+            raise UsageError(f"--target-bits must be in (0, 16] (got {self.target_bits})")
+        for layout in [*self.key_layouts, *self.value_layouts]:
+            for b in self.bits:
+                layout_quantizer(layout, b)  # validates layout and bits
+        if self.num_seqs < 1 or self.seq_len < 16:
+            raise UsageError("need at least one calibration sequence of at least 16 tokens")
+        if self.sink_tokens < 0 or self.recent_tokens < 0 or self.sink_tokens + self.recent_tokens >= self.seq_len:
+            raise UsageError("--sink-tokens and --recent-tokens must be >= 0 and leave tokens to quantize")
+
+    def candidates(self, kind: str) -> list[TensorTransform]:
+        """Candidates of a key (``kind="k"``) or value slot: fp16 first, then every layout × bits."""
+        layouts = self.key_layouts if kind == "k" else self.value_layouts
+        return [FloatCast("float16"), *[layout_quantizer(lay, b) for lay in layouts for b in sorted(self.bits)]]
+
+    def shell(self, num_layers: int) -> KVTransform:
+        """An empty per-layer transform carrying the shared settings (keys pre-RoPE, sinks, recent window)."""
+        return KVTransform.uniform(
+            num_layers, None, None, sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens, keys_pre_rope=True
+        )
+
+
+@dataclass
+class CandidateTable:
+    """What calibration measured: candidates, their proxy error per layer, and their bits per layer.
+
+    ``error[kind]``: ``(layers, candidates)`` float64; ``bits[kind][accounting]``: ``(layers, candidates)``;
+    ``weights``: ``(layers,)`` elements per slot (sliding layers hold fewer tokens).
+    """
+
+    candidates: dict[str, list[TensorTransform]]
+    error: dict[str, np.ndarray]
+    bits: dict[str, dict[str, np.ndarray]]
+    weights: np.ndarray
+
+    def pareto(self, kind: str, accounting: str) -> np.ndarray:
+        """Bool ``(layers, candidates)``: Pareto-optimal candidates of each slot."""
+        return np.stack(
+            [pareto_mask(self.bits[kind][accounting][i], self.error[kind][i]) for i in range(len(self.weights))]
+        )
+
+
+def candidate_bits(search: PrecisionSearch, arch: ArchInfo, kind: str) -> dict[str, np.ndarray]:
+    """Nominal and all-in bits of every candidate in every layer at ``seq_len`` tokens of context."""
+    shell = search.shell(arch.num_layers)
+    cands = search.candidates(kind)
+    out = {a: np.zeros((arch.num_layers, len(cands))) for a in ACCOUNTINGS}
+    for i in range(arch.num_layers):
+        n = arch.cached_tokens(i, search.seq_len)
+        for j, c in enumerate(cands):
+            cost = shell.slot_cost(c, arch.head_dim, n, search.seq_len - n)
+            out["all-in"][i, j], out["nominal"][i, j] = cost.all_in, cost.nominal
+    return out
+
+
+@torch.no_grad()
+def _slot_errors(cands: list[TensorTransform], x: torch.Tensor, g2: torch.Tensor) -> np.ndarray:
+    return np.array([float((g2 * (c.apply(x) - x).square()).sum()) for c in cands])
+
+
+def measure_candidates(
+    model: Any,
+    arch: ArchInfo,
+    token_ids: torch.Tensor,
+    search: PrecisionSearch,
+    progress: Callable[[int], None] | None = None,
+) -> CandidateTable:
+    """Run the Fisher passes on calibration windows of ``token_ids`` and fill the :class:`CandidateTable`."""
+    windows = calibration_windows(token_ids, search.seq_len, search.num_seqs, search.seed)
+    shell = search.shell(arch.num_layers)
+    cands = {k: search.candidates(k) for k in ("k", "v")}
+    error = {k: np.zeros((arch.num_layers, len(cands[k]))) for k in cands}
+    for stats in fisher_stats(model, windows):
+        for i, st in enumerate(stats):
+            n = st.keys.shape[-2]
+            sinks, recent = shell.kept_tokens(n, search.seq_len - n)
+            mid = slice(sinks, n - recent)
+            error["k"][i] += _slot_errors(cands["k"], st.keys[..., mid, :], st.key_grad[..., mid, :].square())
+            error["v"][i] += _slot_errors(cands["v"], st.values[..., mid, :], st.value_grad[..., mid, :].square())
+        if progress:
+            progress(1)
+    weights = np.array([arch.cached_tokens(i, search.seq_len) for i in range(arch.num_layers)], dtype=np.float64)
+    bits = {k: candidate_bits(search, arch, k) for k in cands}
+    return CandidateTable(cands, error, bits, weights * arch.num_kv_heads * arch.head_dim)
+
+
+def solve(table: CandidateTable, target_bits: float, accounting: str) -> dict[str, list[int]]:
+    """Choose one candidate per slot within ``target_bits`` (mean over all K and V elements)."""
+    if accounting not in ACCOUNTINGS:
+        raise UsageError(f"--bits-accounting must be one of {', '.join(ACCOUNTINGS)} (got '{accounting}')")
+    kinds = ("k", "v")
+    layers = len(table.weights)
+    costs = [table.bits[k][accounting][i] for k in kinds for i in range(layers)]
+    errors = [table.error[k][i] for k in kinds for i in range(layers)]
+    allowed = [m for k in kinds for m in table.pareto(k, accounting)]
+    picks = solve_budget(costs, errors, [*table.weights, *table.weights], target_bits, allowed)
+    return {"k": picks[:layers], "v": picks[layers:]}
+
+
+def build_transform(search: PrecisionSearch, table: CandidateTable, choice: dict[str, list[int]]) -> KVTransform:
+    """The per-layer :class:`KVTransform` of a choice."""
+    t = search.shell(len(table.weights))
+    t.keys = [table.candidates["k"][j] for j in choice["k"]]
+    t.values = [table.candidates["v"][j] for j in choice["v"]]
+    t.name = f"search-{search.accounting}-{search.target_bits:g}b"
+    return t
+
+
+def choice_summary(table: CandidateTable, choice: dict[str, list[int]]) -> dict[str, float]:
+    """Element-weighted mean bits (both accountings) and total proxy error of a choice."""
+    w = np.concatenate([table.weights, table.weights])
+    out: dict[str, float] = {}
+    for acc in ACCOUNTINGS:
+        b = [table.bits[k][acc][i, j] for k in ("k", "v") for i, j in enumerate(choice[k])]
+        out[acc.replace("-", "_")] = float(np.dot(w, b) / w.sum())
+    out["proxy"] = float(sum(table.error[k][i, j] for k in ("k", "v") for i, j in enumerate(choice[k])))
+    return out
+
+
+# -- artifact ------------------------------------------------------------------------------------------------------
+
+
+def table_tensors(table: CandidateTable, choice: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """The measured table and the choice as stacked tensors (``{k|v}_{quantity}``, layer-major)."""
+    out: dict[str, torch.Tensor] = {"slot_elements": torch.from_numpy(table.weights.copy())}
+    for k in ("k", "v"):
+        out[f"{k}_proxy_error"] = torch.from_numpy(table.error[k].copy())
+        out[f"{k}_bits_all_in"] = torch.from_numpy(table.bits[k]["all-in"].copy())
+        out[f"{k}_bits_nominal"] = torch.from_numpy(table.bits[k]["nominal"].copy())
+        out[f"{k}_choice"] = torch.tensor(choice[k], dtype=torch.int64)
+    return out
+
+
+def table_from(extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[CandidateTable, dict[str, list[int]]]:
+    """Inverse of :func:`table_tensors` plus the candidate list kept in ``extra["search"]``."""
+    cands = {k: [kvconfig.from_dict(c) for c in extra["search"]["candidates"][k]] for k in ("k", "v")}
+    table = CandidateTable(
+        candidates=cands,
+        error={k: tensors[f"{k}_proxy_error"].numpy() for k in ("k", "v")},
+        bits={
+            k: {"all-in": tensors[f"{k}_bits_all_in"].numpy(), "nominal": tensors[f"{k}_bits_nominal"].numpy()}
+            for k in ("k", "v")
+        },
+        weights=tensors["slot_elements"].numpy(),
+    )
+    return table, {k: tensors[f"{k}_choice"].tolist() for k in ("k", "v")}
+
+
+def search_extra(table: CandidateTable, choice: dict[str, list[int]]) -> dict[str, Any]:
+    """The search's JSON facts: candidates, labels of the choice, and its summary."""
+    return {
+        "search": {
+            "candidates": {k: [kvconfig.to_dict(c) for c in table.candidates[k]] for k in ("k", "v")},
+            "choice": {k: [table.candidates[k][j].label() for j in choice[k]] for k in ("k", "v")},
+            "summary": choice_summary(table, choice),
+        }
+    }
