@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from kvtool.artifacts import Artifact, describe, read_artifact, read_header
 from kvtool.arch import ArchInfo
+from kvtool.artifacts import Artifact, describe, read_artifact, read_header
 from kvtool.calibration import transform_of
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import JsonOpt, QuietOpt, output_for
