@@ -11,6 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kvtool import config as kvconfig
+from kvtool.artifacts import read_artifact
+from kvtool.calibration import SCHEMA, transform_of
+from kvtool.errors import UsageError
 from kvtool.harness import continuation_quality, perplexity
 from kvtool.models import LoadedModel, tokenize
 from kvtool.presets import REFERENCE, parse_preset
@@ -42,6 +46,30 @@ class BenchRow:
     top1: float | None = None
 
 
+def config_transform(name: str, lm: LoadedModel) -> KVTransform:
+    """The transform a ``--configs`` entry names: a preset (``kivi-k4v4``), a calibration artifact
+    (``cal.kvcal.safetensors``), or an artifact re-solved at another budget (``cal.kvcal.safetensors@2.5``, in the
+    artifact's accounting; ``@2.5n`` nominal, ``@2.5a`` all-in)."""
+    path, _, budget = name.partition("@")
+    if not path.endswith(".safetensors"):
+        return parse_preset(name, lm.arch)
+    from kvtool.calibrators.precision_search import resolve_artifact
+
+    art = read_artifact(path, expect_schema=SCHEMA, model=lm.fingerprint)
+    if budget:
+        accounting = {"n": "nominal", "a": "all-in"}.get(budget[-1])
+        accounting = accounting or kvconfig.from_dict(art.method).accounting
+        try:
+            bits = float(budget.rstrip("na"))
+        except ValueError as e:
+            raise UsageError(f"'{name}': the budget after @ must be a number of bits, e.g. @3.25 or @3.25n") from e
+        _, transform = resolve_artifact(art, bits, accounting)
+    else:
+        transform = transform_of(art)
+    transform.name = name
+    return transform
+
+
 def run_bench(
     lm: LoadedModel,
     configs: Sequence[str],
@@ -56,7 +84,7 @@ def run_bench(
     ids = tokenize(lm.tokenizer, text)
     ppl_ids = ids[: settings.tokens]
     names = [REFERENCE, *[c for c in configs if c != REFERENCE]]
-    transforms: list[KVTransform] = [parse_preset(n, lm.arch) for n in names]
+    transforms: list[KVTransform] = [config_transform(n, lm) for n in names]
     rows: list[BenchRow] = []
     base_ppl = None
     for name, t in zip(names, transforms, strict=True):

@@ -18,6 +18,7 @@ and zero points, and keeps the quantization mode only in a file name. Here:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +29,11 @@ import torch
 
 from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
+from kvtool.artifacts import Artifact
+from kvtool.calibration import calibration_artifact
 from kvtool.calibrators.fisher import calibration_windows, fisher_stats
 from kvtool.calibrators.solver import pareto_mask, solve_budget
-from kvtool.errors import UsageError
+from kvtool.errors import ArtifactError, UsageError
 from kvtool.quantizers import FloatCast, UniformQuantizer
 from kvtool.transforms import KVTransform, TensorTransform
 
@@ -226,3 +229,19 @@ def search_extra(table: CandidateTable, choice: dict[str, list[int]]) -> dict[st
             "summary": choice_summary(table, choice),
         }
     }
+
+
+def resolve_artifact(old: Artifact, target_bits: float, accounting: str) -> tuple[Artifact, KVTransform]:
+    """Re-solve a precision-search artifact's measured table for a new budget (no model needed)."""
+    method = kvconfig.from_dict(old.method)
+    if not isinstance(method, PrecisionSearch):
+        raise ArtifactError(f"made by {type(method).__name__}, not the precision search: it cannot be re-solved")
+    search = dataclasses.replace(method, target_bits=target_bits, accounting=accounting)
+    table, _ = table_from(old.extra, old.tensors)
+    choice = solve(table, target_bits, accounting)
+    transform = build_transform(search, table, choice)
+    art = calibration_artifact(
+        old.model, search, old.inputs, transform, search_extra(table, choice), table_tensors(table, choice),
+        search.seq_len,
+    )  # fmt: skip
+    return art, transform

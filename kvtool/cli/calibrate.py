@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from kvtool import config as kvconfig
-from kvtool.artifacts import Artifact, check_model, read_artifact, write_artifact
+from kvtool.artifacts import check_model, read_artifact, write_artifact
 from kvtool.calibration import SCHEMA, calibration_artifact, model_record, validate_transform
 from kvtool.calibrators.precision_search import (
     PrecisionSearch,
     build_transform,
     measure_candidates,
+    resolve_artifact,
     search_extra,
     solve,
-    table_from,
     table_tensors,
 )
 from kvtool.cli._errors import handle_errors
@@ -35,7 +33,7 @@ from kvtool.cli._options import (
     output_for,
 )
 from kvtool.digests import token_digest
-from kvtool.errors import ArtifactError, QualityGateError
+from kvtool.errors import QualityGateError
 from kvtool.models import load_model, tokenize
 from kvtool.texts import load_text
 
@@ -45,22 +43,6 @@ EXAMPLES = """Examples:
   kvtool calibrate --resolve smollm2-135m.kvcal.safetensors --target-bits 2.5   # seconds, no model needed
   kvtool calibrate llama-3-8b --target-bits 3.6 --max-ppl-delta 1.5 -o llama.kvcal.safetensors  # exit 4 on failure
 """
-
-
-def _resolve(path: Path, target_bits: float, accounting: str) -> tuple[Artifact, Any]:
-    old = read_artifact(path, expect_schema=SCHEMA)
-    method = kvconfig.from_dict(old.method)
-    if not isinstance(method, PrecisionSearch):
-        raise ArtifactError(f"{path}: made by {type(method).__name__}, not the precision search; cannot re-solve")
-    search = dataclasses.replace(method, target_bits=target_bits, accounting=accounting)
-    table, _ = table_from(old.extra, old.tensors)
-    choice = solve(table, target_bits, accounting)
-    transform = build_transform(search, table, choice)
-    art = calibration_artifact(
-        old.model, search, old.inputs, transform, search_extra(table, choice), table_tensors(table, choice),
-        search.seq_len,
-    )  # fmt: skip
-    return art, transform
 
 
 @handle_errors
@@ -100,7 +82,7 @@ def calibrate(
     validate = validate or max_ppl_delta is not None
     lm = None
     if resolve is not None:
-        art, transform = _resolve(resolve, target_bits, bits_accounting)
+        art, transform = resolve_artifact(read_artifact(resolve, expect_schema=SCHEMA), target_bits, bits_accounting)
         path = output or default_output(art.model.get("id", "model"), f"-{target_bits:g}b.kvcal.safetensors")
         check_output(path, overwrite)
         if validate:
