@@ -14,6 +14,7 @@ from kvtool.cli.bench import bench
 from kvtool.cli.calibrate import EXAMPLES as CALIBRATE_EXAMPLES
 from kvtool.cli.calibrate import calibrate
 from kvtool.cli.capture import capture
+from kvtool.cli.export import export
 from kvtool.cli.inspect import inspect
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app.command(epilog=CALIBRATE_EXAMPLES)(calibrate)
 app.command(epilog=BENCH_EXAMPLES)(bench)
 app.command()(capture)
 app.command()(inspect)
+app.command()(export)
 
 
 def _version(value: bool) -> None:
