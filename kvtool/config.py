@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from kvtool.errors import ArtifactError
+from kvtool.errors import ArtifactError, KvtoolError
 
 _REGISTRY: dict[str, type] = {}
 T = TypeVar("T", bound=type)
@@ -50,5 +50,5 @@ def from_dict(d: dict[str, Any]) -> Any:
         raise ArtifactError(f"{d['_type']}: unknown fields {sorted(extra)}")
     try:
         return cls(**d.get("_data", {}))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KvtoolError) as e:  # settings a config refuses: the file is at fault
         raise ArtifactError(f"{d['_type']}: {e}") from e

@@ -58,8 +58,6 @@ def parse_preset(name: str, arch: ArchInfo) -> KVTransform:
             key, value = UniformQuantizer(kb, "channel", g or 32), UniformQuantizer(vb, "token")
     except ValueError as e:
         raise UsageError(f"configuration '{name}': {e}") from e
-    if m["family"] == "token" and g is not None and arch.head_dim % g:
-        raise UsageError(f"configuration '{name}': group {g} does not divide head_dim {arch.head_dim}")
     return KVTransform.uniform(
         arch.num_layers,
         key,

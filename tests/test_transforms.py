@@ -139,9 +139,14 @@ def test_uniform_token_groups_are_independent() -> None:
         assert torch.equal(y[..., s : s + 4], U(3, "token", None).apply(x[..., s : s + 4]))
 
 
-def test_uniform_token_group_not_dividing_head_dim_raises() -> None:
-    with pytest.raises(ValueError, match="does not divide"):
-        U(4, "token", 5).apply(_kv_like())
+def test_uniform_token_partial_last_group() -> None:
+    """head_dim 16 in groups of 5: groups [0,5), [5,10), [10,15) and a last group of one channel, each quantized
+    on its own (as cost() counts them: 4 groups of metadata per token)."""
+    x = _kv_like()
+    y = U(4, "token", 5).apply(x)
+    for s in range(0, 16, 5):
+        assert torch.equal(y[..., s : s + 5], U(4, "token", None).apply(x[..., s : s + 5]))
+    assert U(4, "token", 5).cost(16, 10).all_in == 4 + 32 * 4 / 16
 
 
 @pytest.mark.parametrize("bits", [0, 9, -1], ids=["bits0", "bits9", "bits-1"])

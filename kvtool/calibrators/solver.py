@@ -92,7 +92,10 @@ def solve_budget(
             arg[better] = j
         dp, choices[s] = new, arg
     if not np.isfinite(dp[budget]):
-        raise UsageError(f"--target-bits {target:g} cannot be met by the candidates (grid resolution too coarse)")
+        # Rounding costs up can push a configuration that exactly meets the target off the grid; the cheapest
+        # configuration met it (checked above), so it is the answer.
+        return [int(np.flatnonzero(m)[np.lexsort((np.asarray(e)[m], np.asarray(c)[m]))[0]])
+                for c, e, m in zip(costs, errors, masks, strict=True)]  # fmt: skip
     picks, b = [], budget
     for s in range(len(costs) - 1, -1, -1):
         j = int(choices[s, b])

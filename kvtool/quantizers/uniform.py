@@ -3,7 +3,8 @@
 Two grouping axes, as in KIVI (arXiv:2402.02750) and KVTuner (arXiv:2502.04420):
 
 * ``token``: each token of each head is split into groups of ``group_size`` consecutive channels along
-  ``head_dim`` (default: the whole head, one scale and zero point per token and head);
+  ``head_dim`` (default: the whole head, one scale and zero point per token and head; a last, shorter group
+  takes the remaining channels);
 * ``channel``: each channel of each head is split into groups of ``group_size`` consecutive tokens (KIVI's
   per-channel keys; default 32 tokens). A last, shorter group takes the remaining tokens.
 
@@ -71,10 +72,13 @@ class UniformQuantizer(TensorTransform):
         g = self._group(d)
         xf = x.float()
         if self.axis == "token":
-            if d % g:
-                raise ValueError(f"group_size {g} does not divide head_dim {d}")
-            groups = xf.reshape(b, h, t, d // g, g)
-            out = _fake_quant_lastdim(groups, self.bits).reshape(b, h, t, d)
+            n_groups = math.ceil(d / g)
+            pad = n_groups * g - d
+            # A last, shorter group (head_dim not a multiple of the group): padding with the last channel leaves its
+            # min and max unchanged, and cost() counts it as a whole group.
+            xp = torch.cat([xf, xf[..., -1:].expand(b, h, t, pad)], dim=-1) if pad else xf
+            groups = xp.reshape(b, h, t, n_groups, g)
+            out = _fake_quant_lastdim(groups, self.bits).reshape(b, h, t, n_groups * g)[..., :d]
         else:
             n_groups = math.ceil(t / g)
             pad = n_groups * g - t
