@@ -225,7 +225,7 @@ def test_choice_meets_budget_and_beats_uniform(measured, accounting: str, target
 @pytest.mark.parametrize("accounting", ACCOUNTINGS)
 @pytest.mark.parametrize("target", BUDGETS)
 def test_choice_is_the_exact_optimum(measured, accounting: str, target: float) -> None:
-    """All 21² x 11² per-layer combinations: the solver finds the least proxy error within the budget (the bits are
+    """All per-layer combinations (26² x 11² with the default layouts): the solver finds the least proxy error within the budget (the bits are
     multiples of 1/64 at 64 tokens, so the solver's grid is exact here)."""
     _, table = measured
     bits = {k: table.bits[k][accounting] for k in ("k", "v")}
@@ -285,7 +285,7 @@ def test_calibrate_json_and_determinism(art_a, model_dir: Path, text_file: Path,
     art = read_artifact(path_a)
     assert art.extra["bits"]["all_in"] == pytest.approx(doc["all_in_bits"])
     assert art.extra["search"]["choice"] == doc["choice"]
-    assert art.tensors["k_proxy_error"].shape == (2, 21) and art.tensors["v_proxy_error"].shape == (2, 11)
+    assert art.tensors["k_proxy_error"].shape == (2, 26) and art.tensors["v_proxy_error"].shape == (2, 11)
     assert art.inputs["num_seqs"] == 2 and art.inputs["seq_len"] == 32
     # A second run to another path writes the same bytes.
     path_b = tmp_path / "A2.kvcal.safetensors"

@@ -4,7 +4,7 @@ KVTuner searches per-layer (key bits, value bits) with 1000 NSGA-II trials of GS
 and zero points, and keeps the quantization mode only in a file name. Here:
 
 1. **Candidates** per layer and per K / V: every bit width in ``bits`` × every layout (per-channel pre-RoPE keys
-   in groups of 32/64/128 tokens, per-token keys and values, ...), plus fp16. Sink and recent-window tokens are
+   in groups of 32/64/128/256 tokens, per-token keys and values, ...), plus fp16. Sink and recent-window tokens are
    global settings, kept in fp16 and counted.
 2. **Sensitivity proxy**, additive over slots (a layer's keys or values): the Fisher-weighted squared error
    ``Σ g² (x̂ - x)²`` of the candidate on calibration text, where ``g`` is the gradient of the next-token loss
@@ -61,11 +61,13 @@ class PrecisionSearch:
     target_bits: float = 3.25
     accounting: Literal["all-in", "nominal"] = "all-in"
     bits: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 8])
-    key_layouts: list[str] = field(default_factory=lambda: ["channel-g32", "channel-g64", "channel-g128", "token"])
+    key_layouts: list[str] = field(
+        default_factory=lambda: ["channel-g32", "channel-g64", "channel-g128", "channel-g256", "token"]
+    )
     value_layouts: list[str] = field(default_factory=lambda: ["token", "token-g32"])
     sink_tokens: int = 1
     recent_tokens: int = 0
-    num_seqs: int = 4
+    num_seqs: int = 8
     seq_len: int = 2048
     seed: int = 0
 

@@ -57,7 +57,7 @@ def calibrate(
         Path | None, typer.Option("--resolve", help="Re-solve this artifact's measured table for a new budget.")
     ] = None,
     text: TextOpt = "calibration",
-    num_seqs: Annotated[int, typer.Option("--num-seqs", help="Calibration sequences.", min=1)] = 4,
+    num_seqs: Annotated[int, typer.Option("--num-seqs", help="Calibration sequences.", min=1)] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.", min=16)] = 2048,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration window choice.")] = 0,
     sink_tokens: Annotated[int, typer.Option("--sink-tokens", help="First tokens kept in fp16.", min=0)] = 1,
