@@ -23,13 +23,18 @@ install: $(VENV)/.installed
 
 demo: install
 	@mkdir -p $(OUT)
-	@echo "== 1. capture: prefill 1024 tokens of Persuasion on SmolLM2-135M and save the KV cache" >&2
-	$(VENV)/bin/kvtool capture smollm2-135m --text evaluation --tokens 1024 -o $(OUT)/persuasion-1k.kv.safetensors --overwrite
-	@echo "== 2. inspect the artifact" >&2
-	$(VENV)/bin/kvtool inspect $(OUT)/persuasion-1k.kv.safetensors
-	@echo "== 3. bench: size and quality of uniform KV quantizers (PPL on 4096 tokens of Persuasion)" >&2
-	$(VENV)/bin/kvtool bench smollm2-135m --tokens 4096 --offsets 0 \
-		--configs fp16,token-k8v8,token-k4v4,kivi-k4v4,kivi-k3v3,kivi-k2v2,kivi-k2v2-s4-r128
+	@echo "== 1. calibrate: per-layer K/V precision search for SmolLM2-135M under 3.6 all-in bits (Emma + Mansfield Park)" >&2
+	$(VENV)/bin/kvtool calibrate smollm2-135m --target-bits 3.6 --num-seqs 2 --validate --validate-tokens 2048 \
+		-o $(OUT)/smollm2-135m.kvcal.safetensors --overwrite
+	@echo "== 2. inspect the calibration artifact (what was chosen for each layer, with its all-in bits)" >&2
+	$(VENV)/bin/kvtool inspect $(OUT)/smollm2-135m.kvcal.safetensors
+	@echo "== 3. export it as per-layer dtype strings for a serving engine" >&2
+	$(VENV)/bin/kvtool export $(OUT)/smollm2-135m.kvcal.safetensors --to layer-dtypes
+	@echo "== 4. bench: the searched configuration (and re-solved at 3.0 and 4.25 bits) beside uniform quantizers" >&2
+	$(VENV)/bin/kvtool bench smollm2-135m --tokens 4096 --offsets 0 --configs \
+		fp16,token-k4v4,kivi-k4v4,kivi-k3v3,kivi-k2v2,$(OUT)/smollm2-135m.kvcal.safetensors@3.0,$(OUT)/smollm2-135m.kvcal.safetensors,$(OUT)/smollm2-135m.kvcal.safetensors@4.25
+	@echo "== 5. capture a prefix KV cache (1024 tokens of Persuasion) as a portable artifact" >&2
+	$(VENV)/bin/kvtool capture smollm2-135m --text evaluation --tokens 1024 -o $(OUT)/persuasion-1k.kv.safetensors --overwrite -q
 
 test: install
 	$(PY) -m ruff check kvtool tests

@@ -147,6 +147,13 @@ def _token_notes(transform: KVTransform, consumer: str, recent_note: str) -> lis
     ]
     if transform.keys_pre_rope and _quantized_keys(transform):
         notes.append(Note(f"keys were quantized before RoPE but {consumer} quantizes the cached post-RoPE keys"))
+    rotated = {
+        kind: [i for i, t in enumerate(slots) if isinstance(t, UniformQuantizer) and t.rotate]
+        for kind, slots in (("keys", transform.keys), ("values", transform.values))
+    }
+    if any(rotated.values()):
+        where = ", ".join(f"{kind} {_layers(idx)}" for kind, idx in rotated.items() if idx)
+        notes.append(Note(f"Hadamard-rotated per-token layers ({where}) are quantized unrotated by {consumer}"))
     return notes
 
 

@@ -386,7 +386,7 @@ def test_to_dict_from_dict_round_trip() -> None:
     assert d["keys"][0] == {
         "_type": "UniformQuantizer",
         "_version": 1,
-        "_data": {"bits": 4, "axis": "channel", "group_size": 32},
+        "_data": {"bits": 4, "axis": "channel", "group_size": 32, "rotate": False},
     }
 
 
@@ -551,3 +551,29 @@ def test_transform_cache_matches_apply_layer_on_capture(tiny: Any) -> None:
         assert not torch.equal(cache.layers[i].values, layer.values), f"layer {i}"
         assert torch.equal(prefix.cache.layers[i].keys, original[i][0])
         assert torch.equal(prefix.cache.layers[i].values, original[i][1])
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 96], ids=lambda d: f"D{d}")
+def test_hadamard_rotation_is_orthonormal(head_dim: int) -> None:
+    from kvtool.quantizers.uniform import _hadamard
+
+    h = _hadamard(head_dim, torch.device("cpu"))
+    torch.testing.assert_close(h @ h.T, torch.eye(head_dim), atol=1e-6, rtol=0)
+
+
+def test_rotated_per_token_quantization_spreads_outlier_channels() -> None:
+    """One channel 20x larger than the rest: per-token 3-bit error falls several-fold after the rotation (the
+    outlier no longer sets the range of every token), and 8-bit rotated reconstruction stays within a 1e-4 relative
+    MSE (step ~ range / 255 of the rotated token)."""
+    x = torch.randn(1, 2, 32, 64, generator=torch.Generator().manual_seed(0))
+    x[..., 3] *= 20
+    plain = (U(3, "token").apply(x) - x).square().mean()
+    rotated = (U(3, "token", rotate=True).apply(x) - x).square().mean()
+    assert rotated < plain / 3
+    assert (U(8, "token", rotate=True).apply(x) - x).square().mean() < 1e-4 * x.square().mean()
+    assert U(3, "token", rotate=True).cost(64, 32) == U(3, "token").cost(64, 32)  # the rotation is not stored
+
+
+def test_rotation_only_on_token_axis() -> None:
+    with pytest.raises(ValueError, match="token axis"):
+        U(3, "channel", 32, rotate=True)

@@ -38,18 +38,19 @@ from kvtool.quantizers import FloatCast, UniformQuantizer
 from kvtool.transforms import KVTransform, TensorTransform
 
 ACCOUNTINGS = ("all-in", "nominal")
-_LAYOUT = re.compile(r"^(token|channel)(?:-g(\d+))?$")
+_LAYOUT = re.compile(r"^(token|channel)(?:-g(\d+))?(-had)?$")
 
 
 def layout_quantizer(layout: str, bits: int) -> UniformQuantizer:
-    """``channel-g32`` → per-channel groups of 32 tokens; ``token`` / ``token-g32`` → per-token groups."""
+    """``channel-g32`` → per-channel groups of 32 tokens; ``token`` / ``token-g32`` → per-token groups;
+    ``-had`` → per-token groups after a Hadamard rotation of the head dimension."""
     m = _LAYOUT.match(layout)
-    if not m:
-        raise UsageError(f"unknown layout '{layout}' (expected token, token-g<N>, channel-g<N>)")
+    if not m or (m[3] and m[1] != "token"):
+        raise UsageError(f"unknown layout '{layout}' (expected token[-g<N>][-had], channel-g<N>)")
     group = int(m[2]) if m[2] else None
     if m[1] == "channel" and group is None:
         group = 32
-    return UniformQuantizer(bits, m[1], group)
+    return UniformQuantizer(bits, m[1], group, rotate=bool(m[3]))
 
 
 @kvconfig.register
@@ -64,7 +65,7 @@ class PrecisionSearch:
     key_layouts: list[str] = field(
         default_factory=lambda: ["channel-g32", "channel-g64", "channel-g128", "channel-g256", "token"]
     )
-    value_layouts: list[str] = field(default_factory=lambda: ["token", "token-g32"])
+    value_layouts: list[str] = field(default_factory=lambda: ["token", "token-g32", "token-had", "token-g32-had"])
     sink_tokens: int = 1
     recent_tokens: int = 0
     num_seqs: int = 8

@@ -8,6 +8,10 @@ Two grouping axes, as in KIVI (arXiv:2402.02750) and KVTuner (arXiv:2502.04420):
 * ``channel``: each channel of each head is split into groups of ``group_size`` consecutive tokens (KIVI's
   per-channel keys; default 32 tokens). A last, shorter group takes the remaining tokens.
 
+With ``rotate``, per-token groups are quantized after an orthonormal Hadamard rotation of the head dimension
+(QuaRot, arXiv:2404.00456): it spreads outlier channels over the whole head at no storage cost, since the
+rotation is fixed; the decoder rotates back.
+
 The zero point is the group minimum stored in fp16, not an integer-rounded zero (KVQuant, arXiv:2401.18079,
 found integer zero points hurt per-channel keys). Code ``q = clamp(round((x - zero) / scale), 0, 2^b - 1)``,
 reconstruction ``q * scale + zero``, with ``scale = (max - min) / (2^b - 1)`` rounded to fp16 first, so the
@@ -36,6 +40,7 @@ class UniformQuantizer(TensorTransform):
     bits: int
     axis: Literal["token", "channel"] = "token"
     group_size: int | None = None
+    rotate: bool = False  #: per-token only: quantize ``x @ H`` (orthonormal Hadamard over head_dim), decode ``· Hᵀ``
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
@@ -48,14 +53,20 @@ class UniformQuantizer(TensorTransform):
             raise ValueError(f"axis must be 'token' or 'channel', got {self.axis!r}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if not isinstance(self.rotate, bool) or (self.rotate and self.axis != "token"):
+            raise ValueError("rotate is a bool and applies to the token axis only")
 
     def _group(self, head_dim: int) -> int:
         if self.group_size is not None:
             return self.group_size
         return head_dim if self.axis == "token" else 32
 
+    def _rotated_off(self) -> UniformQuantizer:
+        return UniformQuantizer(self.bits, self.axis, self.group_size)
+
     def label(self) -> str:
-        return f"int{self.bits}/{self.axis}-g{self.group_size or ('D' if self.axis == 'token' else 32)}"
+        rot = "-had" if self.rotate else ""
+        return f"int{self.bits}/{self.axis}-g{self.group_size or ('D' if self.axis == 'token' else 32)}{rot}"
 
     def cost(self, head_dim: int, num_tokens: int) -> BitCost:
         g = self._group(head_dim)
@@ -71,6 +82,9 @@ class UniformQuantizer(TensorTransform):
         b, h, t, d = x.shape
         g = self._group(d)
         xf = x.float()
+        if self.rotate:
+            hadamard = _hadamard(d, x.device)
+            return (self._rotated_off().apply(xf @ hadamard) @ hadamard.T).to(x.dtype)
         if self.axis == "token":
             n_groups = math.ceil(d / g)
             pad = n_groups * g - d
@@ -87,6 +101,19 @@ class UniformQuantizer(TensorTransform):
             groups = xp.reshape(b, h, n_groups, g, d).transpose(-1, -2)  # (b, h, n_groups, d, g)
             out = _fake_quant_lastdim(groups, self.bits).transpose(-1, -2).reshape(b, h, n_groups * g, d)[:, :, :t]
         return out.to(x.dtype)
+
+
+def _hadamard(n: int, device: torch.device) -> torch.Tensor:
+    """Orthonormal rotation of order ``n``: a Sylvester-Hadamard matrix when ``n`` is a power of two, otherwise a
+    block-diagonal of them, one block per power of two in ``n``'s binary expansion (80 = 64 + 16)."""
+    blocks = []
+    for bit in range(n.bit_length() - 1, -1, -1):
+        if n >> bit & 1:
+            h = torch.ones(1, 1, device=device)
+            while h.shape[0] < 1 << bit:
+                h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+            blocks.append(h / math.sqrt(1 << bit))
+    return torch.block_diag(*blocks)
 
 
 def _fp16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
