@@ -225,8 +225,8 @@ def test_choice_meets_budget_and_beats_uniform(measured, accounting: str, target
 @pytest.mark.parametrize("accounting", ACCOUNTINGS)
 @pytest.mark.parametrize("target", BUDGETS)
 def test_choice_is_the_exact_optimum(measured, accounting: str, target: float) -> None:
-    """All per-layer combinations (26² x 21² with the default layouts): the solver finds the least proxy error within the budget (the bits are
-    multiples of 1/64 at 64 tokens, so the solver's grid is exact here)."""
+    """All per-layer combinations (26² x 21² with the default layouts): the solver finds the least proxy error within
+    the budget (the bits are multiples of 1/64 at 64 tokens, so the solver's grid is exact here)."""
     _, table = measured
     bits = {k: table.bits[k][accounting] for k in ("k", "v")}
     assert all(float(b * 64).is_integer() for k in bits for b in bits[k].ravel())
