@@ -51,7 +51,7 @@ def calibration_artifact(
             "validation": None,
             **extra,
         },
-        tensors=tensors,
+        tensors={**transform.stacked_tensors(), **tensors},
     )
 
 
@@ -59,7 +59,7 @@ def transform_of(art: Artifact) -> KVTransform:
     """The per-layer transform a calibration artifact prescribes."""
     if art.schema != SCHEMA or "transform" not in art.extra:
         raise ArtifactError(f"{art.schema} is not a calibration artifact with a KV transform")
-    return KVTransform.from_dict(art.extra["transform"])
+    return KVTransform.from_dict(art.extra["transform"]).bind(art.tensors)
 
 
 def load_calibration(path: str | Path, model: dict[str, str] | None = None) -> tuple[Artifact, KVTransform]:

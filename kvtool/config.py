@@ -24,7 +24,8 @@ def register(cls: T) -> T:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     """``{"_type": class name, "_version": int, "_data": fields}`` of a registered dataclass."""
-    data = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+    skip = set(getattr(type(obj), "tensor_fields", ()))  # stored as artifact tensors, not JSON
+    data = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init and f.name not in skip}
     return {"_type": type(obj).__name__, "_version": type(obj).version, "_data": data}
 
 
@@ -42,7 +43,7 @@ def from_dict(d: dict[str, Any]) -> Any:
         raise ArtifactError(
             f"{d['_type']} version {d['_version']} is newer than this kvtool supports ({cls.version}); upgrade kvtool"
         )
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - set(getattr(cls, "tensor_fields", ()))
     if not isinstance(d.get("_data", {}), dict):
         raise ArtifactError(f"{d['_type']}: _data must be an object")
     extra = set(d.get("_data", {})) - names

@@ -45,6 +45,12 @@ class TensorTransform(ABC):
     """
 
     version: ClassVar[int] = 1
+    #: Fields holding tensors (lookup tables, thresholds, bases): saved as stacked artifact tensors, not JSON.
+    tensor_fields: ClassVar[tuple[str, ...]] = ()
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor field ``name`` (artifacts stack and pad them over layers)."""
+        raise NotImplementedError
 
     @abstractmethod
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,6 +221,43 @@ class KVTransform:
             "recent_tokens": self.recent_tokens,
             "name": self.name,
         }
+
+    def stacked_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensor fields of the per-layer transforms, stacked over layers as ``{k|v}_{field}`` of shape
+        ``(layers, *max_shape)``, NaN-padded (layers without the field are all NaN)."""
+        out: dict[str, torch.Tensor] = {}
+        for kind, slots in (("k", self.keys), ("v", self.values)):
+            names = sorted({n for t in slots if t is not None for n in type(t).tensor_fields})
+            for name in names:
+                parts = [None if t is None or getattr(t, name, None) is None else getattr(t, name) for t in slots]
+                present = [p for p in parts if p is not None]
+                if not present:
+                    continue
+                shape = [max(p.shape[d] for p in present) for d in range(present[0].dim())]
+                stacked = torch.full((len(slots), *shape), float("nan"), dtype=torch.float32)
+                for i, p in enumerate(parts):
+                    if p is not None:
+                        stacked[(i, *[slice(0, n) for n in p.shape])] = p.float().cpu()
+                out[f"{kind}_{name}"] = stacked
+        return out
+
+    def bind(self, tensors: dict[str, torch.Tensor]) -> KVTransform:
+        """Attach artifact tensors (from :meth:`stacked_tensors`) to the per-layer transforms that declare them."""
+        import dataclasses
+
+        for kind, slots in (("k", self.keys), ("v", self.values)):
+            for i, t in enumerate(slots):
+                if t is None or not type(t).tensor_fields:
+                    continue
+                values = {}
+                for name in type(t).tensor_fields:
+                    key = f"{kind}_{name}"
+                    if key in tensors:
+                        part = tensors[key][(i, *[slice(0, n) for n in t.tensor_shape(name)])]
+                        if not torch.isnan(part).any():
+                            values[name] = part.clone()
+                slots[i] = dataclasses.replace(t, **values)
+        return self
 
     _FIELDS = frozenset({"keys", "values", "keys_pre_rope", "sink_tokens", "recent_tokens", "name"})
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import torch
 import typer
 
-from kvtool.artifacts import check_model, read_artifact, write_artifact
-from kvtool.calibration import SCHEMA, calibration_artifact, model_record, validate_transform
+from kvtool.artifacts import Artifact, check_model, read_artifact, write_artifact
+from kvtool.calibration import SCHEMA, calibration_artifact, model_record, transform_of, validate_transform
+from kvtool.calibrators.nuq import NUQCalibration, fit_nuq
 from kvtool.calibrators.precision_search import (
     PrecisionSearch,
     build_transform,
@@ -32,9 +34,10 @@ from kvtool.cli._options import (
     default_output,
     output_for,
 )
+from kvtool.cli._output import Output
 from kvtool.digests import token_digest
-from kvtool.errors import QualityGateError
-from kvtool.models import load_model, tokenize
+from kvtool.errors import QualityGateError, UsageError
+from kvtool.models import LoadedModel, load_model, tokenize
 from kvtool.texts import load_text
 
 EXAMPLES = """Examples:
@@ -42,26 +45,82 @@ EXAMPLES = """Examples:
   kvtool calibrate smollm2-135m --target-bits 3.25 --bits-accounting nominal --validate
   kvtool calibrate --resolve smollm2-135m.kvcal.safetensors --target-bits 2.5   # seconds, no model needed
   kvtool calibrate llama-3-8b --target-bits 3.6 --max-ppl-delta 1.5 -o llama.kvcal.safetensors  # exit 4 on failure
+  kvtool calibrate smollm2-135m --method nuq --bits 2,3,4 --validate   # -> smollm2-135m.nuq{2,3,4}.kvcal.safetensors
 """
+
+
+METHODS = ("search", "nuq")
+
+
+def _search(lm: LoadedModel, ids: torch.Tensor, search: PrecisionSearch, out: Output, inputs: dict) -> Artifact:
+    out.log(
+        f"measuring {len(search.candidates('k')) + len(search.candidates('v'))} candidates per layer on "
+        f"{search.num_seqs} x {search.seq_len} tokens ..."
+    )
+    with out.progress("fisher passes", search.num_seqs) as advance:
+        table = measure_candidates(lm.model, lm.arch, ids, search, progress=advance)
+    choice = solve(table, search.target_bits, search.accounting)
+    transform = build_transform(search, table, choice)
+    return calibration_artifact(
+        model_record(lm), search, inputs, transform, search_extra(table, choice), table_tensors(table, choice),
+        search.seq_len,
+    )  # fmt: skip
+
+
+def _nuq(lm: LoadedModel, ids: torch.Tensor, cfg: NUQCalibration, out: Output, inputs: dict) -> dict[int, Artifact]:
+    out.log(f"fitting non-uniform datatypes for {cfg.bits} bits on {cfg.num_seqs} x {cfg.seq_len} tokens ...")
+    with out.progress("fisher passes", cfg.num_seqs) as advance:
+        transforms = fit_nuq(lm.model, lm.arch, ids, cfg, progress=advance)
+    return {
+        b: calibration_artifact(model_record(lm), cfg, inputs, t, {"nuq": {"bits": b}}, {}, cfg.seq_len)
+        for b, t in transforms.items()
+    }
+
+
+def _summary(path: Path, art: Artifact, digest: str) -> dict[str, Any]:
+    bits = art.extra["bits"]
+    result = {
+        "path": str(path),
+        "method": art.method["_type"],
+        "all_in_bits": bits["all_in"],
+        "nominal_bits": bits["nominal"],
+        "validation": art.extra["validation"],
+        "content_digest": digest,
+    }
+    if "search" in art.extra:
+        data = art.method["_data"]
+        result |= {"target_bits": data["target_bits"], "accounting": data["accounting"]}
+        result |= {"proxy_error": art.extra["search"]["summary"]["proxy"], "choice": art.extra["search"]["choice"]}
+    return result
 
 
 @handle_errors
 def calibrate(
     model: ModelArg = DEFAULT,
-    target_bits: Annotated[float, typer.Option("--target-bits", help="Budget in bits per K/V element.")] = 3.25,
+    method: Annotated[
+        str, typer.Option("--method", help="search: per-layer precision search; nuq: non-uniform datatypes.")
+    ] = "search",
+    target_bits: Annotated[float, typer.Option("--target-bits", help="search: budget in bits per element.")] = 3.25,
     bits_accounting: Annotated[
-        str, typer.Option("--bits-accounting", help="all-in (codes + scales + zeros + fp16 tokens) or nominal.")
+        str, typer.Option("--bits-accounting", help="search: all-in (codes + scales + zeros + fp16 tokens) or nominal.")
     ] = "all-in",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Artifact path.")] = None,
+    bits: Annotated[str, typer.Option("--bits", help="nuq: bit widths, comma-separated (one artifact each).")] = "3",
+    outlier_frac: Annotated[
+        float, typer.Option("--outlier-frac", help="nuq: fraction of elements kept as fp16 outliers.")
+    ] = 0.01,
+    qnorm: Annotated[bool, typer.Option("--qnorm", help="nuq: Q-Norm mean/std correction after rounding.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Artifact path (one artifact only).")] = None,
     resolve: Annotated[
-        Path | None, typer.Option("--resolve", help="Re-solve this artifact's measured table for a new budget.")
+        Path | None, typer.Option("--resolve", help="search: re-solve this artifact's table for a new budget.")
     ] = None,
     text: TextOpt = "calibration",
     num_seqs: Annotated[int, typer.Option("--num-seqs", help="Calibration sequences.", min=1)] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.", min=16)] = 2048,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration window choice.")] = 0,
     sink_tokens: Annotated[int, typer.Option("--sink-tokens", help="First tokens kept in fp16.", min=0)] = 1,
-    recent_tokens: Annotated[int, typer.Option("--recent-tokens", help="Most recent tokens kept in fp16.", min=0)] = 0,
+    recent_tokens: Annotated[
+        int, typer.Option("--recent-tokens", help="search: most recent tokens kept in fp16.", min=0)
+    ] = 0,
     validate: Annotated[bool, typer.Option("--validate", help="Measure ΔPPL on held-out text (Persuasion).")] = False,
     validate_tokens: Annotated[int, typer.Option("--validate-tokens", help="Held-out tokens.", min=2)] = 8192,
     max_ppl_delta: Annotated[
@@ -73,77 +132,78 @@ def calibrate(
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Search per-layer key and value quantizers under a bit budget; write a .kvcal.safetensors artifact."""
+    """Calibrate KV-cache quantization for a model and write .kvcal.safetensors artifact(s).
+
+    --method search: per-layer key/value quantizers under a bit budget (KVTuner-style, exact solver).
+    --method nuq: KVQuant-style non-uniform datatypes with outliers, one artifact per --bits.
+    """
     out = output_for(json_mode, quiet)
-    search = PrecisionSearch(
-        target_bits=target_bits, accounting=bits_accounting, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
-        num_seqs=num_seqs, seq_len=seq_len, seed=seed,
-    )  # fmt: skip
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)} (got '{method}')")
     validate = validate or max_ppl_delta is not None
     lm = None
+    jobs: list[tuple[Path, Artifact]] = []
     if resolve is not None:
-        art, transform = resolve_artifact(read_artifact(resolve, expect_schema=SCHEMA), target_bits, bits_accounting)
+        if method != "search":
+            raise UsageError("--resolve re-solves precision-search artifacts only")
+        art, _ = resolve_artifact(read_artifact(resolve, expect_schema=SCHEMA), target_bits, bits_accounting)
         path = output or default_output(art.model.get("id", "model"), f"-{target_bits:g}b.kvcal.safetensors")
-        check_output(path, overwrite)
+        jobs.append((check_output(path, overwrite), art))
         if validate:
             lm = load_model(model, device, dtype)
             check_model(art, lm.fingerprint)  # validating on another model would be meaningless
     else:
-        path = check_output(output or default_output(model, ".kvcal.safetensors"), overwrite)
+        try:
+            widths = sorted({int(b) for b in bits.split(",") if b.strip()})
+        except ValueError as e:
+            raise UsageError(f"--bits must be comma-separated integers (got '{bits}')") from e
+        if method == "search":
+            cfg: Any = PrecisionSearch(
+                target_bits=target_bits, accounting=bits_accounting, sink_tokens=sink_tokens,
+                recent_tokens=recent_tokens, num_seqs=num_seqs, seq_len=seq_len, seed=seed,
+            )  # fmt: skip
+            names = {0: output or default_output(model, ".kvcal.safetensors")}
+        else:
+            cfg = NUQCalibration(
+                bits=widths, outlier_frac=outlier_frac, sink_tokens=sink_tokens, qnorm=qnorm, num_seqs=num_seqs,
+                seq_len=seq_len, seed=seed,
+            )  # fmt: skip
+            if output is not None and len(widths) > 1:
+                raise UsageError("-o names one artifact; with several --bits, leave it out (names get .nuq<b>)")
+            names = {b: output or default_output(model, f".nuq{b}.kvcal.safetensors") for b in widths}
+        for p in names.values():
+            check_output(p, overwrite)
         lm = load_model(model, device, dtype)
         ids = tokenize(lm.tokenizer, load_text(text))
-        out.log(
-            f"measuring {len(search.candidates('k')) + len(search.candidates('v'))} candidates per layer on "
-            f"{num_seqs} x {seq_len} tokens of '{text}' ..."
-        )
-        with out.progress("fisher passes", num_seqs) as advance:
-            table = measure_candidates(lm.model, lm.arch, ids, search, progress=advance)
-        choice = solve(table, target_bits, bits_accounting)
-        transform = build_transform(search, table, choice)
-        inputs = {
-            "text": text,
-            "token_ids_digest": token_digest(ids),
-            "tokens": int(ids.numel()),
-            "num_seqs": num_seqs,
-            "seq_len": seq_len,
-            "seed": seed,
-        }
-        art = calibration_artifact(
-            model_record(lm),
-            search,
-            inputs,
-            transform,
-            search_extra(table, choice),
-            table_tensors(table, choice),
-            seq_len,
-        )
-    if validate and lm is not None:
-        out.log(f"validating on {validate_tokens} held-out tokens ...")
-        art.extra["validation"] = validate_transform(lm, transform, tokens=validate_tokens)
-    digest = write_artifact(path, art)
-    summary = art.extra["search"]["summary"]
-    result = {
-        "path": str(path),
-        "target_bits": target_bits,
-        "accounting": bits_accounting,
-        "all_in_bits": summary["all_in"],
-        "nominal_bits": summary["nominal"],
-        "proxy_error": summary["proxy"],
-        "validation": art.extra["validation"],
-        "content_digest": digest,
-        "choice": art.extra["search"]["choice"],
-    }
-    rows = [[i, k, v] for i, (k, v) in enumerate(zip(result["choice"]["k"], result["choice"]["v"], strict=True))]
-    table_view = out.table(
-        f"{path.name}: {summary['nominal']:.3f} nominal / {summary['all_in']:.3f} all-in bits per element",
-        ["layer", "keys", "values"], rows,
-    )  # fmt: skip
-    if art.extra["validation"]:
-        v = art.extra["validation"]
-        out.log(f"held-out PPL {v['ppl']:.3f} vs {v['ppl_original']:.3f}: ΔPPL {v['delta_ppl_pct']:+.2f}%")
-    out.result(result, primary="path", table=table_view)
-    if max_ppl_delta is not None and art.extra["validation"]["delta_ppl_pct"] > max_ppl_delta:
+        inputs = {"text": text, "token_ids_digest": token_digest(ids), "tokens": int(ids.numel()),
+                  "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed}  # fmt: skip
+        if method == "search":
+            jobs.append((names[0], _search(lm, ids, cfg, out, inputs)))
+        else:
+            jobs.extend((names[b], art) for b, art in _nuq(lm, ids, cfg, out, inputs).items())
+    results = []
+    for path, art in jobs:
+        if validate and lm is not None:
+            out.log(f"validating {path.name} on {validate_tokens} held-out tokens ...")
+            art.extra["validation"] = validate_transform(lm, transform_of(art), tokens=validate_tokens)
+            v = art.extra["validation"]
+            out.log(f"held-out PPL {v['ppl']:.3f} vs {v['ppl_original']:.3f}: ΔPPL {v['delta_ppl_pct']:+.2f}%")
+        results.append(_summary(path, art, write_artifact(path, art)))
+    if out.mode == "human":
+        for r, (path, art) in zip(results, jobs, strict=True):
+            t = transform_of(art)
+            rows = [[i, t.keys[i].label() if t.keys[i] else "-", t.values[i].label() if t.values[i] else "-"]
+                    for i in range(len(t.keys))]  # fmt: skip
+            title = f"{path.name}: {r['nominal_bits']:.3f} nominal / {r['all_in_bits']:.3f} all-in bits per element"
+            out.out.print(out.table(title, ["layer", "keys", "values"], rows))
+    out.result(results[0] if len(results) == 1 else {"artifacts": results}, primary=None)
+    if out.mode != "json":
+        for r in results:
+            print(r["path"])  # the artifact paths, last
+    failed = [r for r in results if max_ppl_delta is not None and r["validation"]["delta_ppl_pct"] > max_ppl_delta]
+    if failed:
+        r = failed[0]
         raise QualityGateError(
-            f"quality gate failed: ΔPPL {art.extra['validation']['delta_ppl_pct']:+.2f}% > {max_ppl_delta:g}% "
-            f"(artifact written to {path})"
+            f"quality gate failed: ΔPPL {r['validation']['delta_ppl_pct']:+.2f}% > {max_ppl_delta:g}% "
+            f"(artifact written to {r['path']})"
         )

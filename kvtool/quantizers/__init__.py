@@ -1,6 +1,7 @@
 """Quantizers: one method per file, each a :class:`kvtool.transforms.TensorTransform`."""
 
 from kvtool.quantizers.float_cast import FloatCast
+from kvtool.quantizers.nonuniform import NonUniformQuantizer
 from kvtool.quantizers.uniform import UniformQuantizer
 
-__all__ = ["FloatCast", "UniformQuantizer"]
+__all__ = ["FloatCast", "NonUniformQuantizer", "UniformQuantizer"]
