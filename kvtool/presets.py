@@ -6,6 +6,9 @@ Grammar: ``<family>-k<K bits>v<V bits>[-g<group>][-s<sink tokens>][-r<recent tok
 * ``kivi``: KIVI-style per-channel keys over groups of ``-g`` tokens (default 32) and per-token values;
 * ``-post`` quantizes keys after RoPE instead of before (the default is pre-RoPE, KVQuant's finding).
 
+``nf<b>[-o<outlier %>][-s<sinks>]``: KVQuant-style NormalFloat datatype with no calibration at all: keys (pre-RoPE)
+and values normalised per token at run time, ``<b>``-bit NormalFloat levels, 1 % fp16 outliers by default.
+
 ``original`` is the untouched cache (the identity transform, the reference of every comparison); ``fp16`` and
 ``bf16`` round K/V to that 16-bit format (what a serving engine stores). Keys and values may differ in bits.
 """
@@ -16,7 +19,7 @@ import re
 
 from kvtool.arch import ArchInfo
 from kvtool.errors import UsageError
-from kvtool.quantizers import FloatCast, UniformQuantizer
+from kvtool.quantizers import FloatCast, NonUniformQuantizer, UniformQuantizer
 from kvtool.transforms import KVTransform
 
 REFERENCE = "original"
@@ -37,6 +40,19 @@ _PATTERN = re.compile(
 )
 
 
+_NF = re.compile(r"^nf(?P<b>\d)(?:-o(?P<o>\d+(?:\.\d+)?))?(?:-s(?P<s>\d+))?$")
+
+
+def _normal_float(name: str, m: re.Match[str], arch: ArchInfo) -> KVTransform:
+    try:
+        q = NonUniformQuantizer(
+            int(m["b"]), "token", arch.num_kv_heads, arch.head_dim, float(m["o"] or 1) / 100, table="nf"
+        )
+    except ValueError as e:
+        raise UsageError(f"configuration '{name}': {e}") from e
+    return KVTransform.uniform(arch.num_layers, q, q, sink_tokens=int(m["s"] or 0), name=name)
+
+
 def parse_preset(name: str, arch: ArchInfo) -> KVTransform:
     """Build the :class:`KVTransform` a preset name describes (raises :class:`UsageError` if malformed)."""
     if name == REFERENCE:
@@ -44,6 +60,8 @@ def parse_preset(name: str, arch: ArchInfo) -> KVTransform:
     if name in ("fp16", "bf16"):
         cast = FloatCast("float16" if name == "fp16" else "bfloat16")
         return KVTransform.uniform(arch.num_layers, cast, cast, keys_pre_rope=False, name=name)
+    if nf := _NF.match(name):
+        return _normal_float(name, nf, arch)
     m = _PATTERN.match(name)
     if not m:
         raise UsageError(

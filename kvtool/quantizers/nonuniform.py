@@ -19,7 +19,8 @@ normalised data (KVQuant App. I).
 All-in bits per element, with ``n = heads * head_dim`` elements per token and layer: ``bits`` for the code, plus for
 each outlier an fp16 value and a ``ceil(log2 n)``-bit position, plus a ``ceil(log2(n + 1))``-bit outlier count per
 token, plus, for ``axis="token"``, an fp16 zero and range per token. ``outlier_frac`` is the designed fraction
-(exact for ``token``; a calibration estimate for ``channel``).
+(an upper bound: at most that many outliers are kept per token, the rest are clamped into range, as KVQuant's
+``--cap_outliers`` does).
 """
 
 from __future__ import annotations
@@ -130,10 +131,23 @@ class NonUniformQuantizer(TensorTransform):
         lut = self.lut.float().to(a.device)
         return torch.bucketize(a.contiguous(), (lut[1:] + lut[:-1]) / 2)
 
+    def outlier_mask(self, a: torch.Tensor) -> torch.Tensor:
+        """Elements kept as fp16 outliers: beyond ``[-1, 1]``, at most ``round(outlier_frac * heads * head_dim)`` per
+        token (the largest ``|a|``; KVQuant's capping), so the sparse side list has a known size. Others are
+        clamped into range."""
+        b, h, t, d = a.shape
+        k = round(self.outlier_frac * h * d)
+        beyond = a.abs() > 1
+        if k == 0:
+            return torch.zeros_like(beyond)
+        mag = a.abs().permute(0, 2, 1, 3).reshape(b, t, h * d)
+        kth = mag.topk(k, dim=-1).values[..., -1:]  # the k-th largest magnitude of each token
+        kth = kth.reshape(b, t, 1, 1).permute(0, 2, 1, 3)
+        return beyond & (a.abs() >= kth)
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         a, zero, rng = self.normalize(xf)
-        deq = self.levels().to(x.device)[self.codes(a)] * rng + zero
-        outlier = a.abs() > 1
-        out = torch.where(outlier, xf.clamp(-FP16_MAX, FP16_MAX).half().float(), deq)
+        deq = self.levels().to(x.device)[self.codes(a.clamp(-1, 1))] * rng + zero
+        out = torch.where(self.outlier_mask(a), xf.clamp(-FP16_MAX, FP16_MAX).half().float(), deq)
         return out.to(x.dtype)
