@@ -466,3 +466,31 @@ def test_cli_calibrate_head_dim_16(tmp_path_factory: pytest.TempPathFactory, tex
     out = tmp_path / "hd16.kvcal.safetensors"
     r = invoke("calibrate", folder, "--text", text_file, *SMALL, "--target-bits", 4, "-o", out, "-q")
     assert r.exit_code == 0, r.stderr
+
+
+# -- --method nuq ----------------------------------------------------------------------------------------------
+
+
+def test_cli_nuq_writes_one_artifact_per_bit_width(
+    model_dir: Path, text_file: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    r = invoke("calibrate", model_dir, "--method", "nuq", "--bits", "2,4", "--text", text_file, *SMALL, "--json")
+    assert r.exit_code == 0, r.stderr
+    docs = json.loads(r.stdout)["artifacts"]
+    assert [Path(d["path"]).name for d in docs] == [f"{model_dir.name}.nuq2.kvcal.safetensors",
+                                                    f"{model_dir.name}.nuq4.kvcal.safetensors"]  # fmt: skip
+    assert docs[0]["all_in_bits"] < docs[1]["all_in_bits"]
+    for d, b in zip(docs, (2, 4), strict=True):
+        art = read_artifact(tmp_path / d["path"])
+        assert art.method["_type"] == "NUQCalibration" and art.tensors["k_lut"].shape == (2, 1 << b)
+        info = json.loads(invoke("inspect", tmp_path / d["path"], "--json").stdout)
+        assert info["layers"][0]["keys"].startswith(f"fitted{b}/channel")
+
+
+def test_cli_nuq_usage_errors(model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    base = ("calibrate", model_dir, "--method", "nuq", "--text", text_file, *SMALL)
+    assert_one_line_error(invoke(*base, "--bits", "2,3", "-o", tmp_path / "x.kvcal.safetensors"), 2, "-o names one")
+    assert_one_line_error(invoke(*base, "--bits", "two"), 2, "--bits")
+    assert_one_line_error(invoke(*base, "--bits", "3", "--outlier-frac", "0.7"), 2, "--outlier-frac")
+    assert_one_line_error(invoke("calibrate", model_dir, "--method", "lloyd"), 2, "--method")
