@@ -121,7 +121,9 @@ def art_a(model_dir: Path, text_file: Path, tmp_path_factory: pytest.TempPathFac
 
 # -- the measured table (library) --------------------------------------------------------------------------------
 
-SEARCH_16 = PrecisionSearch(num_seqs=2, seq_len=64, value_layouts=VALUE_LAYOUTS_16)
+#: Uniform candidates only: every all-in cost is then a multiple of 1/64 (exact brute force); the non-uniform
+#: candidates are tested on their own below.
+SEARCH_16 = PrecisionSearch(num_seqs=2, seq_len=64, value_layouts=VALUE_LAYOUTS_16, nuq_bits=[])
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def test_measure_candidates_table(measured) -> None:
     layouts = {"k": SEARCH_16.key_layouts, "v": SEARCH_16.value_layouts}
     for kind in ("k", "v"):
         n = 1 + len(layouts[kind]) * len(BITS)
-        assert [c.label() for c in table.candidates[kind]] == [c.label() for c in SEARCH_16.candidates(kind)]
+        assert [c.label() for c in table.candidates[kind]] == [c.label() for c in SEARCH_16.candidates(kind, tiny.info)]
         err = table.error[kind]
         assert err.shape == (layers, n) and err.dtype == np.float64
         assert np.isfinite(err).all() and (err >= 0).all()
@@ -225,7 +227,7 @@ def test_choice_meets_budget_and_beats_uniform(measured, accounting: str, target
 @pytest.mark.parametrize("accounting", ACCOUNTINGS)
 @pytest.mark.parametrize("target", BUDGETS)
 def test_choice_is_the_exact_optimum(measured, accounting: str, target: float) -> None:
-    """All per-layer combinations (26² x 21² with the default layouts): the solver finds the least proxy error within
+    """All per-layer combinations (uniform candidates): the solver finds the least proxy error within
     the budget (the bits are multiples of 1/64 at 64 tokens, so the solver's grid is exact here)."""
     _, table = measured
     bits = {k: table.bits[k][accounting] for k in ("k", "v")}
@@ -285,7 +287,7 @@ def test_calibrate_json_and_determinism(art_a, model_dir: Path, text_file: Path,
     art = read_artifact(path_a)
     assert art.extra["bits"]["all_in"] == pytest.approx(doc["all_in_bits"])
     assert art.extra["search"]["choice"] == doc["choice"]
-    assert art.tensors["k_proxy_error"].shape == (2, 26) and art.tensors["v_proxy_error"].shape == (2, 21)
+    assert art.tensors["k_proxy_error"].shape == (2, 29) and art.tensors["v_proxy_error"].shape == (2, 24)
     assert art.inputs["num_seqs"] == 2 and art.inputs["seq_len"] == 32
     # A second run to another path writes the same bytes.
     path_b = tmp_path / "A2.kvcal.safetensors"
@@ -494,3 +496,39 @@ def test_cli_nuq_usage_errors(model_dir: Path, text_file: Path, tmp_path: Path) 
     assert_one_line_error(invoke(*base, "--bits", "two"), 2, "--bits")
     assert_one_line_error(invoke(*base, "--bits", "3", "--outlier-frac", "0.7"), 2, "--outlier-frac")
     assert_one_line_error(invoke("calibrate", model_dir, "--method", "lloyd"), 2, "--method")
+
+
+def test_search_with_non_uniform_candidates(tiny_llama, tmp_path: Path) -> None:
+    """Non-uniform candidates carry per-layer fitted tables: the solver can pick them, the chosen transform is bound
+    to that layer's tables, and the artifact keeps every table so a re-solve (no model) rebuilds them exactly."""
+    from kvtool.calibration import calibration_artifact, transform_of
+    from kvtool.calibrators.precision_search import resolve_artifact, search_extra, table_from, table_tensors
+    from kvtool.quantizers import NonUniformQuantizer
+
+    search = PrecisionSearch(num_seqs=2, seq_len=64, value_layouts=VALUE_LAYOUTS_16, nuq_bits=[2, 3])
+    ids = torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(0))
+    table = measure_candidates(tiny_llama.model, tiny_llama.info, ids, search)
+    nuq_cols = [j for j, c in enumerate(table.candidates["k"]) if isinstance(c, NonUniformQuantizer)]
+    assert len(nuq_cols) == 2 and np.isfinite(table.error["k"][:, nuq_cols]).all()
+    # Force a non-uniform choice in every slot: the cheapest non-uniform candidate.
+    choice = {k: [next(j for j, c in enumerate(table.candidates[k]) if isinstance(c, NonUniformQuantizer))] * 2
+              for k in ("k", "v")}  # fmt: skip
+    t = build_transform(search, table, choice)
+    assert all(isinstance(q, NonUniformQuantizer) and q.lut is not None for q in t.keys + t.values)
+    assert t.keys[0].thr_lo is not None and not torch.equal(t.keys[0].lut, t.keys[1].lut)
+    model = {"id": "tiny", "config_digest": "sha256:" + "0" * 64, "weights_digest": "sha256:" + "1" * 64}
+    model["arch"] = tiny_llama.info.to_dict()
+    art = calibration_artifact(model, search, {}, t, search_extra(table, choice), table_tensors(table, choice), 64)
+    path = tmp_path / "s.kvcal.safetensors"
+    write_artifact(path, art)
+    back = read_artifact(path)
+    table2, choice2 = table_from(back.extra, back.tensors)
+    assert choice2 == choice
+    x = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(3))
+    rebuilt = build_transform(search, table2, choice2)
+    for a, b in zip(t.keys + t.values, rebuilt.keys + rebuilt.values, strict=True):
+        assert torch.equal(a.apply(x), b.apply(x))
+    for a, b in zip(t.keys + t.values, transform_of(back).keys + transform_of(back).values, strict=True):
+        assert torch.equal(a.apply(x), b.apply(x))
+    _, resolved = resolve_artifact(back, 16.0, "all-in")  # re-solve without the model: tables still bound
+    assert all(q is None or not isinstance(q, NonUniformQuantizer) or q.lut is not None for q in resolved.keys)

@@ -16,6 +16,7 @@ Every bit width in ``bits`` comes out of the same passes; each becomes one per-l
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,7 +25,7 @@ import torch
 
 from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
-from kvtool.calibrators.fisher import calibration_windows, fisher_stats
+from kvtool.calibrators.fisher import LayerStats, calibration_windows, fisher_stats
 from kvtool.errors import UsageError
 from kvtool.quantizers.nonuniform import NonUniformQuantizer
 from kvtool.transforms import KVTransform
@@ -97,6 +98,68 @@ def _tokens_major(x: torch.Tensor) -> torch.Tensor:
     return x[0].permute(1, 0, 2).contiguous()
 
 
+class NuqAccumulator:
+    """Collects, layer by layer, what the fit needs from the Fisher passes (sinks excluded)."""
+
+    def __init__(self, arch: ArchInfo, cfg: NUQCalibration):
+        self.arch, self.cfg = arch, cfg
+        self.layers = [_LayerAccumulator() for _ in range(arch.num_layers)]
+
+    def add(self, stats: list[LayerStats]) -> None:
+        for i, st in enumerate(stats):
+            n = st.keys.shape[-2]
+            sinks = max(0, self.cfg.sink_tokens - (self.cfg.seq_len - n))  # sliding layers hold recent tokens only
+            acc = self.layers[i]
+            acc.keys.append(_tokens_major(st.keys[..., sinks:, :]))
+            acc.key_g2.append(_tokens_major(st.key_grad[..., sinks:, :].square()))
+            acc.values.append(_tokens_major(st.values[..., sinks:, :]))
+            acc.value_g2.append(_tokens_major(st.value_grad[..., sinks:, :].square()))
+
+    def fit(self) -> dict[int, KVTransform]:
+        """One per-layer transform per bit width (thresholds, Fisher-weighted LUTs, optional Q-Norm)."""
+        cfg, arch = self.cfg, self.arch
+        out: dict[int, tuple[list[NonUniformQuantizer], list[NonUniformQuantizer]]] = {b: ([], []) for b in cfg.bits}
+        q = cfg.outlier_frac / 2
+        shape = {"heads": arch.num_kv_heads, "head_dim": arch.head_dim, "outlier_frac": cfg.outlier_frac}
+        for layer in self.layers:
+            keys, kg2 = torch.cat(layer.keys), torch.cat(layer.key_g2)  # (T, H, D)
+            values, vg2 = torch.cat(layer.values), torch.cat(layer.value_g2)
+            flat = keys.reshape(keys.shape[0], -1)
+            lo = (torch.quantile(flat, q, dim=0) if q else flat.amin(0)).reshape(keys.shape[1:])
+            hi = (torch.quantile(flat, 1 - q, dim=0) if q else flat.amax(0)).reshape(keys.shape[1:])
+            for slot, x, g2, base in (
+                (0, keys, kg2, NonUniformQuantizer(1, "channel", thr_lo=lo, thr_hi=hi, **shape)),
+                (1, values, vg2, NonUniformQuantizer(1, "token", **shape)),
+            ):
+                for b, fitted in _fit_tables(base, x, g2, cfg).items():
+                    out[b][slot].append(fitted)
+        return {
+            b: KVTransform(ks, vs, keys_pre_rope=True, sink_tokens=cfg.sink_tokens, name=f"nuq{b}")
+            for b, (ks, vs) in out.items()
+        }
+
+
+def _fit_tables(
+    base: NonUniformQuantizer, x: torch.Tensor, g2: torch.Tensor, cfg: NUQCalibration
+) -> dict[int, NonUniformQuantizer]:
+    """LUTs of every bit width for one slot: weighted k-means on the histogram of the normalised inliers."""
+    a, _, _ = base.normalize(x.permute(1, 0, 2)[None])  # (T, H, D) -> (1, H, T, D)
+    a, w = a[0].permute(1, 0, 2).reshape(-1), g2.reshape(-1)
+    inlier = a.abs() <= 1
+    centres, hist = _histogram(a[inlier], w[inlier], cfg.bins)
+    fitted = {}
+    for b in cfg.bits:
+        lut = weighted_kmeans_1d(centres, hist, 1 << b, cfg.kmeans_iters)
+        qn = None
+        if cfg.qnorm:
+            ai = a[inlier]
+            deq = lut[torch.bucketize(ai.contiguous(), (lut[1:] + lut[:-1]) / 2)]
+            s = float(ai.std() / deq.std().clamp_min(1e-12))
+            qn = [s, float(ai.mean() - deq.mean() * s)]
+        fitted[b] = dataclasses.replace(base, bits=b, lut=lut, qnorm=qn)
+    return fitted
+
+
 def fit_nuq(
     model: Any,
     arch: ArchInfo,
@@ -105,51 +168,9 @@ def fit_nuq(
     progress: Callable[[int], None] | None = None,
 ) -> dict[int, KVTransform]:
     """Fit thresholds and lookup tables; return one per-layer transform per bit width in ``cfg.bits``."""
-    windows = calibration_windows(token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed)
-    acc = [_LayerAccumulator() for _ in range(arch.num_layers)]
-    for stats in fisher_stats(model, windows):
-        for i, st in enumerate(stats):
-            n = st.keys.shape[-2]
-            first = cfg.seq_len - n  # sliding layers hold the most recent tokens only
-            sinks = max(0, cfg.sink_tokens - first)
-            acc[i].keys.append(_tokens_major(st.keys[..., sinks:, :]))
-            acc[i].key_g2.append(_tokens_major(st.key_grad[..., sinks:, :].square()))
-            acc[i].values.append(_tokens_major(st.values[..., sinks:, :]))
-            acc[i].value_g2.append(_tokens_major(st.value_grad[..., sinks:, :].square()))
+    acc = NuqAccumulator(arch, cfg)
+    for stats in fisher_stats(model, calibration_windows(token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed)):
+        acc.add(stats)
         if progress:
             progress(1)
-    out: dict[int, tuple[list[NonUniformQuantizer], list[NonUniformQuantizer]]] = {b: ([], []) for b in cfg.bits}
-    q = cfg.outlier_frac / 2
-    for layer in acc:
-        keys, kg2 = torch.cat(layer.keys), torch.cat(layer.key_g2)  # (T, H, D)
-        values, vg2 = torch.cat(layer.values), torch.cat(layer.value_g2)
-        flat = keys.reshape(keys.shape[0], -1)
-        lo = torch.quantile(flat, q, dim=0).reshape(keys.shape[1:]) if q else flat.amin(0).reshape(keys.shape[1:])
-        hi = torch.quantile(flat, 1 - q, dim=0).reshape(keys.shape[1:]) if q else flat.amax(0).reshape(keys.shape[1:])
-        shape = {"heads": arch.num_kv_heads, "head_dim": arch.head_dim, "outlier_frac": cfg.outlier_frac}
-        for kind, x, g2, base in (
-            ("k", keys, kg2, NonUniformQuantizer(1, "channel", thr_lo=lo, thr_hi=hi, **shape)),
-            ("v", values, vg2, NonUniformQuantizer(1, "token", **shape)),
-        ):
-            a, _, _ = base.normalize(x.permute(1, 0, 2)[None])  # back to (1, H, T, D)
-            a, w = a[0].permute(1, 0, 2).reshape(-1), g2.reshape(-1)
-            inlier = a.abs() <= 1
-            centres, hist = _histogram(a[inlier], w[inlier], cfg.bins)
-            for b in cfg.bits:
-                lut = weighted_kmeans_1d(centres, hist, 1 << b, cfg.kmeans_iters)
-                fitted = NonUniformQuantizer(
-                    b, base.axis, lut=lut, thr_lo=base.thr_lo, thr_hi=base.thr_hi, **shape
-                )  # fmt: skip
-                if cfg.qnorm:
-                    ai = a[inlier]
-                    deq = lut[fitted.codes(ai)]
-                    s = float(ai.std() / deq.std().clamp_min(1e-12))
-                    fitted = NonUniformQuantizer(
-                        b, base.axis, lut=lut, thr_lo=base.thr_lo, thr_hi=base.thr_hi,
-                        qnorm=[s, float(ai.mean() - deq.mean() * s)], **shape,
-                    )  # fmt: skip
-                out[b][0 if kind == "k" else 1].append(fitted)
-    return {
-        b: KVTransform(ks, vs, keys_pre_rope=True, sink_tokens=cfg.sink_tokens, name=f"nuq{b}")
-        for b, (ks, vs) in out.items()
-    }
+    return acc.fit()

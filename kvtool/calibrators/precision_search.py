@@ -31,10 +31,11 @@ from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
 from kvtool.artifacts import Artifact
 from kvtool.calibration import calibration_artifact
-from kvtool.calibrators.fisher import calibration_windows, fisher_stats
+from kvtool.calibrators.fisher import LayerStats, calibration_windows, fisher_stats
+from kvtool.calibrators.nuq import NuqAccumulator, NUQCalibration
 from kvtool.calibrators.solver import pareto_mask, solve_budget
 from kvtool.errors import ArtifactError, UsageError
-from kvtool.quantizers import FloatCast, UniformQuantizer
+from kvtool.quantizers import FloatCast, NonUniformQuantizer, UniformQuantizer
 from kvtool.transforms import KVTransform, TensorTransform
 
 ACCOUNTINGS = ("all-in", "nominal")
@@ -66,6 +67,8 @@ class PrecisionSearch:
         default_factory=lambda: ["channel-g32", "channel-g64", "channel-g128", "channel-g256", "token"]
     )
     value_layouts: list[str] = field(default_factory=lambda: ["token", "token-g32", "token-had", "token-g32-had"])
+    nuq_bits: list[int] = field(default_factory=lambda: [2, 3, 4])
+    outlier_frac: float = 0.01
     sink_tokens: int = 1
     recent_tokens: int = 0
     num_seqs: int = 8
@@ -80,15 +83,34 @@ class PrecisionSearch:
         for layout in [*self.key_layouts, *self.value_layouts]:
             for b in self.bits:
                 layout_quantizer(layout, b)  # validates layout and bits
+        if any(not isinstance(b, int) or not 1 <= b <= 8 for b in self.nuq_bits):
+            raise UsageError(f"non-uniform candidate bits must be integers in 1..8 (got {self.nuq_bits})")
+        if not 0.0 <= self.outlier_frac < 0.5:
+            raise UsageError(f"--outlier-frac must be in [0, 0.5) (got {self.outlier_frac})")
         if self.num_seqs < 1 or self.seq_len < 16:
             raise UsageError("need at least one calibration sequence of at least 16 tokens")
         if self.sink_tokens < 0 or self.recent_tokens < 0 or self.sink_tokens + self.recent_tokens >= self.seq_len:
             raise UsageError("--sink-tokens and --recent-tokens must be >= 0 and leave tokens to quantize")
 
-    def candidates(self, kind: str) -> list[TensorTransform]:
-        """Candidates of a key (``kind="k"``) or value slot: fp16 first, then every layout × bits."""
+    def candidates(self, kind: str, arch: ArchInfo | None = None) -> list[TensorTransform]:
+        """Candidates of a key (``kind="k"``) or value slot: fp16 first, then every layout × bits, then the
+        calibrated non-uniform datatypes (templates: their tables are fitted per layer; needs ``arch``)."""
         layouts = self.key_layouts if kind == "k" else self.value_layouts
-        return [FloatCast("float16"), *[layout_quantizer(lay, b) for lay in layouts for b in sorted(self.bits)]]
+        out = [FloatCast("float16"), *[layout_quantizer(lay, b) for lay in layouts for b in sorted(self.bits)]]
+        if arch is not None:
+            axis = "channel" if kind == "k" else "token"
+            out += [
+                NonUniformQuantizer(b, axis, arch.num_kv_heads, arch.head_dim, self.outlier_frac)
+                for b in sorted(self.nuq_bits)
+            ]
+        return out
+
+    def nuq(self) -> NUQCalibration:
+        """The non-uniform calibration that provides the ``nuq`` candidates (same data and sinks)."""
+        return NUQCalibration(
+            bits=sorted(self.nuq_bits), outlier_frac=self.outlier_frac, sink_tokens=self.sink_tokens,
+            num_seqs=self.num_seqs, seq_len=self.seq_len, seed=self.seed,
+        )  # fmt: skip
 
     def shell(self, num_layers: int) -> KVTransform:
         """An empty per-layer transform carrying the shared settings (keys pre-RoPE, sinks, recent window)."""
@@ -109,6 +131,15 @@ class CandidateTable:
     error: dict[str, np.ndarray]
     bits: dict[str, dict[str, np.ndarray]]
     weights: np.ndarray
+    nuq: dict[int, KVTransform] = field(default_factory=dict)  #: fitted tables per bit width, per layer
+
+    def candidate(self, kind: str, layer: int, j: int) -> TensorTransform:
+        """Candidate ``j`` of a slot, with its per-layer tables bound (non-uniform datatypes)."""
+        c = self.candidates[kind][j]
+        if isinstance(c, NonUniformQuantizer):
+            fitted = self.nuq[c.bits]
+            return (fitted.keys if kind == "k" else fitted.values)[layer]
+        return c
 
     def pareto(self, kind: str, accounting: str) -> np.ndarray:
         """Bool ``(layers, candidates)``: Pareto-optimal candidates of each slot."""
@@ -120,7 +151,7 @@ class CandidateTable:
 def candidate_bits(search: PrecisionSearch, arch: ArchInfo, kind: str) -> dict[str, np.ndarray]:
     """Nominal and all-in bits of every candidate in every layer at ``seq_len`` tokens of context."""
     shell = search.shell(arch.num_layers)
-    cands = search.candidates(kind)
+    cands = search.candidates(kind, arch)
     out = {a: np.zeros((arch.num_layers, len(cands))) for a in ACCOUNTINGS}
     for i in range(arch.num_layers):
         n = arch.cached_tokens(i, search.seq_len)
@@ -142,23 +173,51 @@ def measure_candidates(
     search: PrecisionSearch,
     progress: Callable[[int], None] | None = None,
 ) -> CandidateTable:
-    """Run the Fisher passes on calibration windows of ``token_ids`` and fill the :class:`CandidateTable`."""
+    """Run the Fisher passes on calibration windows of ``token_ids`` and fill the :class:`CandidateTable`.
+
+    The passes' statistics are kept in memory when non-uniform candidates are searched: their tables are fitted on
+    them first (:class:`~kvtool.calibrators.nuq.NuqAccumulator`), then every candidate is measured.
+    """
     windows = calibration_windows(token_ids, search.seq_len, search.num_seqs, search.seed)
     shell = search.shell(arch.num_layers)
-    cands = {k: search.candidates(k) for k in ("k", "v")}
+    cands = {k: search.candidates(k, arch) for k in ("k", "v")}
     error = {k: np.zeros((arch.num_layers, len(cands[k]))) for k in cands}
+    kept: list[list[LayerStats]] = []
+    acc = NuqAccumulator(arch, search.nuq()) if search.nuq_bits else None
     for stats in fisher_stats(model, windows):
-        for i, st in enumerate(stats):
-            n = st.keys.shape[-2]
-            sinks, recent = shell.kept_tokens(n, search.seq_len - n)
-            mid = slice(sinks, n - recent)
-            error["k"][i] += _slot_errors(cands["k"], st.keys[..., mid, :], st.key_grad[..., mid, :].square())
-            error["v"][i] += _slot_errors(cands["v"], st.values[..., mid, :], st.value_grad[..., mid, :].square())
+        if acc is not None:
+            acc.add(stats)
+            kept.append(stats)
+        else:
+            _add_errors(error, stats, lambda kind, i, j: cands[kind][j], shell, search, cands)
         if progress:
             progress(1)
     weights = np.array([arch.cached_tokens(i, search.seq_len) for i in range(arch.num_layers)], dtype=np.float64)
     bits = {k: candidate_bits(search, arch, k) for k in cands}
-    return CandidateTable(cands, error, bits, weights * arch.num_kv_heads * arch.head_dim)
+    table = CandidateTable(cands, error, bits, weights * arch.num_kv_heads * arch.head_dim)
+    if acc is not None:
+        table.nuq = acc.fit()
+        for stats in kept:
+            _add_errors(error, stats, table.candidate, shell, search, cands)
+    return table
+
+
+def _add_errors(
+    error: dict[str, np.ndarray],
+    stats: list[LayerStats],
+    candidate: Callable[[str, int, int], TensorTransform],
+    shell: KVTransform,
+    search: PrecisionSearch,
+    cands: dict[str, list[TensorTransform]],
+) -> None:
+    """Add one calibration sequence's Fisher-weighted errors of every candidate of every slot."""
+    for i, st in enumerate(stats):
+        n = st.keys.shape[-2]
+        sinks, recent = shell.kept_tokens(n, search.seq_len - n)
+        mid = slice(sinks, n - recent)
+        for kind, x, g in (("k", st.keys, st.key_grad), ("v", st.values, st.value_grad)):
+            layer_cands = [candidate(kind, i, j) for j in range(len(cands[kind]))]
+            error[kind][i] += _slot_errors(layer_cands, x[..., mid, :], g[..., mid, :].square())
 
 
 def solve(table: CandidateTable, target_bits: float, accounting: str) -> dict[str, list[int]]:
@@ -177,8 +236,8 @@ def solve(table: CandidateTable, target_bits: float, accounting: str) -> dict[st
 def build_transform(search: PrecisionSearch, table: CandidateTable, choice: dict[str, list[int]]) -> KVTransform:
     """The per-layer :class:`KVTransform` of a choice."""
     t = search.shell(len(table.weights))
-    t.keys = [table.candidates["k"][j] for j in choice["k"]]
-    t.values = [table.candidates["v"][j] for j in choice["v"]]
+    t.keys = [table.candidate("k", i, j) for i, j in enumerate(choice["k"])]
+    t.values = [table.candidate("v", i, j) for i, j in enumerate(choice["v"])]
     t.name = f"search-{search.accounting}-{search.target_bits:g}b"
     return t
 
@@ -205,6 +264,8 @@ def table_tensors(table: CandidateTable, choice: dict[str, list[int]]) -> dict[s
         out[f"{k}_bits_all_in"] = torch.from_numpy(table.bits[k]["all-in"].copy())
         out[f"{k}_bits_nominal"] = torch.from_numpy(table.bits[k]["nominal"].copy())
         out[f"{k}_choice"] = torch.tensor(choice[k], dtype=torch.int64)
+    for b, fitted in table.nuq.items():  # the tables of every non-uniform candidate, for --resolve
+        out |= {f"nuq{b}_{name}": t for name, t in fitted.stacked_tensors().items()}
     return out
 
 
@@ -220,6 +281,13 @@ def table_from(extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple
         },
         weights=tensors["slot_elements"].numpy(),
     )
+    layers = len(table.weights)
+    for b in sorted({c.bits for c in cands["k"] + cands["v"] if isinstance(c, NonUniformQuantizer)}):
+        kt = next(c for c in cands["k"] if isinstance(c, NonUniformQuantizer) and c.bits == b)
+        vt = next(c for c in cands["v"] if isinstance(c, NonUniformQuantizer) and c.bits == b)
+        prefix = f"nuq{b}_"
+        own = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+        table.nuq[b] = KVTransform([kt] * layers, [vt] * layers).bind(own)
     return table, {k: tensors[f"{k}_choice"].tolist() for k in ("k", "v")}
 
 

@@ -53,10 +53,8 @@ METHODS = ("search", "nuq")
 
 
 def _search(lm: LoadedModel, ids: torch.Tensor, search: PrecisionSearch, out: Output, inputs: dict) -> Artifact:
-    out.log(
-        f"measuring {len(search.candidates('k')) + len(search.candidates('v'))} candidates per layer on "
-        f"{search.num_seqs} x {search.seq_len} tokens ..."
-    )
+    count = sum(len(search.candidates(kind, lm.arch)) for kind in ("k", "v"))
+    out.log(f"measuring {count} candidates per layer on {search.num_seqs} x {search.seq_len} tokens ...")
     with out.progress("fisher passes", search.num_seqs) as advance:
         table = measure_candidates(lm.model, lm.arch, ids, search, progress=advance)
     choice = solve(table, search.target_bits, search.accounting)
