@@ -46,12 +46,15 @@ class NUQCalibration:
     seed: int = 0
     bins: int = 4096
     kmeans_iters: int = 100
+    weighting: str = "fisher"  #: k-means sample weights: "fisher" (g², KVQuant) or "count" (plain k-means)
 
     def __post_init__(self) -> None:
         if not self.bits or any(not isinstance(b, int) or not 1 <= b <= 8 for b in self.bits):
             raise UsageError(f"--bits must be integers in 1..8 (got {self.bits})")
         if not 0.0 <= self.outlier_frac < 0.5:
             raise UsageError(f"--outlier-frac must be in [0, 0.5) (got {self.outlier_frac})")
+        if self.weighting not in ("fisher", "count"):
+            raise UsageError(f"weighting must be 'fisher' or 'count' (got '{self.weighting}')")
         if self.num_seqs < 1 or self.seq_len <= self.sink_tokens or self.sink_tokens < 0:
             raise UsageError("need calibration sequences longer than the sink tokens")
 
@@ -144,7 +147,8 @@ def _fit_tables(
 ) -> dict[int, NonUniformQuantizer]:
     """LUTs of every bit width for one slot: weighted k-means on the histogram of the normalised inliers."""
     a, _, _ = base.normalize(x.permute(1, 0, 2)[None])  # (T, H, D) -> (1, H, T, D)
-    a, w = a[0].permute(1, 0, 2).reshape(-1), g2.reshape(-1)
+    a = a[0].permute(1, 0, 2).reshape(-1)
+    w = g2.reshape(-1) if cfg.weighting == "fisher" else torch.ones_like(a)
     inlier = a.abs() <= 1
     centres, hist = _histogram(a[inlier], w[inlier], cfg.bins)
     fitted = {}
