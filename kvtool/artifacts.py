@@ -23,15 +23,15 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 
 import kvtool
+from kvtool.atomic import write_bytes_atomic
 from kvtool.digests import canonical_json
-from kvtool.errors import ArtifactError, InputError, KvtoolError
+from kvtool.errors import ArtifactError, InputError
 
 #: Known schemas and the newest ``schema_version`` of each that this kvtool reads and writes.
 SCHEMAS: dict[str, int] = {"kvtool.kv_capture": 1, "kvtool.kv_calibration": 1}
@@ -482,30 +482,7 @@ def write_artifact(path: str | os.PathLike[str], artifact: Artifact) -> str:
         The file system refused the write (exit 1); nothing is left behind.
     """
     data, digest = serialize_artifact(artifact)
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise KvtoolError(f"{path}: cannot write: {e.strerror or _one_line(e)}") from e
-        raise
-    try:  # make the rename itself durable; not every platform or file system allows it
-        fd = os.open(target.parent if str(target.parent) else ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    write_bytes_atomic(path, data)
     artifact.producer = artifact.producer or default_producer()
     artifact.content_digest = digest
     return digest

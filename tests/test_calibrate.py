@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from kvtool.artifacts import read_artifact, write_artifact
@@ -92,18 +93,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path
 
 def invoke(*args: Any):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, code: int, *fragments: str, stdout_empty: bool = True) -> None:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("kvtool: error: "), result.stderr
-    assert sum(line.startswith("kvtool: error") for line in lines) == 1
-    assert "Traceback" not in result.stderr
-    for f in fragments:
-        assert f in lines[-1], lines[-1]
-    if stdout_empty:
-        assert result.stdout == ""
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from kvtool.cli.app import app
@@ -52,18 +53,6 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, code: int, *fragments: str) -> None:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    # Progress logs may come first; the failure itself is exactly one line, and the last one.
-    assert lines[-1].startswith("kvtool: error: "), result.stderr
-    assert sum(line.startswith("kvtool: error") for line in lines) == 1
-    assert "Traceback" not in result.stderr
-    for f in fragments:
-        assert f in lines[-1], lines[-1]
-    assert result.stdout == ""
 
 
 def test_version() -> None:

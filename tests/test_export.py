@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_helpers import assert_one_line_error as _assert_error_contract
 from typer.testing import CliRunner
 
 from kvtool.arch import ArchInfo
@@ -88,12 +89,9 @@ def invoke(*args: object):
 
 
 def assert_one_line_error(result, code: int, *fragments: str) -> None:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kvtool: error: "), result.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    assert result.stdout == ""
+    """The shared contract, and export prints nothing else on stderr before its error."""
+    _assert_error_contract(result, code, *fragments)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 KVTUNER_YAML = """\

@@ -7,7 +7,6 @@ one ``lossy export: ...`` warning on stderr. The formats themselves live in :mod
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,29 +14,18 @@ from typing import Annotated
 import typer
 
 from kvtool.arch import ArchInfo
+from kvtool.atomic import write_bytes_atomic
 from kvtool.calibration import load_calibration
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import JsonOpt, OverwriteOpt, QuietOpt, check_output, output_for
-from kvtool.errors import ArtifactError, KvtoolError, UsageError
+from kvtool.errors import ArtifactError, UsageError
 from kvtool.exports import FORMATS
 from kvtool.exports import export as export_transform
 
 
 def _write_atomic(path: Path, text: str) -> int:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and :func:`os.replace`."""
     data = text.encode()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise KvtoolError(f"{path}: cannot write: {e.strerror or e}") from e
-        raise
+    write_bytes_atomic(path, data)
     return len(data)
 
 

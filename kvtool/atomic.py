@@ -1,0 +1,39 @@
+"""Atomic file writes: a temporary file in the target folder, fsync, then ``os.replace``.
+
+A killed or failed write never leaves a half-written output: either the old file (or none) or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kvtool.errors import KvtoolError
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically; a file-system failure is a one-line :class:`KvtoolError` (exit 1)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise KvtoolError(f"{path}: cannot write: {e.strerror or str(e).splitlines()[0]}") from e
+        raise
+    try:  # make the rename itself durable; not every platform or file system allows it
+        fd = os.open(target.parent if str(target.parent) else ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
