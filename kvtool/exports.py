@@ -15,6 +15,7 @@ any other method is a :class:`~kvtool.errors.UsageError` naming the layer and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 from kvtool.arch import ArchInfo
 from kvtool.errors import UsageError
-from kvtool.quantizers import FloatCast, UniformQuantizer
+from kvtool.quantizers import FloatCast, NonUniformQuantizer, UniformQuantizer
 from kvtool.transforms import KVTransform, TensorTransform
 
 #: quanto's bit widths in transformers' ``QuantoQuantizedLayer``
@@ -352,8 +353,34 @@ EXPORTERS: dict[str, Callable[[KVTransform, ArchInfo], Export]] = {
 FORMATS = tuple(EXPORTERS)
 
 
+def uniform_projection(transform: KVTransform) -> tuple[KVTransform, list[Note]]:
+    """Replace non-uniform datatypes by the uniform quantizer of the same bits and axis (what the consumers can
+    run), with a lossy note naming the layers; other transforms are returned unchanged."""
+    replaced: dict[str, list[int]] = {"keys": [], "values": []}
+    slots: dict[str, list[TensorTransform | None]] = {}
+    for kind, old in (("keys", transform.keys), ("values", transform.values)):
+        slots[kind] = []
+        for i, t in enumerate(old):
+            if isinstance(t, NonUniformQuantizer):
+                replaced[kind].append(i)
+                t = UniformQuantizer(t.bits, t.axis)
+            slots[kind].append(t)
+    if not any(replaced.values()):
+        return transform, []
+    where = ", ".join(f"{kind} {_layers(idx)}" for kind, idx in replaced.items() if idx)
+    projected = dataclasses.replace(transform, keys=slots["keys"], values=slots["values"])
+    return projected, [
+        Note(
+            f"non-uniform datatypes ({where}) are exported as uniform integers of the same bits: the consumer's "
+            "quantizer replaces kvtool's calibrated lookup tables and fp16 outliers"
+        )  # fmt: skip
+    ]
+
+
 def export(fmt: str, transform: KVTransform, arch: ArchInfo) -> Export:
     """Export ``transform`` (of a model with ``arch``) to ``fmt``; an unknown format is a usage error."""
     if fmt not in EXPORTERS:
         raise UsageError(f"unknown export format '{fmt}' (expected one of: {', '.join(FORMATS)})")
-    return EXPORTERS[fmt](transform, arch)
+    transform, notes = uniform_projection(transform)
+    result = EXPORTERS[fmt](transform, arch)
+    return dataclasses.replace(result, notes=notes + result.notes)

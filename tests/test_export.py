@@ -285,3 +285,15 @@ def test_non_representable_method(fmt: str, tmp_path: Path) -> None:
     t.keys[3] = ExportTestCodebook()
     path = write(tmp_path / "nuq.safetensors", t)
     assert_one_line_error(invoke("export", path, "--to", fmt), 2, "layer 3 keys", "ExportTestCodebook (codebook16)")
+
+
+def test_non_uniform_layers_export_as_uniform_bits_with_a_warning() -> None:
+    from kvtool.exports import export
+    from kvtool.quantizers import NonUniformQuantizer
+
+    arch = ArchInfo("llama", 2, 2, 4, 16, 64, 128, ("full_attention",) * 2, None, {})
+    nuq = NonUniformQuantizer(3, "token", 2, 16, table="nf")
+    t = KVTransform([U(4, "channel", 32), nuq], [nuq, U(2, "token")], sink_tokens=1)
+    e = export("layer-dtypes", t, arch)
+    assert e.text.splitlines()[:2] == ["k: 0:int4,1:int3", "v: 0:int3,1:int2"]
+    assert any("non-uniform datatypes (keys 1, values 0)" in n for n in e.lossy)
