@@ -2,19 +2,22 @@
 
 Public API (the catalogue)::
 
-    load_model, capture_kv, perplexity, continuation_quality, KVTransform, UniformQuantizer,
-    transformed_attention, read_artifact, write_artifact
+    load_model, capture_kv, perplexity, continuation_quality, KVTransform, UniformQuantizer, NonUniformQuantizer,
+    transformed_attention, read_artifact, write_artifact, load_calibration, load_quantized_cache
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from kvtool.artifacts import read_artifact, write_artifact
 from kvtool.attention import transformed_attention
+from kvtool.calibration import load_calibration
 from kvtool.capture import capture_kv
 from kvtool.harness import continuation_quality, perplexity
 from kvtool.models import load_model
-from kvtool.quantizers import UniformQuantizer
+from kvtool.quantizers import NonUniformQuantizer, UniformQuantizer
+from kvtool.runtime import load_quantized_cache
 from kvtool.transforms import KVTransform
 
 __all__ = [
@@ -25,5 +28,10 @@ __all__ = [
     "continuation_quality",
     "KVTransform",
     "UniformQuantizer",
+    "NonUniformQuantizer",
     "transformed_attention",
+    "read_artifact",
+    "write_artifact",
+    "load_calibration",
+    "load_quantized_cache",
 ]

@@ -16,6 +16,7 @@ context length.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -243,8 +244,6 @@ class KVTransform:
 
     def bind(self, tensors: dict[str, torch.Tensor]) -> KVTransform:
         """Attach artifact tensors (from :meth:`stacked_tensors`) to the per-layer transforms that declare them."""
-        import dataclasses
-
         for kind, slots in (("k", self.keys), ("v", self.values)):
             for i, t in enumerate(slots):
                 if t is None or not type(t).tensor_fields:
