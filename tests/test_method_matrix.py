@@ -1,0 +1,95 @@
+"""One shared matrix over every TensorTransform method (kvpress style): a new method is tested by adding a line.
+
+Each entry is ``(id, factory)``; the factory gets (heads, head_dim) and a calibration tensor for methods that need
+thresholds, and returns the transform. Properties checked for all: shape and dtype kept, finite output, sensible
+costs, JSON + tensor round trip through a calibration-style KVTransform, and a forward pass of every tiny
+architecture with the method in every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from kvtool.attention import transformed_attention
+from kvtool.quantizers import FloatCast, NonUniformQuantizer, UniformQuantizer
+from kvtool.transforms import KVTransform, TensorTransform
+
+
+def _thresholds(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    flat = x[0].permute(1, 0, 2).reshape(x.shape[2], -1)
+    shape = x.shape[1], x.shape[3]
+    return {"thr_lo": flat.quantile(0.01, 0).reshape(shape), "thr_hi": flat.quantile(0.99, 0).reshape(shape)}
+
+
+Factory = Callable[[int, int, torch.Tensor], TensorTransform]
+
+#: (id, factory): every method kvtool ships, in easy-to-hard order.
+METHODS: list[tuple[str, Factory]] = [
+    ("fp16", lambda h, d, x: FloatCast("float16")),
+    ("bf16", lambda h, d, x: FloatCast("bfloat16")),
+    ("int8-token", lambda h, d, x: UniformQuantizer(8, "token")),
+    ("int4-token-g8", lambda h, d, x: UniformQuantizer(4, "token", 8)),
+    ("int4-token-had", lambda h, d, x: UniformQuantizer(4, "token", rotate=True)),
+    ("int4-channel-g4", lambda h, d, x: UniformQuantizer(4, "channel", 4)),
+    ("int2-channel-g32", lambda h, d, x: UniformQuantizer(2, "channel", 32)),
+    ("nf4-token", lambda h, d, x: NonUniformQuantizer(4, "token", h, d, 0.05, table="nf")),
+    ("nf3-channel", lambda h, d, x: NonUniformQuantizer(3, "channel", h, d, 0.05, table="nf", **_thresholds(x))),
+    ("nf2-token-no-outliers", lambda h, d, x: NonUniformQuantizer(2, "token", h, d, 0.0, table="nf")),
+]
+IDS = [m[0] for m in METHODS]
+
+
+def _kv(seed: int = 0, heads: int = 2, tokens: int = 24, head_dim: int = 16) -> torch.Tensor:
+    x = torch.randn(1, heads, tokens, head_dim, generator=torch.Generator().manual_seed(seed))
+    x[..., 1] *= 6
+    return x
+
+
+@pytest.mark.parametrize("factory", [m[1] for m in METHODS], ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_shape_dtype_finite(factory: Factory, dtype: torch.dtype) -> None:
+    x = _kv()
+    y = factory(2, 16, x).apply(x.to(dtype))
+    assert y.shape == x.shape and y.dtype == dtype and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("factory", [m[1] for m in METHODS], ids=IDS)
+def test_error_is_bounded(factory: Factory) -> None:
+    """Relative MSE below 0.5 even for 2-bit methods (a broken method would be ~1 or worse)."""
+    x = _kv()
+    y = factory(2, 16, x).apply(x)
+    assert float((y - x).square().mean() / x.square().mean()) < 0.5
+
+
+@pytest.mark.parametrize("factory", [m[1] for m in METHODS], ids=IDS)
+def test_costs(factory: Factory) -> None:
+    c = factory(2, 16, _kv()).cost(16, 24)
+    assert 0 < c.nominal <= c.all_in <= 16 + 1e-9 or c.nominal == c.all_in == 16
+
+
+@pytest.mark.parametrize("factory", [m[1] for m in METHODS], ids=IDS)
+def test_round_trip_through_artifact_form(factory: Factory) -> None:
+    """JSON config + stacked tensors (what a calibration artifact stores) rebuild a transform that gives the same
+    output."""
+    x = _kv()
+    t = KVTransform([factory(2, 16, x), None], [None, factory(2, 16, x)], sink_tokens=1)
+    back = KVTransform.from_dict(t.to_dict()).bind(t.stacked_tensors())
+    assert torch.equal(back.keys[0].apply(x), t.keys[0].apply(x))
+    assert torch.equal(back.values[1].apply(x), t.values[1].apply(x))
+
+
+@pytest.mark.parametrize("factory", [m[1] for m in METHODS], ids=IDS)
+def test_forward_on_every_arch(tiny, factory: Factory) -> None:
+    """The method in every layer (keys pre-RoPE, one sink) runs inside each tiny model's attention."""
+    model, info = tiny.model, tiny.info
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    # calibration-style thresholds from the model's own K (shape matches the model's heads and head_dim)
+    x = _kv(heads=info.num_kv_heads, head_dim=info.head_dim)
+    method = factory(info.num_kv_heads, info.head_dim, x)
+    t = KVTransform.uniform(info.num_layers, method, method, sink_tokens=1)
+    with torch.no_grad(), transformed_attention(model, t):
+        logits = model(input_ids=ids, use_cache=False).logits
+    assert torch.isfinite(logits).all()
