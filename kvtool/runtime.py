@@ -25,13 +25,17 @@ from kvtool.calibration import load_calibration
 from kvtool.capture import RopeRecorder
 from kvtool.errors import ArtifactError
 from kvtool.models import LoadedModel
-from kvtool.quantizers import UniformQuantizer
+from kvtool.quantizers import NonUniformQuantizer, UniformQuantizer
+from kvtool.quantizers.nonuniform import OUTLIER_BLOCK
 from kvtool.transforms import KVTransform, TensorTransform
 
 
 def _block(t: TensorTransform | None, head_dim: int) -> int:
+    """Tokens a layer commits at once: a per-channel quantizer's group, a non-uniform quantizer's outlier block."""
     if isinstance(t, UniformQuantizer) and t.axis == "channel":
         return t.group_size or 32
+    if isinstance(t, NonUniformQuantizer) and t.axis == "channel" and t.outlier_frac:
+        return OUTLIER_BLOCK
     return 1
 
 

@@ -19,8 +19,8 @@ normalised data (KVQuant App. I).
 All-in bits per element, with ``n = heads * head_dim`` elements per token and layer: ``bits`` for the code, plus for
 each outlier an fp16 value and a ``ceil(log2 n)``-bit position, plus a ``ceil(log2(n + 1))``-bit outlier count per
 token, plus, for ``axis="token"``, an fp16 zero and range per token. ``outlier_frac`` is the designed fraction
-(an upper bound: at most that many outliers are kept per token, the rest are clamped into range, as KVQuant's
-``--cap_outliers`` does).
+(an upper bound: at most that many outliers are kept per block of 256 tokens, the rest are clamped into range, in
+the spirit of KVQuant's ``--cap_outliers``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from kvtool.config import register
 from kvtool.transforms import BitCost, TensorTransform
 
 FP16_MAX = 65504.0
+#: Tokens per outlier budget: at most ``round(outlier_frac * tokens * heads * head_dim)`` fp16 outliers per block.
+OUTLIER_BLOCK = 256
 
 
 def normal_float_table(bits: int) -> torch.Tensor:
@@ -132,18 +134,26 @@ class NonUniformQuantizer(TensorTransform):
         return torch.bucketize(a.contiguous(), (lut[1:] + lut[:-1]) / 2)
 
     def outlier_mask(self, a: torch.Tensor) -> torch.Tensor:
-        """Elements kept as fp16 outliers: beyond ``[-1, 1]``, at most ``round(outlier_frac * heads * head_dim)`` per
-        token (the largest ``|a|``; KVQuant's capping), so the sparse side list has a known size. Others are
-        clamped into range."""
+        """Elements kept as fp16 outliers: beyond ``[-1, 1]``, at most ``round(outlier_frac * count)`` per block of
+        ``OUTLIER_BLOCK`` tokens (the largest ``|a|``), so the sparse list (CSR: per-token counts, positions, fp16
+        values) has a known size; the others are clamped into range. Per-token normalisation (``axis="token"``)
+        leaves exactly that many per token by construction."""
         b, h, t, d = a.shape
-        k = round(self.outlier_frac * h * d)
         beyond = a.abs() > 1
-        if k == 0:
+        if not self.outlier_frac:
             return torch.zeros_like(beyond)
-        mag = a.abs().permute(0, 2, 1, 3).reshape(b, t, h * d)
-        kth = mag.topk(k, dim=-1).values[..., -1:]  # the k-th largest magnitude of each token
-        kth = kth.reshape(b, t, 1, 1).permute(0, 2, 1, 3)
-        return beyond & (a.abs() >= kth)
+        mag = torch.where(beyond, a.abs(), torch.zeros_like(a))
+        keep = torch.zeros_like(beyond)
+        for start in range(0, t, OUTLIER_BLOCK):
+            block = mag[:, :, start : start + OUTLIER_BLOCK]
+            k = round(self.outlier_frac * block[0].numel())
+            if k == 0:
+                continue
+            flat = block.reshape(b, -1)
+            top = flat.topk(min(k, flat.shape[1]), dim=-1).indices  # exactly k, ties broken by topk
+            chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True) & (flat > 0)
+            keep[:, :, start : start + OUTLIER_BLOCK] = chosen.reshape(block.shape)
+        return keep
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
