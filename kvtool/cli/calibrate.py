@@ -197,7 +197,7 @@ def calibrate(
     out.result(results[0] if len(results) == 1 else {"artifacts": results}, primary=None)
     if out.mode != "json":
         for r in results:
-            print(r["path"])  # the artifact paths, last
+            out.out.print(r["path"], highlight=False, markup=False)  # the artifact paths, last
     failed = [r for r in results if max_ppl_delta is not None and r["validation"]["delta_ppl_pct"] > max_ppl_delta]
     if failed:
         r = failed[0]
