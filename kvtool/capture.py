@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kvtool.arch import ArchInfo, invert_rope
+from kvtool.arch import invert_rope
 
 
 class RopeRecorder:
@@ -100,7 +100,20 @@ def layer_rope(rec: RopeRecorder, layer_idx: int, n_cached: int) -> tuple[torch.
 
 
 @torch.no_grad()
-def capture_kv(model: Any, input_ids: torch.Tensor, arch: ArchInfo | None = None) -> KVCapture:
+def prefill_with_rope(
+    model: Any, ids: torch.Tensor
+) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Prefill ``ids`` (shape ``(batch, seq)``) from position 0; return the cache and, per layer, the
+    ``(positions, cos, sin)`` of its cached tokens."""
+    ids = ids.to(next(model.parameters()).device)
+    with RopeRecorder(model) as rec:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    return cache, [layer_rope(rec, i, layer.keys.shape[-2]) for i, layer in enumerate(cache.layers)]
+
+
+@torch.no_grad()
+def capture_kv(model: Any, input_ids: torch.Tensor) -> KVCapture:
     """Prefill ``input_ids`` (shape ``(seq,)`` or ``(batch, seq)``) from position 0 and capture the cache.
 
     Returns a :class:`KVCapture` whose layer ``i`` holds pre-RoPE keys, cached keys and values of shape
@@ -108,13 +121,9 @@ def capture_kv(model: Any, input_ids: torch.Tensor, arch: ArchInfo | None = None
     ``sliding_window - 1`` for sliding-window layers.
     """
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-    ids = ids.to(next(model.parameters()).device)
-    with RopeRecorder(model) as rec:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    layers = []
-    for i, layer in enumerate(cache.layers):
-        keys, values = layer.keys, layer.values
-        positions, cos, sin = layer_rope(rec, i, keys.shape[-2])
-        layers.append(LayerKV(invert_rope(keys, cos, sin), keys, values, positions, cos, sin))
-    return KVCapture(layers, cache, ids)
+    cache, rope = prefill_with_rope(model, ids)
+    layers = [
+        LayerKV(invert_rope(layer.keys, cos, sin), layer.keys, layer.values, positions, cos, sin)
+        for layer, (positions, cos, sin) in zip(cache.layers, rope, strict=True)
+    ]
+    return KVCapture(layers, cache, ids.to(next(model.parameters()).device))

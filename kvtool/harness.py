@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtool.attention import transformed_attention
-from kvtool.capture import RopeRecorder, layer_rope
+from kvtool.capture import prefill_with_rope
 from kvtool.errors import InputError
 from kvtool.transforms import KVTransform
 
@@ -82,11 +82,7 @@ class PrefixCache:
 @torch.no_grad()
 def prefill(model: Any, prefix_ids: torch.Tensor) -> PrefixCache:
     """Run the prefix (shape ``(P,)``) from position 0 and keep its cache and per-layer RoPE."""
-    ids = prefix_ids[None].to(next(model.parameters()).device)
-    with RopeRecorder(model) as rec:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    rope = [layer_rope(rec, i, layer.keys.shape[-2]) for i, layer in enumerate(cache.layers)]
+    cache, rope = prefill_with_rope(model, prefix_ids[None])
     return PrefixCache(cache, rope, prefix_ids.numel())
 
 

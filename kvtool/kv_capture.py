@@ -34,7 +34,7 @@ def save_capture(
     ids = tokenize(lm.tokenizer, text)[:tokens]
     if ids.numel() < tokens:
         raise InputError(f"the text has only {ids.numel()} tokens, fewer than --tokens {tokens}")
-    cap = capture_kv(lm.model, ids, lm.arch)
+    cap = capture_kv(lm.model, ids)
     sdt = DTYPES[store_dtype]
     a = lm.arch
     shape = (a.num_layers, a.num_kv_heads, tokens, a.head_dim)

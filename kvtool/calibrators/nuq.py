@@ -154,13 +154,12 @@ def _fit_tables(
     fitted = {}
     for b in cfg.bits:
         lut = weighted_kmeans_1d(centres, hist, 1 << b, cfg.kmeans_iters)
-        qn = None
+        fitted[b] = dataclasses.replace(base, bits=b, lut=lut)
         if cfg.qnorm:
             ai = a[inlier]
-            deq = lut[torch.bucketize(ai.contiguous(), (lut[1:] + lut[:-1]) / 2)]
+            deq = lut[fitted[b].codes(ai)]
             s = float(ai.std() / deq.std().clamp_min(1e-12))
-            qn = [s, float(ai.mean() - deq.mean() * s)]
-        fitted[b] = dataclasses.replace(base, bits=b, lut=lut, qnorm=qn)
+            fitted[b] = dataclasses.replace(fitted[b], qnorm=[s, float(ai.mean() - deq.mean() * s)])
     return fitted
 
 
