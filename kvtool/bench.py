@@ -11,10 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kvtool import config as kvconfig
 from kvtool.artifacts import read_artifact
 from kvtool.calibration import SCHEMA, transform_of
-from kvtool.errors import UsageError
 from kvtool.harness import continuation_quality, perplexity
 from kvtool.models import LoadedModel, tokenize
 from kvtool.presets import REFERENCE, parse_preset
@@ -48,22 +46,16 @@ class BenchRow:
 
 def config_transform(name: str, lm: LoadedModel) -> KVTransform:
     """The transform a ``--configs`` entry names: a preset (``kivi-k4v4``), a calibration artifact
-    (``cal.kvcal.safetensors``), or an artifact re-solved at another budget (``cal.kvcal.safetensors@2.5``, in the
-    artifact's accounting; ``@2.5n`` nominal, ``@2.5a`` all-in)."""
+    (``cal.kvcal.safetensors``), or an artifact re-solved at another budget (``cal.kvcal.safetensors@2.5``; see
+    :func:`kvtool.calibrators.resolve_budget` for the budget forms: ``@2.5n``, ``@r0.5k``, ...)."""
     path, _, budget = name.partition("@")
     if not path.endswith(".safetensors"):
         return parse_preset(name, lm.arch)
-    from kvtool.calibrators.precision_search import resolve_artifact
+    from kvtool.calibrators import resolve_budget
 
     art = read_artifact(path, expect_schema=SCHEMA, model=lm.fingerprint)
     if budget:
-        accounting = {"n": "nominal", "a": "all-in"}.get(budget[-1])
-        accounting = accounting or kvconfig.from_dict(art.method).accounting
-        try:
-            bits = float(budget.rstrip("na"))
-        except ValueError as e:
-            raise UsageError(f"'{name}': the budget after @ must be a number of bits, e.g. @3.25 or @3.25n") from e
-        _, transform = resolve_artifact(art, bits, accounting)
+        _, transform = resolve_budget(art, budget)
     else:
         transform = transform_of(art)
     transform.name = name

@@ -10,13 +10,15 @@ restores the attention implementation itself; tests that change anything else bu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tiny_models import ARCHS, tiny_model
+from tiny_models import ARCHS, save_model_folder, tiny_model
 
 from kvtool.arch import ArchInfo, arch_info
+from kvtool.texts import book
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,17 @@ def tiny_gemma3() -> Tiny:
 def tiny(request: pytest.FixtureRequest) -> Tiny:
     """Each tiny model in turn (the same objects as the per-architecture fixtures)."""
     return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 20,000 characters of Persuasion, as a file (``--text``) and the tokenizer's training text."""
+    path = tmp_path_factory.mktemp("text") / "persuasion.txt"
+    path.write_text(book("persuasion")[:20000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path:
+    """Tiny Llama with head_dim 32 saved as a model folder (every default candidate of the search applies)."""
+    return save_model_folder(tmp_path_factory.mktemp("tiny-llama-hd32"), text_file, 32)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_one_line_error
+from tiny_models import save_model_folder
 from typer.testing import CliRunner
 
 from kvtool.artifacts import read_artifact, write_artifact
@@ -38,7 +39,6 @@ from kvtool.calibrators.precision_search import (
     table_tensors,
 )
 from kvtool.cli.app import app
-from kvtool.texts import book
 
 runner = CliRunner()
 
@@ -61,34 +61,9 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "persuasion.txt"
-    path.write_text(book("persuasion")[:20000])
-    return path
-
-
-def _model_folder(tmp_path_factory: pytest.TempPathFactory, text_file: Path, head_dim: int) -> Path:
-    """The tiny Llama of ``tiny_models`` (with ``head_dim``) saved with a 128-token BPE tokenizer."""
-    from tiny_models import VOCAB, tiny_config
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train([str(text_file)], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[UNK]"], limit_alphabet=90))
-    folder = tmp_path_factory.mktemp(f"tiny-llama-hd{head_dim}")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
-    cfg = tiny_config("llama")
-    cfg.head_dim = head_dim
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.float32).eval().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path:
+def model_dir(tiny_model_dir: Path) -> Path:
     """Tiny Llama, head_dim 32: every default candidate of the search applies."""
-    return _model_folder(tmp_path_factory, text_file, 32)
+    return tiny_model_dir
 
 
 def invoke(*args: Any):
@@ -453,7 +428,7 @@ def test_default_search_on_head_dim_16(tiny_llama) -> None:
 
 
 def test_cli_calibrate_head_dim_16(tmp_path_factory: pytest.TempPathFactory, text_file: Path, tmp_path: Path) -> None:
-    folder = _model_folder(tmp_path_factory, text_file, 16)
+    folder = save_model_folder(tmp_path_factory.mktemp("tiny-llama-hd16"), text_file, 16)
     out = tmp_path / "hd16.kvcal.safetensors"
     r = invoke("calibrate", folder, "--text", text_file, *SMALL, "--target-bits", 4, "-o", out, "-q")
     assert r.exit_code == 0, r.stderr

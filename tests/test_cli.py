@@ -13,35 +13,18 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import assert_one_line_error
+from tiny_models import save_model_folder
 from typer.testing import CliRunner
 
 from kvtool.cli.app import app
-from kvtool.texts import book
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "persuasion.txt"
-    path.write_text(book("persuasion")[:20000])
-    return path
-
-
-@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path:
-    """A tiny Llama saved with a 128-token BPE tokenizer trained on Persuasion: a real, loadable model folder."""
-    from tiny_models import VOCAB, tiny_model
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train([str(text_file)], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[UNK]"], limit_alphabet=90))
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
-    tiny_model("llama").save_pretrained(folder)
-    return folder
+    """The tiny Llama (head_dim 16) saved with a 128-token BPE tokenizer trained on Persuasion."""
+    return save_model_folder(tmp_path_factory.mktemp("tiny-llama"), text_file)
 
 
 @pytest.fixture(autouse=True)

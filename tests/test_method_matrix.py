@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvtool.attention import transformed_attention
-from kvtool.quantizers import FloatCast, NonUniformQuantizer, UniformQuantizer
+from kvtool.quantizers import FloatCast, NonUniformQuantizer, ProjectionQuantizer, UniformQuantizer
 from kvtool.transforms import KVTransform, TensorTransform
 
 
@@ -22,6 +22,20 @@ def _thresholds(x: torch.Tensor) -> dict[str, torch.Tensor]:
     flat = x[0].permute(1, 0, 2).reshape(x.shape[2], -1)
     shape = x.shape[1], x.shape[3]
     return {"thr_lo": flat.quantile(0.01, 0).reshape(shape), "thr_hi": flat.quantile(0.99, 0).reshape(shape)}
+
+
+def _pca(h: int, d: int, x: torch.Tensor, granularity: str, bits: float) -> ProjectionQuantizer:
+    """A projection fitted on ``x`` (eigenbasis, ±3σ grids), every component at ``bits``."""
+    shell = ProjectionQuantizer(h, d, granularity)
+    blocks = shell.to_blocks(x.float())[0]  # (G, T, d)
+    mean = blocks.mean(1)
+    cov = (blocks - mean[:, None]).transpose(1, 2) @ (blocks - mean[:, None]) / blocks.shape[1]
+    evals, basis = torch.linalg.eigh(cov)
+    sigma = evals.clamp_min(1e-6).sqrt()
+    return ProjectionQuantizer(
+        h, d, granularity, mean=mean, basis=basis, bits=torch.full_like(mean, bits), lo=-3 * sigma,
+        step=6 * sigma / 2**bits if bits <= 8 else torch.zeros_like(sigma),
+    )  # fmt: skip
 
 
 Factory = Callable[[int, int, torch.Tensor], TensorTransform]
@@ -38,6 +52,9 @@ METHODS: list[tuple[str, Factory]] = [
     ("nf4-token", lambda h, d, x: NonUniformQuantizer(4, "token", h, d, 0.05, table="nf")),
     ("nf3-channel", lambda h, d, x: NonUniformQuantizer(3, "channel", h, d, 0.05, table="nf", **_thresholds(x))),
     ("nf2-token-no-outliers", lambda h, d, x: NonUniformQuantizer(2, "token", h, d, 0.0, table="nf")),
+    ("pca-layer-fp16", lambda h, d, x: _pca(h, d, x, "layer", 16)),
+    ("pca-head-4bit", lambda h, d, x: _pca(h, d, x, "head", 4)),
+    ("pca-layer-3bit", lambda h, d, x: _pca(h, d, x, "layer", 3)),
 ]
 IDS = [m[0] for m in METHODS]
 

@@ -12,6 +12,7 @@ attention, eval mode. Architecture-specific features the KV tooling must handle 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,3 +126,23 @@ def tiny_model(arch: str, seed: int = 0) -> Any:
             if name.endswith("proj.bias"):
                 p.normal_(0.0, 0.5)
     return model
+
+
+def save_model_folder(folder: Path, text_file: Path, head_dim: int | None = None) -> Path:
+    """Save the tiny Llama (optionally with another ``head_dim``) with a 128-token BPE tokenizer trained on
+    ``text_file`` into ``folder``: a real, loadable model folder for CLI tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([str(text_file)], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[UNK]"], limit_alphabet=90))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    if head_dim is None:
+        tiny_model("llama").save_pretrained(folder)
+    else:
+        cfg = tiny_config("llama")
+        cfg.head_dim = head_dim
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).to(torch.float32).eval().save_pretrained(folder)
+    return folder

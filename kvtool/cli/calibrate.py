@@ -1,4 +1,5 @@
-"""``kvtool calibrate``: layer-wise K/V precision search under a bit budget, written as one artifact."""
+"""``kvtool calibrate``: per-model KV calibration (precision search, non-uniform datatypes, projections) written as
+artifact(s)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,17 @@ import typer
 
 from kvtool.artifacts import Artifact, check_model, read_artifact, write_artifact
 from kvtool.calibration import SCHEMA, calibration_artifact, model_record, transform_of, validate_transform
+from kvtool.calibrators import resolve_budget
 from kvtool.calibrators.nuq import NUQCalibration, fit_nuq
 from kvtool.calibrators.precision_search import (
     PrecisionSearch,
     build_transform,
     measure_candidates,
-    resolve_artifact,
     search_extra,
     solve,
     table_tensors,
 )
+from kvtool.calibrators.projection import Budget, ProjectionCalibration, fit_projection, projection_artifact
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import (
     DEFAULT,
@@ -46,10 +48,14 @@ EXAMPLES = """Examples:
   kvtool calibrate --resolve smollm2-135m.kvcal.safetensors --target-bits 2.5   # seconds, no model needed
   kvtool calibrate llama-3-8b --target-bits 3.6 --max-ppl-delta 1.5 -o llama.kvcal.safetensors  # exit 4 on failure
   kvtool calibrate smollm2-135m --method nuq --bits 2,3,4 --validate   # -> smollm2-135m.nuq{2,3,4}.kvcal.safetensors
+  kvtool calibrate smollm2-135m --method pca --target-bits 2.0 --validate   # -> smollm2-135m.pca.kvcal.safetensors
+  kvtool calibrate smollm2-135m --method svd --target-rank-fraction 0.5
+  kvtool calibrate --resolve smollm2-135m.pca.kvcal.safetensors --target-rank-fraction 0.25
 """
 
 
-METHODS = ("search", "nuq")
+METHODS = ("search", "nuq", "pca", "svd")
+DEFAULT_BITS = {"search": 3.25, "pca": 2.0, "svd": 2.0}
 
 
 def _search(lm: LoadedModel, ids: torch.Tensor, search: PrecisionSearch, out: Output, inputs: dict) -> Artifact:
@@ -75,6 +81,13 @@ def _nuq(lm: LoadedModel, ids: torch.Tensor, cfg: NUQCalibration, out: Output, i
     }
 
 
+def _projection(lm: LoadedModel, ids: torch.Tensor, cfg: ProjectionCalibration, out: Output, inputs: dict) -> Artifact:
+    out.log(f"fitting {cfg.method} bases per {cfg.granularity} on {cfg.num_seqs} x {cfg.seq_len} tokens ...")
+    with out.progress("fisher passes", cfg.num_seqs) as advance:
+        table = fit_projection(lm.model, lm.arch, ids, cfg, progress=advance)
+    return projection_artifact(model_record(lm), cfg, inputs, table, Budget.of(cfg))[0]
+
+
 def _summary(path: Path, art: Artifact, digest: str) -> dict[str, Any]:
     bits = art.extra["bits"]
     result = {
@@ -89,6 +102,8 @@ def _summary(path: Path, art: Artifact, digest: str) -> dict[str, Any]:
         data = art.method["_data"]
         result |= {"target_bits": data["target_bits"], "accounting": data["accounting"]}
         result |= {"proxy_error": art.extra["search"]["summary"]["proxy"], "choice": art.extra["search"]["choice"]}
+    if "projection" in art.extra:
+        result |= {"budget": art.extra["projection"]["budget"], "spectrum": art.extra["projection"]["spectrum"]}
     return result
 
 
@@ -96,9 +111,27 @@ def _summary(path: Path, art: Artifact, digest: str) -> dict[str, Any]:
 def calibrate(
     model: ModelArg = DEFAULT,
     method: Annotated[
-        str, typer.Option("--method", help="search: per-layer precision search; nuq: non-uniform datatypes.")
+        str,
+        typer.Option(
+            "--method",
+            help="search: per-layer precision search; nuq: non-uniform datatypes; pca / svd: projections with "
+            "per-component bits.",
+        ),
     ] = "search",
-    target_bits: Annotated[float, typer.Option("--target-bits", help="search: budget in bits per element.")] = 3.25,
+    target_bits: Annotated[
+        float | None,
+        typer.Option("--target-bits", help="search, pca, svd: budget in bits per element [3.25 search, 2.0 pca/svd]."),
+    ] = None,
+    target_rank_fraction: Annotated[
+        float | None,
+        typer.Option("--target-rank-fraction", help="pca, svd: keep this fraction of components as fp16 instead."),
+    ] = None,
+    granularity: Annotated[
+        str, typer.Option("--granularity", help="pca, svd: one basis per 'head' or per 'layer' (heads concatenated).")
+    ] = "layer",
+    fit_skip_recent: Annotated[
+        int, typer.Option("--fit-skip-recent", help="pca, svd: last tokens of each window left out of the fit.", min=0)
+    ] = 0,
     bits_accounting: Annotated[
         str, typer.Option("--bits-accounting", help="search: all-in (codes + scales + zeros + fp16 tokens) or nominal.")
     ] = "all-in",
@@ -134,6 +167,8 @@ def calibrate(
 
     --method search: per-layer key/value quantizers under a bit budget (KVTuner-style, exact solver).
     --method nuq: KVQuant-style non-uniform datatypes with outliers, one artifact per --bits.
+    --method pca / svd: calibrated bases (centred PCA / Palu whitened SVD) with per-component bit widths under
+    --target-bits (all-in), or kept rank under --target-rank-fraction.
     """
     out = output_for(json_mode, quiet)
     if method not in METHODS:
@@ -142,10 +177,16 @@ def calibrate(
     lm = None
     jobs: list[tuple[Path, Artifact]] = []
     if resolve is not None:
-        if method != "search":
-            raise UsageError("--resolve re-solves precision-search artifacts only")
-        art, _ = resolve_artifact(read_artifact(resolve, expect_schema=SCHEMA), target_bits, bits_accounting)
-        path = output or default_output(art.model.get("id", "model"), f"-{target_bits:g}b.kvcal.safetensors")
+        if target_rank_fraction is not None:
+            spec = f"r{target_rank_fraction:g}"
+        else:
+            spec = f"{DEFAULT_BITS['search'] if target_bits is None else target_bits:g}"
+            spec += {"nominal": "n", "all-in": "a"}.get(bits_accounting, "?")
+        if spec.endswith("?"):
+            raise UsageError(f"--bits-accounting must be all-in or nominal (got '{bits_accounting}')")
+        art, _ = resolve_budget(read_artifact(resolve, expect_schema=SCHEMA), spec)
+        suffix = spec.rstrip("na") if spec.startswith("r") else f"{spec.rstrip('na')}b"
+        path = output or default_output(art.model.get("id", "model"), f"-{suffix}.kvcal.safetensors")
         jobs.append((check_output(path, overwrite), art))
         if validate:
             lm = load_model(model, device, dtype)
@@ -155,10 +196,24 @@ def calibrate(
             widths = sorted({int(b) for b in bits.split(",") if b.strip()})
         except ValueError as e:
             raise UsageError(f"--bits must be comma-separated integers (got '{bits}')") from e
-        if method == "search":
-            cfg: Any = PrecisionSearch(
-                target_bits=target_bits, accounting=bits_accounting, sink_tokens=sink_tokens,
-                recent_tokens=recent_tokens, num_seqs=num_seqs, seq_len=seq_len, seed=seed,
+        if method == "nuq" and target_bits is not None:
+            raise UsageError("--target-bits applies to search, pca and svd; nuq takes --bits")
+        if target_rank_fraction is not None and method not in ("pca", "svd"):
+            raise UsageError("--target-rank-fraction applies to --method pca or svd")
+        if method in ("pca", "svd"):
+            if target_rank_fraction is None and target_bits is None:
+                target_bits = DEFAULT_BITS[method]
+            cfg: Any = ProjectionCalibration(
+                method=method, granularity=granularity, target_bits=target_bits,  # type: ignore[arg-type]
+                target_rank_fraction=target_rank_fraction, sink_tokens=sink_tokens, fit_skip_recent=fit_skip_recent,
+                num_seqs=num_seqs, seq_len=seq_len, seed=seed,
+            )  # fmt: skip
+            names = {0: output or default_output(model, f".{method}.kvcal.safetensors")}
+        elif method == "search":
+            cfg = PrecisionSearch(
+                target_bits=DEFAULT_BITS["search"] if target_bits is None else target_bits,
+                accounting=bits_accounting, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
+                num_seqs=num_seqs, seq_len=seq_len, seed=seed,
             )  # fmt: skip
             names = {0: output or default_output(model, ".kvcal.safetensors")}
         else:
@@ -177,6 +232,8 @@ def calibrate(
                   "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed}  # fmt: skip
         if method == "search":
             jobs.append((names[0], _search(lm, ids, cfg, out, inputs)))
+        elif method in ("pca", "svd"):
+            jobs.append((names[0], _projection(lm, ids, cfg, out, inputs)))
         else:
             jobs.extend((names[b], art) for b, art in _nuq(lm, ids, cfg, out, inputs).items())
     results = []

@@ -44,7 +44,14 @@ def _calibration_layers(a: Artifact) -> tuple[list[str], list[list[Any]]]:
         [i, label(t.keys[i]), label(t.values[i]), f"{b['k_all_in']:.3f}", f"{b['v_all_in']:.3f}"]
         for i, b in enumerate(bits)
     ]
-    return ["layer", "keys", "values", "K all-in bits", "V all-in bits"], rows
+    cols = ["layer", "keys", "values", "K all-in bits", "V all-in bits"]
+    spectrum = a.extra.get("projection", {}).get("spectrum")
+    if spectrum:  # projections: kept rank, variance kept, and the rank that holds 90 % of the variance
+        for kind in ("k", "v"):
+            for row, s in zip(rows, spectrum[kind], strict=True):
+                row += [f"{s['rank']}/{s['dims']}", f"{s['energy_kept']:.4f}", s["rank90"]]
+            cols += [f"{kind.upper()} rank", f"{kind.upper()} energy", f"{kind.upper()} rank90"]
+    return cols, rows
 
 
 #: schema -> per-layer table builder

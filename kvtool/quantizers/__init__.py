@@ -2,6 +2,7 @@
 
 from kvtool.quantizers.float_cast import FloatCast
 from kvtool.quantizers.nonuniform import NonUniformQuantizer
+from kvtool.quantizers.projection import ProjectionQuantizer
 from kvtool.quantizers.uniform import UniformQuantizer
 
-__all__ = ["FloatCast", "NonUniformQuantizer", "UniformQuantizer"]
+__all__ = ["FloatCast", "NonUniformQuantizer", "ProjectionQuantizer", "UniformQuantizer"]

@@ -1,0 +1,402 @@
+"""Calibrated low-rank projections of keys and values, with per-component bit allocation (``--method pca|svd``).
+
+From the Fisher passes of :mod:`kvtool.calibrators.fisher` (pre-RoPE keys, values, and the loss gradient with
+respect to each), per layer and K/V, at a granularity of one basis per KV head or per layer (heads concatenated):
+
+* ``pca``: mean and eigenbasis of the centred covariance (Loki, arXiv:2406.02542; KVTC, arXiv:2511.01815);
+* ``svd``: eigenbasis of the *uncentred* second moment, no mean. For a linear projection ``k = W h`` this is exactly
+  Palu's activation-aware (whitened) SVD (arXiv:2407.21118): ``K Kᵀ = W (H Hᵀ) Wᵀ = (W S)(W S)ᵀ`` with
+  ``S = chol(H Hᵀ)``, so the left singular vectors ``U`` of ``W S`` are these eigenvectors, and the rank-``r``
+  factorisation ``W ≈ U_r (U_rᵀ W)`` can be folded into the weights (no per-token transform at run time).
+
+Then, in the basis, per component ``j`` and bit width ``b``: the static uniform grid (a clipping range among
+``CLIP_SIGMAS`` standard deviations) that minimises the Fisher-weighted error ``Σ_t (g_t·u_j)² (ĉ_tj − c_tj)²``
+(the diagonal Fisher in the rotated basis: the same second-order loss proxy as the precision search), and that error.
+The table (every component × every option) is kept in the artifact, so a new budget is re-solved in seconds
+(:func:`resolve_projection`) by :func:`~kvtool.calibrators.bit_allocation.allocate_bits`: a bit budget gives
+per-component widths (KVTC's transform coding); a rank fraction keeps fp16 components by Fisher-weighted energy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from kvtool import config as kvconfig
+from kvtool.arch import ArchInfo
+from kvtool.artifacts import Artifact
+from kvtool.calibration import calibration_artifact
+from kvtool.calibrators.bit_allocation import allocate_bits
+from kvtool.calibrators.fisher import LayerStats, calibration_windows, fisher_stats
+from kvtool.errors import ArtifactError, UsageError
+from kvtool.quantizers.projection import FP16_COEFFICIENT, MAX_CODE_BITS, ProjectionQuantizer
+from kvtool.transforms import FP16_BITS, KVTransform
+
+#: Options per component: dropped, 1..8-bit static grids, fp16.
+OPTION_BITS = torch.tensor([0, *range(1, MAX_CODE_BITS + 1), FP16_COEFFICIENT], dtype=torch.float64)
+#: Half-widths of the static grid tried per component and bit width, in standard deviations of the component.
+CLIP_SIGMAS = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
+KINDS = ("k", "v")
+
+
+@kvconfig.register
+@dataclass(frozen=True)
+class ProjectionCalibration:
+    """Settings of a projection calibration (recorded in the artifact). Exactly one budget is set:
+    ``target_bits`` (all-in bits per element at ``seq_len``, fp16 sinks counted) or ``target_rank_fraction``
+    (fraction of components kept, as fp16 coefficients, over keys and values together)."""
+
+    version: ClassVar[int] = 1
+    method: Literal["pca", "svd"] = "pca"
+    granularity: Literal["head", "layer"] = "layer"
+    target_bits: float | None = 2.0
+    target_rank_fraction: float | None = None
+    sink_tokens: int = 1
+    fit_skip_recent: int = 0  #: last tokens of each calibration window left out of the fit (KVTC leaves out 128)
+    num_seqs: int = 8
+    seq_len: int = 2048
+    seed: int = 0
+    table_tokens: int = 8192  #: tokens per layer (seeded sample) on which the distortion table is measured
+
+    def __post_init__(self) -> None:
+        if self.method not in ("pca", "svd"):
+            raise UsageError(f"--method must be pca or svd (got '{self.method}')")
+        if self.granularity not in ("head", "layer"):
+            raise UsageError(f"--granularity must be head or layer (got '{self.granularity}')")
+        if (self.target_bits is None) == (self.target_rank_fraction is None):
+            raise UsageError("give exactly one of --target-bits and --target-rank-fraction")
+        if self.target_bits is not None and not 0 < self.target_bits <= FP16_BITS:
+            raise UsageError(f"--target-bits must be in (0, 16] (got {self.target_bits})")
+        if self.target_rank_fraction is not None and not 0 <= self.target_rank_fraction <= 1:
+            raise UsageError(f"--target-rank-fraction must be in [0, 1] (got {self.target_rank_fraction})")
+        if self.sink_tokens < 0 or self.fit_skip_recent < 0:
+            raise UsageError("--sink-tokens and the recent tokens skipped must be >= 0")
+        if self.seq_len <= self.sink_tokens + self.fit_skip_recent or self.num_seqs < 1:
+            raise UsageError("need calibration sequences longer than the sink and skipped recent tokens")
+
+    def budget_label(self) -> str:
+        if self.target_bits is not None:
+            return f"{self.target_bits:g}b"
+        return f"r{self.target_rank_fraction:g}"
+
+
+@dataclass
+class ProjectionTable:
+    """What the fit measured, per kind (``"k"``, ``"v"``); shapes ``(layers, G, d, ...)``.
+
+    ``mean``/``basis``/``eigenvalues``: the fitted bases; ``distortion`` ``(L, G, d, len(OPTION_BITS))``: the
+    Fisher-weighted error of each option; ``lo``/``step`` ``(L, G, d, 8)``: the best grid of each bit width.
+    ``slot_tokens`` ``(L,)``: coded (non-sink) tokens of each layer at the calibration context, the cost weight.
+    """
+
+    mean: dict[str, torch.Tensor]
+    basis: dict[str, torch.Tensor]
+    eigenvalues: dict[str, torch.Tensor]
+    distortion: dict[str, torch.Tensor]
+    lo: dict[str, torch.Tensor]
+    step: dict[str, torch.Tensor]
+    slot_tokens: torch.Tensor
+    total_tokens: torch.Tensor  #: ``(L,)`` cached tokens per layer at the calibration context
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"proj_slot_tokens": self.slot_tokens, "proj_total_tokens": self.total_tokens}
+        for k in KINDS:
+            out |= {f"proj_{k}_eigenvalues": self.eigenvalues[k], f"proj_{k}_distortion": self.distortion[k]}
+            out |= {f"proj_{k}_lo": self.lo[k], f"proj_{k}_step": self.step[k]}
+        return out
+
+    @classmethod
+    def from_artifact(cls, tensors: dict[str, torch.Tensor], transform: KVTransform) -> ProjectionTable:
+        """Rebuild from the artifact's tensors; mean and basis come from the bound transform (every layer of both
+        kinds is a :class:`ProjectionQuantizer`)."""
+        try:
+            slots = {k: transform.keys if k == "k" else transform.values for k in KINDS}
+            if not all(isinstance(t, ProjectionQuantizer) for s in slots.values() for t in s):
+                raise ArtifactError("projection artifact: every layer must hold a projection for K and V")
+            return cls(
+                mean={k: torch.stack([t.mean for t in s]) for k, s in slots.items()},  # type: ignore[union-attr]
+                basis={k: torch.stack([t.basis for t in s]) for k, s in slots.items()},  # type: ignore[union-attr]
+                eigenvalues={k: tensors[f"proj_{k}_eigenvalues"] for k in KINDS},
+                distortion={k: tensors[f"proj_{k}_distortion"].double() for k in KINDS},
+                lo={k: tensors[f"proj_{k}_lo"] for k in KINDS},
+                step={k: tensors[f"proj_{k}_step"] for k in KINDS},
+                slot_tokens=tensors["proj_slot_tokens"],
+                total_tokens=tensors["proj_total_tokens"],
+            )
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise ArtifactError(f"projection artifact: missing or malformed table ({e})") from e
+
+
+# -- fitting ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    x: list[torch.Tensor] = field(default_factory=list)  # (tokens, G, d)
+    g: list[torch.Tensor] = field(default_factory=list)
+
+
+def _blocks(t: torch.Tensor, granularity: str) -> torch.Tensor:
+    """``(1, heads, tokens, head_dim)`` → ``(tokens, G, d)``."""
+    x = t[0].permute(1, 0, 2)  # (tokens, heads, head_dim)
+    return x if granularity == "head" else x.reshape(x.shape[0], 1, -1)
+
+
+def _eigenbasis(x: torch.Tensor, centred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean ``(G, d)``, basis ``(G, d, d)`` and eigenvalues ``(G, d)`` (descending) of ``x`` ``(T, G, d)``.
+
+    Signs are fixed (largest-magnitude entry of each vector positive) so the basis is deterministic."""
+    xd = x.double()
+    mean = xd.mean(0) if centred else torch.zeros_like(xd[0])
+    xc = (xd - mean).transpose(0, 1)  # (G, T, d)
+    cov = xc.transpose(1, 2) @ xc / x.shape[0]
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
+    pivot = evecs.abs().argmax(dim=1, keepdim=True)
+    evecs = evecs * torch.sign(evecs.gather(1, pivot))
+    return mean.float(), evecs.float(), evals.float()
+
+
+def _grid_table(c: torch.Tensor, w: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per component (``c``, ``w``: ``(T, N)``), the best grid of each bit width and every option's error.
+
+    Returns ``distortion (N, len(OPTION_BITS))``, ``lo (N, 8)``, ``step (N, 8)``; float64 errors summed over
+    tokens."""
+    n = c.shape[1]
+    dist = torch.zeros(n, len(OPTION_BITS), dtype=torch.float64)
+    los = torch.zeros(n, MAX_CODE_BITS)
+    steps = torch.zeros(n, MAX_CODE_BITS)
+    dist[:, 0] = (w * c.square()).sum(0, dtype=torch.float64)
+    c16 = c.half().float()
+    dist[:, -1] = (w * (c16 - c).square()).sum(0, dtype=torch.float64)
+    sig = sigma.clamp_min(1e-12)
+    for b in range(1, MAX_CODE_BITS + 1):
+        levels = float(2**b)
+        best = torch.full((n,), float("inf"), dtype=torch.float64)
+        for k in CLIP_SIGMAS:
+            lo = -k * sig
+            step = (2 * k * sig / levels).half().float().clamp_min(1e-30)  # stored as fp16
+            lo = lo.half().float()
+            s = torch.floor((c - lo) / step).clamp(0, levels - 1)
+            err = (w * (lo + (s + 0.5) * step - c).square()).sum(0, dtype=torch.float64)
+            better = err < best
+            best = torch.where(better, err, best)
+            los[:, b - 1] = torch.where(better, lo, los[:, b - 1])
+            steps[:, b - 1] = torch.where(better, step, steps[:, b - 1])
+        dist[:, b] = best
+    return dist, los, steps
+
+
+class ProjectionAccumulator:
+    """Collects, per layer and K/V, the calibration vectors and their gradients (sinks and skipped recent tokens
+    excluded), then fits the bases and the distortion table."""
+
+    def __init__(self, arch: ArchInfo, cfg: ProjectionCalibration):
+        self.arch, self.cfg = arch, cfg
+        self.slots = {k: [_Slot() for _ in range(arch.num_layers)] for k in KINDS}
+
+    def add(self, stats: list[LayerStats]) -> None:
+        cfg = self.cfg
+        for i, st in enumerate(stats):
+            n = st.keys.shape[-2]
+            first = cfg.seq_len - n  # sliding layers hold the most recent tokens only
+            start = max(0, cfg.sink_tokens - first)
+            stop = n - min(cfg.fit_skip_recent, n - start)
+            for k, x, g in (("k", st.keys, st.key_grad), ("v", st.values, st.value_grad)):
+                self.slots[k][i].x.append(_blocks(x[..., start:stop, :], cfg.granularity))
+                self.slots[k][i].g.append(_blocks(g[..., start:stop, :], cfg.granularity))
+
+    def fit(self) -> ProjectionTable:
+        cfg, arch = self.cfg, self.arch
+        parts: dict[str, dict[str, list[torch.Tensor]]] = {k: {} for k in KINDS}
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for k in KINDS:
+            for slot in self.slots[k]:
+                x, g = torch.cat(slot.x), torch.cat(slot.g)
+                slot.x, slot.g = [], []
+                mean, basis, evals = _eigenbasis(x, centred=cfg.method == "pca")
+                pick = torch.randperm(x.shape[0], generator=gen)[: cfg.table_tokens].sort().values
+                c = ((x[pick] - mean)[:, :, None, :] @ basis[None]).squeeze(2)  # (T, G, d)
+                gc = (g[pick][:, :, None, :] @ basis[None]).squeeze(2)
+                big, d = c.shape[1], c.shape[2]
+                # The table is measured on a sample; scale it to the whole calibration set.
+                scale = x.shape[0] / pick.numel()
+                dist, lo, step = _grid_table(c.reshape(-1, big * d), gc.square().reshape(-1, big * d),
+                                             evals.reshape(-1).sqrt())  # fmt: skip
+                for name, t in (("mean", mean), ("basis", basis), ("eigenvalues", evals),
+                                ("distortion", (dist * scale).reshape(big, d, -1)),
+                                ("lo", lo.reshape(big, d, -1)), ("step", step.reshape(big, d, -1))):  # fmt: skip
+                    parts[k].setdefault(name, []).append(t)
+        total = torch.tensor([arch.cached_tokens(i, cfg.seq_len) for i in range(arch.num_layers)], dtype=torch.float64)
+        sinks = torch.tensor(
+            [min(max(cfg.sink_tokens - (cfg.seq_len - int(n)), 0), int(n)) for n in total], dtype=torch.float64
+        )
+        stacked = {k: {name: torch.stack(ts) for name, ts in parts[k].items()} for k in KINDS}
+        return ProjectionTable(
+            **{
+                name: {k: stacked[k][name] for k in KINDS}
+                for name in ("mean", "basis", "eigenvalues", "distortion", "lo", "step")
+            },  # fmt: skip
+            slot_tokens=total - sinks,
+            total_tokens=total,
+        )
+
+
+# -- allocation -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget to solve the table for: all-in bits per element, or a kept-rank fraction over ``kinds``."""
+
+    bits: float | None = None
+    rank_fraction: float | None = None
+    kinds: str = "kv"  #: rank budgets only: which of K and V are projected ("k", "v" or "kv"); the other stays fp16
+
+    @classmethod
+    def of(cls, cfg: ProjectionCalibration) -> Budget:
+        return cls(cfg.target_bits, cfg.target_rank_fraction)
+
+    @classmethod
+    def parse(cls, spec: str) -> Budget:
+        """``2.0`` (all-in bits), ``r0.5`` (rank fraction of K and V), ``r0.5k`` / ``r0.5v`` (K or V only)."""
+        try:
+            if spec.startswith("r"):
+                kinds = spec[-1] if spec[-1] in "kv" else "kv"
+                return cls(rank_fraction=float(spec[1:].rstrip("kv")), kinds=kinds)
+            return cls(bits=float(spec.rstrip("a")))
+        except ValueError as e:
+            raise UsageError(f"budget '{spec}': use bits (2.0) or a rank fraction (r0.5, r0.5k, r0.5v)") from e
+
+    def label(self) -> str:
+        if self.bits is not None:
+            return f"{self.bits:g}b"
+        return f"r{self.rank_fraction:g}" + ("" if self.kinds == "kv" else self.kinds)
+
+
+def allocate(table: ProjectionTable, budget: Budget) -> dict[str, torch.Tensor]:
+    """Bits per component ``{k, v: (L, G, d)}`` (values in ``OPTION_BITS``) for ``budget``."""
+    shapes = {k: table.distortion[k].shape[:-1] for k in KINDS}
+    per_slot = {k: int(math.prod(shapes[k][1:])) for k in KINDS}
+    dist = torch.cat([table.distortion[k].reshape(-1, len(OPTION_BITS)) for k in KINDS])
+    weight = torch.cat([table.slot_tokens.double().repeat_interleave(per_slot[k]) for k in KINDS])
+    if budget.bits is not None:
+        elements = sum(float(table.total_tokens.sum()) * per_slot[k] for k in KINDS)
+        fixed = sum(float((table.total_tokens - table.slot_tokens).sum()) * per_slot[k] * FP16_BITS for k in KINDS)
+        options = OPTION_BITS
+        picked = allocate_bits(dist, options, weight, budget.bits * elements - fixed)
+        chosen = options[picked]
+    else:
+        options = torch.tensor([0.0, FP16_COEFFICIENT], dtype=torch.float64)
+        on = torch.cat([torch.full((table.distortion[k][..., 0].numel(),), k in budget.kinds) for k in KINDS])
+        two = torch.stack([dist[:, 0], dist[:, -1]], dim=1)
+        two[~on, 0] = float("inf")  # kinds outside the budget keep every component
+        cost_all = float((weight[on] * FP16_COEFFICIENT).sum())
+        room = budget.rank_fraction * cost_all + float((weight[~on] * FP16_COEFFICIENT).sum())  # type: ignore[operator]
+        chosen = options[allocate_bits(two, options, weight, room)]
+    out, at = {}, 0
+    for k in KINDS:
+        n = table.distortion[k][..., 0].numel()
+        out[k] = chosen[at : at + n].reshape(shapes[k]).float()
+        at += n
+    return out
+
+
+def build_transform(
+    table: ProjectionTable, bits: dict[str, torch.Tensor], arch: ArchInfo, cfg: ProjectionCalibration, name: str
+) -> KVTransform:
+    """The per-layer :class:`KVTransform` of an allocation."""
+    slots: dict[str, list[ProjectionQuantizer]] = {}
+    for k in KINDS:
+        b = bits[k]
+        idx = (b.clamp(1, MAX_CODE_BITS) - 1).long()[..., None]
+        coded = (b >= 1) & (b <= MAX_CODE_BITS)
+        lo = torch.where(coded, table.lo[k].gather(-1, idx)[..., 0], torch.zeros_like(b))
+        step = torch.where(coded, table.step[k].gather(-1, idx)[..., 0], torch.zeros_like(b))
+        slots[k] = [
+            ProjectionQuantizer(
+                arch.num_kv_heads,
+                arch.head_dim,
+                cfg.granularity,
+                mean=table.mean[k][i],
+                basis=table.basis[k][i],
+                bits=b[i],
+                lo=lo[i],
+                step=step[i],
+            )  # fmt: skip
+            for i in range(arch.num_layers)
+        ]
+    return KVTransform(slots["k"], slots["v"], keys_pre_rope=True, sink_tokens=cfg.sink_tokens, name=name)
+
+
+def spectrum(table: ProjectionTable, bits: dict[str, torch.Tensor]) -> dict[str, list[dict[str, Any]]]:
+    """Per layer and K/V: kept rank (components with bits > 0), mean code bits, fraction of the variance and of the
+    Fisher-weighted energy kept, and the ranks that hold 50 / 90 / 99 % of the variance (per block, summed)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for k in KINDS:
+        rows = []
+        for i in range(bits[k].shape[0]):
+            ev = table.eigenvalues[k][i].double()  # (G, d)
+            fe = table.distortion[k][i][..., 0]
+            kept = bits[k][i] > 0
+            share = ev.cumsum(-1) / ev.sum(-1, keepdim=True).clamp_min(1e-30)
+            rows.append(
+                {
+                    "rank": int(kept.sum()),
+                    "dims": int(kept.numel()),
+                    "mean_bits": float(bits[k][i].mean()),
+                    "energy_kept": float(ev[kept].sum() / ev.sum().clamp_min(1e-30)),
+                    "fisher_energy_kept": float(fe[kept].sum() / fe.sum().clamp_min(1e-30)),
+                    **{
+                        f"rank{p}": int(((share < p / 100).sum(-1) + 1).clamp_max(ev.shape[-1]).sum())
+                        for p in (50, 90, 99)
+                    },  # fmt: skip
+                }
+            )
+        out[k] = rows
+    return out
+
+
+def projection_artifact(
+    model: dict[str, Any], cfg: ProjectionCalibration, inputs: dict[str, Any], table: ProjectionTable, budget: Budget
+) -> tuple[Artifact, KVTransform]:
+    """Allocate ``budget`` on ``table`` and assemble the calibration artifact (the table rides along)."""
+    arch = ArchInfo.from_dict(model["arch"])
+    bits = allocate(table, budget)
+    transform = build_transform(table, bits, arch, cfg, f"{cfg.method}-{cfg.granularity}-{budget.label()}")
+    extra = {"projection": {"budget": dataclasses.asdict(budget), "spectrum": spectrum(table, bits)}}
+    art = calibration_artifact(model, cfg, inputs, transform, extra, table.to_tensors(), cfg.seq_len)
+    return art, transform
+
+
+def resolve_projection(old: Artifact, budget: Budget) -> tuple[Artifact, KVTransform]:
+    """Re-allocate a projection artifact's measured table for a new budget (no model needed)."""
+    from kvtool.calibration import transform_of
+
+    cfg = kvconfig.from_dict(old.method)
+    if not isinstance(cfg, ProjectionCalibration):
+        raise ArtifactError(f"made by {type(cfg).__name__}, not a projection calibration")
+    table = ProjectionTable.from_artifact(old.tensors, transform_of(old))
+    cfg = dataclasses.replace(cfg, target_bits=budget.bits, target_rank_fraction=budget.rank_fraction)
+    return projection_artifact(old.model, cfg, old.inputs, table, budget)
+
+
+def fit_projection(
+    model: Any,
+    arch: ArchInfo,
+    token_ids: torch.Tensor,
+    cfg: ProjectionCalibration,
+    progress: Callable[[int], None] | None = None,
+) -> ProjectionTable:
+    """Run the Fisher passes and fit bases and distortion table."""
+    acc = ProjectionAccumulator(arch, cfg)
+    for stats in fisher_stats(model, calibration_windows(token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed)):
+        acc.add(stats)
+        if progress:
+            progress(1)
+    return acc.fit()
