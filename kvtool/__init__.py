@@ -3,7 +3,8 @@
 Public API (the catalogue)::
 
     load_model, capture_kv, perplexity, continuation_quality, KVTransform, UniformQuantizer, NonUniformQuantizer,
-    transformed_attention, read_artifact, write_artifact, load_calibration, load_quantized_cache
+    transformed_attention, read_artifact, write_artifact, load_calibration, load_quantized_cache, ProjectionQuantizer,
+    encode_prefix, load_cache
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from kvtool.artifacts import read_artifact, write_artifact
 from kvtool.attention import transformed_attention
 from kvtool.calibration import load_calibration
 from kvtool.capture import capture_kv
+from kvtool.codecs.kvz import encode_prefix, load_cache
 from kvtool.harness import continuation_quality, perplexity
 from kvtool.models import load_model
-from kvtool.quantizers import NonUniformQuantizer, UniformQuantizer
+from kvtool.quantizers import NonUniformQuantizer, ProjectionQuantizer, UniformQuantizer
 from kvtool.runtime import load_quantized_cache
 from kvtool.transforms import KVTransform
 
@@ -34,4 +36,7 @@ __all__ = [
     "write_artifact",
     "load_calibration",
     "load_quantized_cache",
+    "ProjectionQuantizer",
+    "encode_prefix",
+    "load_cache",
 ]

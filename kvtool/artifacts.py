@@ -97,6 +97,15 @@ _CODE_TO_TORCH: dict[str, torch.dtype] = {
 }
 _TORCH_TO_CODE: dict[torch.dtype, str] = {dtype: code for code, dtype in _CODE_TO_TORCH.items()}
 
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (``"F16"`` → ``torch.float16``)."""
+    try:
+        return _CODE_TO_TORCH[code]
+    except KeyError:
+        raise ArtifactError(f"unsupported tensor dtype {code!r}") from None
+
+
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 

@@ -127,3 +127,50 @@ def capture_kv(model: Any, input_ids: torch.Tensor) -> KVCapture:
         for layer, (positions, cos, sin) in zip(cache.layers, rope, strict=True)
     ]
     return KVCapture(layers, cache, ids.to(next(model.parameters()).device))
+
+
+def _rotary_candidates(model: Any, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+    """``(cos, sin)`` of ``positions`` from every rotary-embedding module of the model, for every layer type it
+    takes (transformers calls them ``rotary_emb(x, position_ids[, layer_type])``)."""
+    device = next(model.parameters()).device
+    pos = positions.to(device)[None]
+    x = torch.zeros(1, 1, device=device, dtype=dtype)
+    layer_types = sorted(set(getattr(getattr(model, "config", None), "layer_types", None) or []))
+    text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    layer_types = layer_types or sorted(set(getattr(text_cfg, "layer_types", None) or []))
+    found = []
+    for module in model.modules():
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        for args in [(), *[(t,) for t in layer_types]]:
+            try:
+                found.append(tuple(t.float() for t in module(x, pos, *args)))
+            except (TypeError, KeyError, AttributeError, ValueError):
+                continue
+    return found
+
+
+@torch.no_grad()
+def rope_for_positions(model: Any, num_layers: int, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the ``(cos, sin)`` (each ``(1, n, head_dim)``, float32) the model would apply at ``positions``,
+    without running the model over them (a decoder re-applying RoPE to a decoded cache needs this).
+
+    The model's rotary modules are evaluated at ``positions``; which one each layer uses is decided by comparing
+    them with what every layer actually receives in a 4-token forward (:class:`RopeRecorder`), so per-layer-type
+    RoPE (Gemma3) is matched, not assumed."""
+    device = next(model.parameters()).device
+    probe = torch.arange(4)
+    with RopeRecorder(model) as rec:
+        model(input_ids=torch.zeros(1, 4, dtype=torch.int64, device=device), use_cache=False, logits_to_keep=1)
+    dtype = rec.cos_sin(0)[0].dtype
+    probes = _rotary_candidates(model, probe, dtype)
+    full = _rotary_candidates(model, positions, dtype)
+    out = []
+    for i in range(num_layers):
+        cos, sin = (t.float() for t in rec.cos_sin(i))
+        match = [j for j, (c, s) in enumerate(probes) if c.shape == cos.shape and torch.allclose(c, cos, atol=1e-5)
+                 and torch.allclose(s, sin, atol=1e-5)]  # fmt: skip
+        if not match:
+            raise RuntimeError(f"layer {i}: no rotary-embedding module of the model reproduces its RoPE")
+        out.append(full[match[0]])
+    return out

@@ -35,31 +35,50 @@ def save_capture(
     if ids.numel() < tokens:
         raise InputError(f"the text has only {ids.numel()} tokens, fewer than --tokens {tokens}")
     cap = capture_kv(lm.model, ids)
+    layers = [(layer.keys_pre_rope[0], layer.keys[0], layer.values[0], layer.positions) for layer in cap.layers]
+    art = capture_artifact(lm.fingerprint, lm.arch, ids, layers, store_dtype, str(lm.dtype).removeprefix("torch."),
+                           text_source)  # fmt: skip
+    digest = write_artifact(path, art)
+    return {"path": str(path), "schema": SCHEMA, "tokens": tokens, "bytes": path.stat().st_size, "digest": digest}
+
+
+def capture_artifact(
+    fingerprint: dict[str, Any],
+    arch: Any,
+    ids: torch.Tensor,
+    layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    store_dtype: str,
+    compute_dtype: str,
+    text_source: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Artifact:
+    """The ``kvtool.kv_capture`` artifact of per-layer ``(keys_pre_rope, keys, values, positions)``, each K/V
+    ``(kv_heads, n_i, head_dim)`` (``kvtool decode -o`` writes decoded caches in this same layout)."""
     sdt = DTYPES[store_dtype]
-    a = lm.arch
-    shape = (a.num_layers, a.num_kv_heads, tokens, a.head_dim)
+    tokens = int(ids.numel())
+    shape = (arch.num_layers, arch.num_kv_heads, tokens, arch.head_dim)
     k_pre, k, v = (torch.zeros(shape, dtype=sdt) for _ in range(3))
-    positions = torch.full((a.num_layers, tokens), -1, dtype=torch.long)
-    lengths = torch.zeros(a.num_layers, dtype=torch.long)
-    for i, layer in enumerate(cap.layers):
-        n = layer.keys.shape[-2]
-        k_pre[i, :, tokens - n :] = layer.keys_pre_rope[0].to("cpu", sdt)
-        k[i, :, tokens - n :] = layer.keys[0].to("cpu", sdt)
-        v[i, :, tokens - n :] = layer.values[0].to("cpu", sdt)
-        positions[i, tokens - n :] = layer.positions.cpu()
+    positions = torch.full((arch.num_layers, tokens), -1, dtype=torch.long)
+    lengths = torch.zeros(arch.num_layers, dtype=torch.long)
+    for i, (kp, kk, vv, pos) in enumerate(layers):
+        n = kk.shape[-2]
+        k_pre[i, :, tokens - n :] = kp.to("cpu", sdt)
+        k[i, :, tokens - n :] = kk.to("cpu", sdt)
+        v[i, :, tokens - n :] = vv.to("cpu", sdt)
+        positions[i, tokens - n :] = pos.cpu()
         lengths[i] = n
-    art = Artifact(
+    return Artifact(
         schema=SCHEMA,
         schema_version=1,
-        model={**lm.fingerprint, "arch": a.to_dict()},
+        model={**fingerprint, "arch": arch.to_dict()},
         inputs={
             "text": text_source,
             "token_ids_digest": token_digest(ids),
             "tokens": tokens,
-            "compute_dtype": str(lm.dtype).removeprefix("torch."),
+            "compute_dtype": compute_dtype,
         },
         method={"store_dtype": store_dtype},
-        extra={"layout": "[layer, kv_head, token, head_dim]", "tokens_right_aligned": True},
+        extra={"layout": "[layer, kv_head, token, head_dim]", "tokens_right_aligned": True, **(extra or {})},
         tensors={
             "k_pre_rope": k_pre,
             "k": k,
@@ -69,5 +88,3 @@ def save_capture(
             "input_ids": ids.clone(),
         },
     )
-    digest = write_artifact(path, art)
-    return {"path": str(path), "schema": SCHEMA, "tokens": tokens, "bytes": path.stat().st_size, "digest": digest}

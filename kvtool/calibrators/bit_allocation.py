@@ -21,20 +21,32 @@ def _choose(dist: torch.Tensor, cost: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def allocate_bits(
-    distortion: torch.Tensor, option_bits: torch.Tensor, weight: torch.Tensor, budget: float
+    distortion: torch.Tensor,
+    option_bits: torch.Tensor | None,
+    weight: torch.Tensor,
+    budget: float,
+    cost: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Option index per component minimising total distortion within ``budget``.
 
-    ``distortion`` ``(N, O)`` float64 (non-negative), ``option_bits`` ``(O,)`` ascending, one of them 0 (the
-    option that always fits), ``weight`` ``(N,)`` positive. Returns ``(N,)`` int64 indices into the options.
+    ``distortion`` ``(N, O)`` float64 (non-negative), ``option_bits`` ``(O,)`` ascending, starting at 0 (the
+    option that always fits), ``weight`` ``(N,)`` positive: the cost of option ``o`` is ``weight · option_bits[o]``.
+    Or, with ``option_bits=None``, ``cost`` ``(N, O)`` directly (e.g. measured entropies; column 0 must be 0 and
+    costs should grow with the option index, so ties go to the cheaper one). Returns ``(N,)`` int64 indices.
     """
     dist = distortion.double()
-    bits = option_bits.double()
-    if bits[0] != 0 or not bool((bits[1:] > bits[:-1]).all()):
-        raise ValueError("option_bits must start at 0 and increase")
-    cost = weight.double()[:, None] * bits[None, :]
-    if float(cost[:, -1].sum()) <= budget:
-        return torch.full((dist.shape[0],), len(bits) - 1, dtype=torch.int64)
+    if cost is None:
+        if option_bits is None:
+            raise ValueError("give option_bits or cost")
+        bits = option_bits.double()
+        if bits[0] != 0 or not bool((bits[1:] > bits[:-1]).all()):
+            raise ValueError("option_bits must start at 0 and increase")
+        cost = weight.double()[:, None] * bits[None, :]
+    cost = cost.double()
+    if bool((cost[:, 0] != 0).any()):
+        raise ValueError("option 0 must cost nothing")
+    if float(cost.max(1).values.sum()) <= budget:
+        return torch.argmin(dist, dim=1)
     # Bracket the slope: at hi everything is dropped; at lo = 0 everything is kept at the top option.
     hi = 1.0
     while float(cost.gather(1, _choose(dist, cost, hi)[:, None]).sum()) > budget:

@@ -33,6 +33,7 @@ from kvtool.artifacts import Artifact
 from kvtool.calibration import calibration_artifact
 from kvtool.calibrators.bit_allocation import allocate_bits
 from kvtool.calibrators.fisher import LayerStats, calibration_windows, fisher_stats
+from kvtool.codecs.ecsq import Level, OptionTable, allocate_levels, measure_options
 from kvtool.errors import ArtifactError, UsageError
 from kvtool.quantizers.projection import FP16_COEFFICIENT, MAX_CODE_BITS, ProjectionQuantizer
 from kvtool.transforms import FP16_BITS, KVTransform
@@ -102,9 +103,14 @@ class ProjectionTable:
     step: dict[str, torch.Tensor]
     slot_tokens: torch.Tensor
     total_tokens: torch.Tensor  #: ``(L,)`` cached tokens per layer at the calibration context
+    #: The codec's calibrated rate levels (:mod:`kvtool.codecs.ecsq`); components ordered K then V, layer, G, d.
+    codec_levels: list[Level] = field(default_factory=list)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {"proj_slot_tokens": self.slot_tokens, "proj_total_tokens": self.total_tokens}
+        for n, lv in enumerate(self.codec_levels):
+            out |= {f"codec{n}_step": lv.step, f"codec{n}_kmax": lv.kmax, f"codec{n}_freq": lv.freq}
+            out[f"codec{n}_bits"] = torch.tensor([lv.bits, lv.expected_bits], dtype=torch.float64)
         for k in KINDS:
             out |= {f"proj_{k}_eigenvalues": self.eigenvalues[k], f"proj_{k}_distortion": self.distortion[k]}
             out |= {f"proj_{k}_lo": self.lo[k], f"proj_{k}_step": self.step[k]}
@@ -127,9 +133,22 @@ class ProjectionTable:
                 step={k: tensors[f"proj_{k}_step"] for k in KINDS},
                 slot_tokens=tensors["proj_slot_tokens"],
                 total_tokens=tensors["proj_total_tokens"],
+                codec_levels=codec_levels(tensors),
             )
         except (KeyError, TypeError, RuntimeError) as e:
             raise ArtifactError(f"projection artifact: missing or malformed table ({e})") from e
+
+
+def codec_levels(tensors: dict[str, torch.Tensor]) -> list[Level]:
+    """The codec levels stored in an artifact's tensors (``codec<n>_*``), in order."""
+    levels, n = [], 0
+    while f"codec{n}_step" in tensors:
+        bits, expected = tensors[f"codec{n}_bits"].tolist()
+        levels.append(
+            Level(bits, tensors[f"codec{n}_step"], tensors[f"codec{n}_kmax"], tensors[f"codec{n}_freq"], expected)
+        )
+        n += 1
+    return levels
 
 
 # -- fitting ------------------------------------------------------------------------------------------------------
@@ -214,6 +233,7 @@ class ProjectionAccumulator:
     def fit(self) -> ProjectionTable:
         cfg, arch = self.cfg, self.arch
         parts: dict[str, dict[str, list[torch.Tensor]]] = {k: {} for k in KINDS}
+        options: list[OptionTable] = []
         gen = torch.Generator().manual_seed(cfg.seed)
         for k in KINDS:
             for slot in self.slots[k]:
@@ -228,6 +248,11 @@ class ProjectionAccumulator:
                 scale = x.shape[0] / pick.numel()
                 dist, lo, step = _grid_table(c.reshape(-1, big * d), gc.square().reshape(-1, big * d),
                                              evals.reshape(-1).sqrt())  # fmt: skip
+                opt = measure_options(
+                    c.reshape(-1, big * d), gc.square().reshape(-1, big * d), evals.reshape(-1).sqrt()
+                )
+                opt.dist *= scale
+                options.append(opt)
                 for name, t in (("mean", mean), ("basis", basis), ("eigenvalues", evals),
                                 ("distortion", (dist * scale).reshape(big, d, -1)),
                                 ("lo", lo.reshape(big, d, -1)), ("step", step.reshape(big, d, -1))):  # fmt: skip
@@ -237,6 +262,13 @@ class ProjectionAccumulator:
             [min(max(cfg.sink_tokens - (cfg.seq_len - int(n)), 0), int(n)) for n in total], dtype=torch.float64
         )
         stacked = {k: {name: torch.stack(ts) for name, ts in parts[k].items()} for k in KINDS}
+        per_slot = options[0].rate.shape[0]
+        weight = torch.cat([(total - sinks).repeat_interleave(per_slot)] * len(KINDS))
+        merged = OptionTable(*(torch.cat([getattr(o, f) for o in options]) for f in
+                               ("rate", "dist", "counts", "kmax", "step")))  # fmt: skip
+        elements = float(total.sum()) * per_slot * len(KINDS)
+        fixed = float(sinks.sum()) * per_slot * len(KINDS) * FP16_BITS
+        levels = allocate_levels(merged, weight, elements, fixed, 1.0)
         return ProjectionTable(
             **{
                 name: {k: stacked[k][name] for k in KINDS}
@@ -244,6 +276,7 @@ class ProjectionAccumulator:
             },  # fmt: skip
             slot_tokens=total - sinks,
             total_tokens=total,
+            codec_levels=levels,
         )
 
 
@@ -369,7 +402,9 @@ def projection_artifact(
     arch = ArchInfo.from_dict(model["arch"])
     bits = allocate(table, budget)
     transform = build_transform(table, bits, arch, cfg, f"{cfg.method}-{cfg.granularity}-{budget.label()}")
-    extra = {"projection": {"budget": dataclasses.asdict(budget), "spectrum": spectrum(table, bits)}}
+    levels = [{"bits": lv.bits, "expected_bits": lv.expected_bits} for lv in table.codec_levels]
+    extra = {"projection": {"budget": dataclasses.asdict(budget), "spectrum": spectrum(table, bits),
+                            "codec_levels": levels}}  # fmt: skip
     art = calibration_artifact(model, cfg, inputs, transform, extra, table.to_tensors(), cfg.seq_len)
     return art, transform
 

@@ -14,6 +14,10 @@ from kvtool.cli.bench import bench
 from kvtool.cli.calibrate import EXAMPLES as CALIBRATE_EXAMPLES
 from kvtool.cli.calibrate import calibrate
 from kvtool.cli.capture import capture
+from kvtool.cli.decode import EXAMPLES as DECODE_EXAMPLES
+from kvtool.cli.decode import decode
+from kvtool.cli.encode import EXAMPLES as ENCODE_EXAMPLES
+from kvtool.cli.encode import encode
 from kvtool.cli.export import export
 from kvtool.cli.inspect import inspect
 
@@ -29,6 +33,8 @@ app = typer.Typer(
 app.command(epilog=CALIBRATE_EXAMPLES)(calibrate)
 app.command(epilog=BENCH_EXAMPLES)(bench)
 app.command()(capture)
+app.command(epilog=ENCODE_EXAMPLES)(encode)
+app.command(epilog=DECODE_EXAMPLES)(decode)
 app.command()(inspect)
 app.command()(export)
 

@@ -1,0 +1,200 @@
+"""Symbol coding of KV chunks: transform, quantize, entropy-code (and back), in two flavours.
+
+* **calibrated** (:class:`CalibratedCoder`): a projection artifact (``kvtool calibrate --method pca|svd``) gives per
+  layer and K/V the basis and mean, and one of its codec rate levels gives per component a step, a clamp and a
+  static rANS table (:mod:`kvtool.codecs.ecsq`). Chunks carry only the coded words.
+* **adaptive** (:class:`AdaptiveCoder`): no artifact. Per chunk, layer, K/V and channel a mean and a step
+  (``quality`` × the channel's standard deviation, fp16) and per layer and K/V one table of the chunk's own
+  symbols; all of it is stored in the chunk and counted.
+
+Input of a chunk: per layer, pre-RoPE keys and values ``(kv_heads, n, head_dim)`` float32 (``n`` may be 0).
+Symbols are laid out per layer, K then V, component-major (all tokens of component 0, then component 1, ...), and
+cut into rANS lanes that never cross a layer, so any layer decodes alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvtool.codecs import rans
+from kvtool.codecs.ecsq import MAX_K, Level, dequantize, quantize
+from kvtool.quantizers.projection import ProjectionQuantizer
+
+KINDS = ("k", "v")
+
+
+@dataclass
+class CodedChunk:
+    """What a chunk stores: ``words`` uint16 ``(W,)``, ``lanes`` ``(n_lanes,)`` words per lane, ``layer_lanes``
+    ``(L,)`` lanes per layer, and the coder's side tensors (adaptive: means, steps, tables)."""
+
+    words: torch.Tensor
+    lanes: torch.Tensor
+    layer_lanes: torch.Tensor
+    side: dict[str, torch.Tensor]
+
+
+def _slot_matrix(x: torch.Tensor) -> torch.Tensor:
+    """``(heads, n, head_dim)`` → ``(n, heads·head_dim)`` (head-major channels)."""
+    return x.permute(1, 0, 2).reshape(x.shape[1], x.shape[0] * x.shape[2])
+
+
+def _from_slot_matrix(m: torch.Tensor, heads: int) -> torch.Tensor:
+    return m.reshape(m.shape[0], heads, m.shape[1] // heads).permute(1, 0, 2)
+
+
+class _Coder:
+    """Shared driver: per layer and kind, ``_symbols`` gives (symbols (n, C), table ids (C,)); they are laid out,
+    lane-cut and rANS-coded in one batch."""
+
+    lane_len = 4096
+
+    def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:
+        raise NotImplementedError
+
+    def encode(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> CodedChunk:
+        side = self._side(layers)
+        syms, tids, segments = [], [], []
+        for i, (k, v) in enumerate(layers):
+            count = 0
+            for kind, x in zip(KINDS, (k, v), strict=True):
+                s, t = self._symbols(i, kind, x, side)
+                syms.append(s.T.reshape(-1))
+                tids.append(t.repeat_interleave(s.shape[0]))
+                count += s.numel()
+            segments.append(count)
+        lengths, per_layer = rans.lane_lengths(segments, self.lane_len)
+        words, lanes = rans.encode_reference(torch.cat(syms), torch.cat(tids), self._tables(side), lengths)
+        return CodedChunk(words.to(torch.int32), lanes, per_layer, side)
+
+    def decode(self, chunk: CodedChunk, counts: list[int], heads: int, head_dim: int) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer ``(keys, values)`` pre-RoPE ``(heads, n_i, head_dim)`` float32, ``counts[i] = n_i``."""
+        layout = [[self._coded(i, kind, chunk.side) for kind in KINDS] for i in range(len(counts))]
+        segments = [sum(int(c.numel()) * n for c in comps) for comps, n in zip(layout, counts, strict=True)]
+        lengths, per_layer = rans.lane_lengths(segments, self.lane_len)
+        if not torch.equal(per_layer, chunk.layer_lanes.to(torch.int64)):
+            raise ValueError("the lane index does not match the chunk's layout")
+        tids = torch.cat(
+            [t.repeat_interleave(n) for comps, n in zip(layout, counts, strict=True) for t in self._tids(comps)]
+            or [torch.zeros(0, dtype=torch.int64)]
+        )
+        flat = rans.decode_reference(chunk.words, chunk.lanes, tids, self._tables(chunk.side), lengths)
+        out, at = [], 0
+        for i, n in enumerate(counts):
+            pair = []
+            for j, kind in enumerate(KINDS):
+                c = layout[i][j].numel()
+                sym = flat[at : at + c * n].reshape(c, n).T
+                at += c * n
+                pair.append(self._values(i, kind, sym, n, heads, head_dim, chunk.side))
+            out.append(tuple(pair))
+        return out
+
+    def _tids(self, comps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return comps
+
+
+class CalibratedCoder(_Coder):
+    """Static tables from a projection artifact's codec level (see module docstring)."""
+
+    def __init__(self, keys: list[ProjectionQuantizer], values: list[ProjectionQuantizer], level: Level):
+        self.proj = {"k": keys, "v": values}
+        self.level = level
+        g, d = keys[0].blocks
+        self.per_slot = g * d
+        self.layers = len(keys)
+        self._cache_tables: rans.Tables | None = None
+        used = torch.nonzero(level.step > 0).reshape(-1)
+        self.row = torch.full((level.step.numel(),), -1, dtype=torch.int64)
+        self.row[used] = torch.arange(used.numel())
+        self.used = used
+
+    def _offset(self, layer: int, kind: str) -> int:
+        return (KINDS.index(kind) * self.layers + layer) * self.per_slot
+
+    def _coded(self, layer: int, kind: str, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        o = self._offset(layer, kind)
+        return torch.nonzero(self.level.step[o : o + self.per_slot] > 0).reshape(-1) + o  # global component ids
+
+    def _tids(self, comps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.row[c] for c in comps]
+
+    def _side(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:
+        if self._cache_tables is None:
+            self._cache_tables = rans.build_tables(self.level.freq[self.used].to(torch.int64))
+        return self._cache_tables
+
+    def _symbols(self, layer: int, kind: str, x: torch.Tensor, side: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        comps = self._coded(layer, kind, side)
+        c = self.proj[kind][layer].coefficients(x[None])[0]  # (G, n, d)
+        c = c.permute(1, 0, 2).reshape(x.shape[1], -1)[:, comps - self._offset(layer, kind)]
+        return quantize(c, self.level.step[comps], self.level.kmax[comps]), self.row[comps]
+
+    def _values(self, layer: int, kind: str, sym: torch.Tensor, n: int, heads: int, head_dim: int, side: dict):
+        comps = self._coded(layer, kind, side)
+        q = self.proj[kind][layer]
+        g, d = q.blocks
+        c = torch.zeros(n, self.per_slot)
+        c[:, comps - self._offset(layer, kind)] = dequantize(sym, self.level.step[comps], self.level.kmax[comps])
+        return q.reconstruct(c.reshape(n, g, d).permute(1, 0, 2)[None], torch.float32)[0]
+
+
+class AdaptiveCoder(_Coder):
+    """Per-chunk means, steps and tables (no artifact); ``quality``: step in standard deviations of the channel."""
+
+    def __init__(self, layers: int, channels: int, quality: float):
+        self.layers, self.channels, self.quality = layers, channels, quality
+
+    def _coded(self, layer: int, kind: str, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        slot = KINDS.index(kind) * self.layers + layer
+        live = side["step"][slot].float() > 0
+        return torch.nonzero(live).reshape(-1) + slot * self.channels
+
+    def _tids(self, comps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.full_like(c, int(c[0]) // self.channels) if c.numel() else c for c in comps]
+
+    def _side(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        slots = 2 * self.layers
+        mean = torch.zeros(slots, self.channels, dtype=torch.float16)
+        step = torch.zeros(slots, self.channels, dtype=torch.float16)
+        for i, pair in enumerate(layers):
+            for j, x in enumerate(pair):
+                if x.shape[1] == 0:
+                    continue
+                m = _slot_matrix(x)
+                mean[j * self.layers + i] = m.mean(0).half()
+                sd = (m - mean[j * self.layers + i].float()).square().mean(0).sqrt()
+                step[j * self.layers + i] = (sd * self.quality).clamp_min(6e-8).half()
+        side = {"mean": mean, "step": step}
+        # Tables from the chunk's own symbols, one per layer and kind, over [-MAX_K, MAX_K].
+        counts = torch.zeros(slots, 2 * MAX_K + 1, dtype=torch.int64)
+        for i, pair in enumerate(layers):
+            for j, x in enumerate(pair):
+                if x.shape[1]:
+                    s, _ = self._symbols(i, KINDS[j], x, side)
+                    counts[j * self.layers + i] = torch.bincount(s.reshape(-1), minlength=2 * MAX_K + 1)
+        side["freq"] = rans.quantize_counts(counts, torch.full((slots,), 2 * MAX_K + 1)).to(torch.int16)
+        return side
+
+    def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:
+        return rans.build_tables(side["freq"].to(torch.int64))
+
+    def _symbols(self, layer: int, kind: str, x: torch.Tensor, side: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = KINDS.index(kind) * self.layers + layer
+        m = _slot_matrix(x)
+        kmax = torch.full((self.channels,), float(MAX_K))
+        s = quantize(m - side["mean"][slot].float(), side["step"][slot].float(), kmax)
+        return s, torch.full((self.channels,), slot, dtype=torch.int64)
+
+    def _values(self, layer: int, kind: str, sym: torch.Tensor, n: int, heads: int, head_dim: int, side: dict):
+        slot = KINDS.index(kind) * self.layers + layer
+        if n == 0:
+            return torch.zeros(heads, 0, head_dim)
+        kmax = torch.full((self.channels,), float(MAX_K))
+        m = dequantize(sym, side["step"][slot].float(), kmax) + side["mean"][slot].float()
+        return _from_slot_matrix(m, heads)

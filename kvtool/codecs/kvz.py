@@ -1,0 +1,508 @@
+"""The ``.kvz`` prefix-cache container: encode a model's prefix KV cache into chunks, decode them back.
+
+A ``.kvz`` file is a kvtool artifact (``docs/artifacts.md``; schema ``kvtool.kvz``, ``docs/kvz.md``): one
+safetensors file whose tensors are the per-chunk bitstreams and small indexes, and whose JSON metadata records the
+model, the prefix token ids' digest, the tokenizer digest, the calibration artifact's digest, the codec settings and
+a CRC-32 per chunk. Chunks of ``chunk_tokens`` positions decode independently and, inside a chunk, layers too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import zstandard
+
+from kvtool import config as kvconfig
+from kvtool.arch import ArchInfo, apply_rope, invert_rope
+from kvtool.artifacts import Artifact, read_header, register_schema, torch_dtype, write_artifact
+from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
+from kvtool.calibration import transform_of
+from kvtool.calibrators.projection import codec_levels
+from kvtool.capture import rope_for_positions
+from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder, CodedChunk
+from kvtool.digests import sha256_json, token_digest
+from kvtool.errors import ArtifactError, UsageError
+from kvtool.quantizers.projection import ProjectionQuantizer
+
+SCHEMA = "kvtool.kvz"
+register_schema(SCHEMA, 1)
+PREFILL_PIECE = 2048  #: tokens per prefill forward (bounds attention memory on long prompts)
+
+
+@kvconfig.register
+@dataclass(frozen=True)
+class CodecSettings:
+    """How a prefix is coded (recorded in the file)."""
+
+    version: ClassVar[int] = 1
+    mode: Literal["calibrated", "adaptive", "lossless"] = "adaptive"
+    level: int = -1  #: calibrated: index into the artifact's codec levels
+    quality: float = 0.5  #: adaptive: quantization step in standard deviations of each channel
+    chunk_tokens: int = 256
+    sink_tokens: int = 1  #: first positions stored as fp16 (attention sinks)
+    recent_tokens: int = 0  #: last positions stored as fp16
+    lane_symbols: int = 4096
+    zstd_level: int = 3
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("calibrated", "adaptive", "lossless"):
+            raise UsageError(f"codec mode must be calibrated, adaptive or lossless (got '{self.mode}')")
+        if self.chunk_tokens < 1 or self.sink_tokens < 0 or self.recent_tokens < 0 or self.lane_symbols < 1:
+            raise UsageError("chunk size must be >= 1, sink and recent tokens >= 0")
+        if not 0 < self.quality <= 64:
+            raise UsageError(f"--quality must be in (0, 64] (got {self.quality})")
+
+
+def _crc(tensors: dict[str, torch.Tensor]) -> int:
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(name.encode() + b"\0", crc)
+        crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy().tobytes(), crc)
+    return crc
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """Digest of the tokenizer's vocabulary (a cache is only meaningful for the ids it was made from)."""
+    return sha256_json(sorted(tokenizer.get_vocab().items()))
+
+
+@dataclass
+class Geometry:
+    """Which positions each layer holds and how chunks cut them."""
+
+    arch: ArchInfo
+    tokens: int
+    settings: CodecSettings
+
+    def layer_range(self, layer: int) -> tuple[int, int]:
+        return self.tokens - self.arch.cached_tokens(layer, self.tokens), self.tokens
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.tokens // self.settings.chunk_tokens)
+
+    def chunk_span(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.settings.chunk_tokens
+        return start, min(start + self.settings.chunk_tokens, self.tokens)
+
+    def raw(self, position: int) -> bool:
+        s = self.settings
+        return position < s.sink_tokens or position >= self.tokens - s.recent_tokens
+
+    def split(self, layer: int, chunk: int) -> tuple[list[int], list[int]]:
+        """Positions of ``layer`` in ``chunk``: (coded, raw fp16)."""
+        lo, hi = self.layer_range(layer)
+        a, b = self.chunk_span(chunk)
+        pos = range(max(a, lo), min(b, hi))
+        return [p for p in pos if not self.raw(p)], [p for p in pos if self.raw(p)]
+
+
+def _coder(settings: CodecSettings, calibration: Artifact | None, arch: ArchInfo) -> Any:
+    if settings.mode == "adaptive":
+        return AdaptiveCoder(arch.num_layers, arch.num_kv_heads * arch.head_dim, settings.quality)
+    if settings.mode != "calibrated":
+        return None
+    if calibration is None:
+        raise UsageError("calibrated coding needs a calibration artifact (--calibration)")
+    t = transform_of(calibration)
+    levels = codec_levels(calibration.tensors)
+    if not levels or not all(isinstance(q, ProjectionQuantizer) for q in t.keys + t.values):
+        raise ArtifactError("the calibration artifact has no codec levels: make it with --method pca or svd")
+    if not -len(levels) <= settings.level < len(levels):
+        raise UsageError(f"level {settings.level} out of range: the artifact has {len(levels)} codec levels")
+    coder = CalibratedCoder(t.keys, t.values, levels[settings.level])  # type: ignore[arg-type]
+    coder.lane_len = settings.lane_symbols
+    return coder
+
+
+def pick_level(calibration: Artifact, bits: float) -> int:
+    """The richest codec level whose calibrated rate is at most ``bits`` all-in bits per element."""
+    levels = codec_levels(calibration.tensors)
+    fits = [i for i, lv in enumerate(levels) if lv.expected_bits <= bits + 1e-9]
+    if not fits:
+        cheapest = min((lv.expected_bits for lv in levels), default=float("nan"))
+        raise UsageError(f"--bits {bits:g} is below the artifact's cheapest codec level ({cheapest:.2f} bits)")
+    return max(fits, key=lambda i: levels[i].expected_bits)
+
+
+# -- encoding -----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def prefill_cache(model: Any, ids: torch.Tensor, piece: int = PREFILL_PIECE) -> Any:
+    """The model's cache after ``ids`` ``(T,)``, prefilled in pieces of ``piece`` tokens (bounded attention memory)."""
+    device = next(model.parameters()).device
+    cache = None
+    for start in range(0, ids.numel(), piece):
+        out = model(input_ids=ids[start : start + piece][None].to(device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)  # fmt: skip
+        cache = out.past_key_values
+    return cache
+
+
+def _layer_slice(layer: Any, lo: int, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.tensor([p - lo for p in positions], dtype=torch.int64, device=layer.keys.device)
+    return layer.keys[0].index_select(1, idx), layer.values[0].index_select(1, idx)
+
+
+def _chunk_tensors(
+    geo: Geometry, cache: Any, rope: list[tuple[torch.Tensor, torch.Tensor]], chunk: int, coder: Any
+) -> dict[str, torch.Tensor]:
+    s = geo.settings
+    coded_layers, raw_parts, lossless_parts = [], [], []
+    for i, layer in enumerate(cache.layers):
+        lo, hi = geo.layer_range(i)
+        coded, raw = geo.split(i, chunk)
+        if s.mode == "lossless":
+            k, v = _layer_slice(layer, lo, coded + raw)
+            lossless_parts.append(torch.stack([k, v]).cpu())
+            continue
+        cos, sin = rope[i]
+        for positions, sink in ((coded, coded_layers), (raw, raw_parts)):
+            k, v = _layer_slice(layer, lo, positions)
+            p = torch.tensor(positions, dtype=torch.int64)
+            kp = invert_rope(k[None].float().cpu(), cos[:, p], sin[:, p])[0]
+            if sink is coded_layers:
+                sink.append((kp, v.float().cpu()))
+            else:
+                sink.append(torch.stack([kp, v.float().cpu()]).half().reshape(-1))
+    name = f"chunk.{chunk:06d}"
+    if s.mode == "lossless":
+        blobs = [_lossless_blob(t, s.zstd_level) for t in lossless_parts]
+        return {
+            f"{name}.zstd": torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
+            if any(blobs) else torch.zeros(0, dtype=torch.uint8),
+            f"{name}.layer_bytes": torch.tensor([len(b) for b in blobs], dtype=torch.int64),
+        }  # fmt: skip
+    c: CodedChunk = coder.encode(coded_layers)
+    out = {
+        f"{name}.words": c.words.to(torch.int32).to(torch.uint16),
+        f"{name}.lanes": c.lanes.to(torch.int32),
+        f"{name}.layer_lanes": c.layer_lanes.to(torch.int32),
+        f"{name}.raw": torch.cat(raw_parts) if raw_parts else torch.zeros(0, dtype=torch.float16),
+    }
+    out |= {f"{name}.{k}": v for k, v in c.side.items()}
+    return out
+
+
+def _lossless_blob(t: torch.Tensor, level: int) -> bytes:
+    """Byte planes of ``t`` (most significant first, so exponents sit together) compressed with zstandard."""
+    if t.numel() == 0:
+        return b""
+    raw = t.contiguous().view(torch.uint8).reshape(-1, t.element_size())
+    planes = raw.T.contiguous().numpy().tobytes()
+    return zstandard.ZstdCompressor(level=level).compress(planes)
+
+
+def encode_prefix(
+    lm: Any,
+    ids: torch.Tensor,
+    settings: CodecSettings,
+    path: Path,
+    calibration: Artifact | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Prefill ``lm`` on ``ids`` ``(T,)`` and write the ``.kvz`` file atomically; return a summary."""
+    arch: ArchInfo = lm.arch
+    tokens = int(ids.numel())
+    if tokens < 1:
+        raise UsageError("the prompt has no tokens")
+    coder = _coder(settings, calibration, arch)
+    if calibration is not None and settings.mode == "calibrated":
+        _check_same_model(calibration.model, lm.fingerprint, "calibration artifact")
+    geo = Geometry(arch, tokens, settings)
+    cache = prefill_cache(lm.model, ids)
+    rope = [(c.cpu(), s.cpu()) for c, s in rope_for_positions(lm.model, arch.num_layers, torch.arange(tokens))]
+    tensors: dict[str, torch.Tensor] = {"input_ids": ids.to(torch.int32).cpu()}
+    chunks = []
+    for chunk in range(geo.num_chunks):
+        part = _chunk_tensors(geo, cache, rope, chunk, coder)
+        a, b = geo.chunk_span(chunk)
+        chunks.append({"index": chunk, "start": a, "stop": b, "crc32": _crc(part)})
+        tensors |= part
+        if progress:
+            progress(b - a)
+    dtype = str(cache.layers[0].keys.dtype).removeprefix("torch.")
+    art = Artifact(
+        schema=SCHEMA,
+        schema_version=1,
+        model={**lm.fingerprint, "arch": arch.to_dict()},
+        inputs={
+            "tokens": tokens,
+            "token_ids_digest": token_digest(ids),
+            "tokenizer_digest": tokenizer_digest(lm.tokenizer),
+            "calibration": None
+            if calibration is None or settings.mode != "calibrated"
+            else {"content_digest": calibration.content_digest},
+        },  # fmt: skip
+        method=kvconfig.to_dict(settings),
+        extra={
+            "cache_dtype": dtype,
+            "chunks": chunks,
+            "layers": [list(geo.layer_range(i)) for i in range(arch.num_layers)],
+            "layout": "see docs/kvz.md",
+        },
+        tensors=tensors,
+    )
+    digest = write_artifact(path, art)
+    size = path.stat().st_size
+    payload = sum(t.numel() * t.element_size() for n, t in tensors.items() if n.endswith((".words", ".zstd")))
+    elements = (
+        sum(arch.cached_tokens(i, tokens) for i in range(arch.num_layers)) * 2 * arch.num_kv_heads * arch.head_dim
+    )
+    return {
+        "path": str(path),
+        "tokens": tokens,
+        "chunks": len(chunks),
+        "bytes": size,
+        "payload_bytes": payload,
+        "overhead_pct": 100.0 * (size - payload) / size,
+        "bits_per_element": 8.0 * size / elements,
+        "compression_vs_fp16": 16.0 * elements / (8.0 * size),
+        "bytes_per_token": size / tokens,
+        "mode": settings.mode,
+        "content_digest": digest,
+    }
+
+
+def _check_same_model(recorded: dict[str, Any], fingerprint: dict[str, Any], what: str) -> None:
+    for key in ("config_digest", "weights_digest"):
+        if key in recorded and key in fingerprint and recorded[key] != fingerprint[key]:
+            raise ArtifactError(
+                f"the {what} is for model '{recorded.get('id')}', not '{fingerprint.get('id')}' ({key} differs)"
+            )
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+
+
+class KvzFile:
+    """An opened ``.kvz``: the validated metadata, and chunk tensors read lazily with their CRC checked."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        header = read_header(self.path)
+        try:
+            meta = json.loads(header.get("__metadata__", {}).get("kvtool", "null"))
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ArtifactError(f"{self.path}: not a .kvz file (no readable kvtool metadata)") from e
+        if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
+            got = meta.get("schema") if isinstance(meta, dict) else None
+            raise ArtifactError(f"{self.path}: not a .kvz file (schema {got!r})")
+        if not isinstance(meta.get("schema_version"), int) or meta["schema_version"] > 1:
+            raise ArtifactError(f"{self.path}: .kvz schema version {meta.get('schema_version')!r} is not supported")
+        try:
+            self.settings: CodecSettings = kvconfig.from_dict(meta["method"])
+            self.model: dict[str, Any] = meta["model"]
+            self.arch = ArchInfo.from_dict(self.model["arch"])
+            self.inputs: dict[str, Any] = meta["inputs"]
+            self.extra: dict[str, Any] = meta["extra"]
+            self.tokens = int(self.inputs["tokens"])
+            self.chunks: list[dict[str, Any]] = self.extra["chunks"]
+            self.geometry = Geometry(self.arch, self.tokens, self.settings)
+            if len(self.chunks) != self.geometry.num_chunks:
+                raise ValueError("chunk count does not match the token count")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{self.path}: malformed .kvz metadata ({e})") from e
+        self.content_digest = meta.get("content_digest")
+        self._header = header
+        self._data_start = 8 + int.from_bytes(self.path.open("rb").read(8), "little")
+        names = {n.rsplit(".", 1)[0] for n in header if n.startswith("chunk.")}
+        if len(names) != len(self.chunks):
+            raise ArtifactError(f"{self.path}: {len(names)} chunk tensors groups for {len(self.chunks)} chunks")
+
+    def _tensor(self, f: Any, name: str) -> torch.Tensor:
+        info = self._header[name]
+        begin, end = info["data_offsets"]
+        f.seek(self._data_start + begin)
+        data = f.read(end - begin)
+        if len(data) != end - begin:
+            raise ArtifactError(f"{self.path}: truncated at tensor {name}")
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+        return t.view(torch_dtype(info["dtype"])).reshape(info["shape"])
+
+    def input_ids(self) -> torch.Tensor:
+        with self.path.open("rb") as f:
+            ids = self._tensor(f, "input_ids").to(torch.int64)
+        if token_digest(ids) != self.inputs.get("token_ids_digest"):
+            raise ArtifactError(f"{self.path}: the prefix token ids do not match their digest")
+        return ids
+
+    def read_chunk(self, chunk: int) -> dict[str, torch.Tensor]:
+        """The tensors of ``chunk`` (keys without the ``chunk.NNNNNN.`` prefix), CRC-checked."""
+        prefix = f"chunk.{chunk:06d}."
+        names = sorted(n for n in self._header if n.startswith(prefix))
+        with self.path.open("rb") as f:
+            tensors = {n: self._tensor(f, n) for n in names}
+        if _crc(tensors) != self.chunks[chunk].get("crc32"):
+            raise ArtifactError(f"{self.path}: chunk {chunk} is corrupted (CRC-32 mismatch)")
+        return {n[len(prefix) :]: t for n, t in tensors.items()}
+
+
+def check_model_of(kvz: KvzFile, fingerprint: dict[str, Any]) -> None:
+    """Refuse to decode ``kvz`` with another model (exit 3)."""
+    _check_same_model(kvz.model, fingerprint, ".kvz file")
+
+
+def check_calibration(kvz: KvzFile, calibration: Artifact | None) -> None:
+    want = kvz.inputs.get("calibration")
+    if want is None:
+        return
+    if calibration is None:
+        raise ArtifactError(
+            f"{kvz.path.name} was coded with calibration {want['content_digest'][:19]}…; pass it with --calibration"
+        )
+    if calibration.schema != CALIBRATION_SCHEMA or calibration.content_digest != want["content_digest"]:
+        raise ArtifactError(
+            f"{kvz.path.name} was coded with calibration {want['content_digest'][:19]}…, "
+            f"not {str(calibration.content_digest)[:19]}…"
+        )
+
+
+@dataclass
+class DecodedLayer:
+    """One layer of a decoded prefix: ``keys`` (post-RoPE), ``keys_pre_rope``, ``values`` ``(1, heads, n,
+    head_dim)`` float32 and ``positions`` ``(n,)``."""
+
+    keys: torch.Tensor
+    keys_pre_rope: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+
+
+def decode_kvz(
+    kvz: KvzFile,
+    model: Any,
+    calibration: Artifact | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[DecodedLayer]:
+    """Decode every chunk of ``kvz`` (RoPE re-applied with ``model``'s own rotation) into per-layer tensors."""
+    s, geo, arch = kvz.settings, kvz.geometry, kvz.arch
+    check_calibration(kvz, calibration)
+    coder = _coder(s, calibration, arch) if s.mode != "lossless" else None
+    rope = rope_for_positions(model, arch.num_layers, torch.arange(kvz.tokens)) if s.mode != "lossless" else None
+    heads, dim = arch.num_kv_heads, arch.head_dim
+    parts: list[list[tuple[torch.Tensor, torch.Tensor, list[int]]]] = [[] for _ in range(arch.num_layers)]
+    dtype = getattr(torch, kvz.extra.get("cache_dtype", "float32"))
+    for chunk in range(len(kvz.chunks)):
+        t = kvz.read_chunk(chunk)
+        try:
+            layers = _decode_chunk(kvz, geo, chunk, t, coder, heads, dim, dtype)
+        except (ValueError, RuntimeError, KeyError, zstandard.ZstdError) as e:
+            raise ArtifactError(f"{kvz.path}: chunk {chunk} cannot be decoded ({e})") from e
+        for i, item in enumerate(layers):
+            parts[i].append(item)
+        if progress:
+            a, b = geo.chunk_span(chunk)
+            progress(b - a)
+    out = []
+    for i in range(arch.num_layers):
+        k = torch.cat([p[0] for p in parts[i]], dim=1)
+        v = torch.cat([p[1] for p in parts[i]], dim=1)
+        positions = torch.tensor([q for p in parts[i] for q in p[2]], dtype=torch.int64)
+        if s.mode == "lossless":
+            out.append(DecodedLayer(k[None], k[None], v[None], positions))
+            continue
+        cos, sin = rope[i]  # type: ignore[index]
+        cos, sin = cos[:, positions].to(k.device), sin[:, positions].to(k.device)
+        out.append(DecodedLayer(apply_rope(k[None], cos, sin), k[None], v[None], positions))
+    return out
+
+
+def _decode_chunk(
+    kvz: KvzFile, geo: Geometry, chunk: int, t: dict[str, torch.Tensor], coder: Any, heads: int, dim: int,
+    dtype: torch.dtype,
+) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:  # fmt: skip
+    """Per layer ``(keys, values, positions)`` of one chunk; keys pre-RoPE (post-RoPE for lossless)."""
+    n_layers = geo.arch.num_layers
+    splits = [geo.split(i, chunk) for i in range(n_layers)]
+    if geo.settings.mode == "lossless":
+        sizes = t["layer_bytes"].tolist()
+        blob, at, out = t["zstd"].numpy().tobytes(), 0, []
+        for i, (coded, raw) in enumerate(splits):
+            positions = coded + raw
+            shape = (2, heads, len(positions), dim)
+            n = 2 * heads * len(positions) * dim
+            if not positions:
+                out.append((torch.zeros(heads, 0, dim, dtype=dtype), torch.zeros(heads, 0, dim, dtype=dtype), []))
+                continue
+            size = torch.empty(0, dtype=dtype).element_size()
+            planes = zstandard.ZstdDecompressor().decompress(blob[at : at + sizes[i]], max_output_size=n * size)
+            at += sizes[i]
+            if len(planes) != n * size:
+                raise ValueError(f"layer {i}: {len(planes)} bytes, expected {n * size}")
+            raw_t = torch.frombuffer(bytearray(planes), dtype=torch.uint8).reshape(size, n).T.contiguous()
+            kv = raw_t.view(dtype).reshape(shape)
+            out.append((kv[0], kv[1], positions))
+        return out
+    side = {k: v for k, v in t.items() if k not in ("words", "lanes", "layer_lanes", "raw")}
+    coded = CodedChunk(t["words"].to(torch.int32), t["lanes"].to(torch.int64), t["layer_lanes"], side)
+    if coded.layer_lanes.numel() != n_layers:
+        raise ValueError("lane index of the wrong length")
+    layers = coder.decode(coded, [len(c) for c, _ in splits], heads, dim)
+    raw = t["raw"].float()
+    need = sum(2 * heads * len(r) * dim for _, r in splits)
+    if raw.numel() != need:
+        raise ValueError(f"{raw.numel()} fp16 values for {need} kept elements")
+    out, at = [], 0
+    for (k, v), (c, r) in zip(layers, splits, strict=True):
+        n = 2 * heads * len(r) * dim
+        kv = raw[at : at + n].reshape(2, heads, len(r), dim)
+        at += n
+        keys = torch.cat([k, kv[0]], dim=1)
+        values = torch.cat([v, kv[1]], dim=1)
+        out.append((keys, values, c + r))
+    return out
+
+
+def sorted_layers(layers: list[DecodedLayer]) -> list[DecodedLayer]:
+    """Tokens of each layer in position order (raw sink / recent tokens come after the coded ones in a chunk)."""
+    out = []
+    for d in layers:
+        order = torch.argsort(d.positions)
+        out.append(dataclasses.replace(d, keys=d.keys[:, :, order], keys_pre_rope=d.keys_pre_rope[:, :, order],
+                                       values=d.values[:, :, order], positions=d.positions[order]))  # fmt: skip
+    return out
+
+
+def load_cache(
+    path: str | os.PathLike[str], model: Any, calibration: str | os.PathLike[str] | Artifact | None = None
+) -> tuple[Any, torch.Tensor]:
+    """Decode a ``.kvz`` into a transformers ``DynamicCache`` that ``model.generate`` continues from.
+
+    ``model``: a transformers model or a :class:`~kvtool.models.LoadedModel` (then its weights digest is checked
+    too).
+    Returns ``(cache, prefix_ids)``: pass ``prefix_ids`` followed by the new tokens as ``input_ids`` with
+    ``past_key_values=cache``. The file must be for ``model`` (its config and weights digests are compared) and,
+    when it was coded with a calibration artifact, that artifact must be given (exit 3 otherwise)."""
+    from transformers import DynamicCache
+
+    from kvtool.arch import arch_info
+    from kvtool.artifacts import read_artifact
+
+    kvz = KvzFile(path)
+    if hasattr(model, "fingerprint") and hasattr(model, "model"):  # a kvtool LoadedModel
+        fingerprint, model = model.fingerprint, model.model
+    else:  # a bare transformers model: its config is all we can check
+        fingerprint = {
+            "id": getattr(model.config, "_name_or_path", ""),
+            "config_digest": arch_info(model.config).digest(),
+        }
+    _check_same_model(kvz.model, fingerprint, ".kvz file")
+    cal = calibration if isinstance(calibration, Artifact) or calibration is None else read_artifact(calibration)
+    layers = sorted_layers(decode_kvz(kvz, model, cal))
+    ids = kvz.input_ids()
+    cache = DynamicCache(config=model.config)
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    for i, d in enumerate(layers):
+        cache.update(d.keys.to(device, dtype), d.values.to(device, dtype), i)
+    return cache, ids
