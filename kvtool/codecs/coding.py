@@ -145,7 +145,8 @@ class CalibratedCoder(_Coder):
 
 
 class AdaptiveCoder(_Coder):
-    """Per-chunk means, steps and tables (no artifact); ``quality``: step in standard deviations of the channel."""
+    """Per-chunk means, steps and tables (no artifact); ``quality``: step in standard deviations of the channel
+    (larger where needed so that the channel's peak is within ``MAX_K`` steps: nothing is clipped)."""
 
     def __init__(self, layers: int, channels: int, quality: float):
         self.layers, self.channels, self.quality = layers, channels, quality
@@ -168,8 +169,11 @@ class AdaptiveCoder(_Coder):
                     continue
                 m = _slot_matrix(x)
                 mean[j * self.layers + i] = m.mean(0).half()
-                sd = (m - mean[j * self.layers + i].float()).square().mean(0).sqrt()
-                step[j * self.layers + i] = (sd * self.quality).clamp_min(6e-8).half()
+                dev = m - mean[j * self.layers + i].float()
+                sd = dev.square().mean(0).sqrt()
+                # Never clip: the step grows where quality·σ could not reach the channel's peak in MAX_K steps.
+                fit = torch.maximum(sd * self.quality, dev.abs().amax(0) / (MAX_K - 0.5))
+                step[j * self.layers + i] = fit.clamp_min(6e-8).half()
         side = {"mean": mean, "step": step}
         # Tables from the chunk's own symbols, one per layer and kind, over [-MAX_K, MAX_K].
         counts = torch.zeros(slots, 2 * MAX_K + 1, dtype=torch.int64)

@@ -107,7 +107,9 @@ class Geometry:
 
 def _coder(settings: CodecSettings, calibration: Artifact | None, arch: ArchInfo) -> Any:
     if settings.mode == "adaptive":
-        return AdaptiveCoder(arch.num_layers, arch.num_kv_heads * arch.head_dim, settings.quality)
+        adaptive = AdaptiveCoder(arch.num_layers, arch.num_kv_heads * arch.head_dim, settings.quality)
+        adaptive.lane_len = settings.lane_symbols
+        return adaptive
     if settings.mode != "calibrated":
         return None
     if calibration is None:
@@ -252,6 +254,9 @@ def encode_prefix(
         },
         tensors=tensors,
     )
+    art.extra["meta_digest"] = _meta_digest(
+        art.schema, art.schema_version, art.model, art.inputs, art.method, art.extra
+    )
     digest = write_artifact(path, art)
     size = path.stat().st_size
     payload = sum(t.numel() * t.element_size() for n, t in tensors.items() if n.endswith((".words", ".zstd")))
@@ -271,6 +276,13 @@ def encode_prefix(
         "mode": settings.mode,
         "content_digest": digest,
     }
+
+
+def _meta_digest(*parts: Any) -> str:
+    """Digest of the metadata a decoder relies on (schema, model, inputs, settings, chunk table), so a damaged
+    header is caught without reading the chunks (``extra.meta_digest`` itself left out)."""
+    *head, extra = parts
+    return sha256_json([*head, {k: v for k, v in extra.items() if k != "meta_digest"}])
 
 
 def _check_same_model(recorded: dict[str, Any], fingerprint: dict[str, Any], what: str) -> None:
@@ -312,6 +324,10 @@ class KvzFile:
                 raise ValueError("chunk count does not match the token count")
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{self.path}: malformed .kvz metadata ({e})") from e
+        recorded = self.extra.get("meta_digest")
+        if recorded != _meta_digest(meta["schema"], meta["schema_version"], self.model, self.inputs, meta["method"],
+                                    self.extra):  # fmt: skip
+            raise ArtifactError(f"{self.path}: the .kvz header is corrupted (metadata digest mismatch)")
         self.content_digest = meta.get("content_digest")
         self._header = header
         self._data_start = 8 + int.from_bytes(self.path.open("rb").read(8), "little")

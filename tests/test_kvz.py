@@ -1,0 +1,256 @@
+"""The ``.kvz`` codec end to end: every mode on every tiny architecture, the CLI (encode, decode -o, --generate),
+byte-identical output, ``load_cache`` + generate, and every damaged-input path (exit 3, one line, naming the chunk),
+plus a mutation fuzz loop."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from cli_helpers import assert_one_line_error
+from typer.testing import CliRunner
+
+from kvtool.artifacts import read_artifact
+from kvtool.capture import capture_kv
+from kvtool.cli.app import app
+from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, load_cache, sorted_layers
+from kvtool.errors import ArtifactError, InputError
+
+runner = CliRunner()
+
+
+class _LM:
+    """The parts of a LoadedModel the codec uses, around a tiny model."""
+
+    def __init__(self, tiny: Any):
+        self.model, self.arch = tiny.model, tiny.info
+        self.fingerprint = {"id": f"tiny-{tiny.arch}", "config_digest": tiny.info.digest(),
+                            "weights_digest": "sha256:" + "1" * 64}  # fmt: skip
+
+        class _Tok:
+            def get_vocab(self) -> dict[str, int]:
+                return {"a": 0}
+
+        self.tokenizer = _Tok()
+
+
+IDS = torch.randint(0, 128, (150,), generator=torch.Generator().manual_seed(0))
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        CodecSettings(mode="lossless", chunk_tokens=64),
+        CodecSettings(mode="adaptive", quality=0.05, chunk_tokens=64, sink_tokens=2, recent_tokens=5),
+        CodecSettings(mode="adaptive", quality=1.0, chunk_tokens=1000, sink_tokens=0),
+    ],
+    ids=["lossless", "adaptive-fine", "adaptive-coarse-one-chunk"],
+)
+def test_round_trip_every_architecture(tiny, settings: CodecSettings, tmp_path: Path) -> None:
+    lm = _LM(tiny)
+    path = tmp_path / "x.kvz"
+    info = encode_prefix(lm, IDS, settings, path)
+    assert info["chunks"] == -(-150 // settings.chunk_tokens)
+    cap = capture_kv(tiny.model, IDS)
+    layers = sorted_layers(decode_kvz(KvzFile(path), tiny.model))
+    for d, c in zip(layers, cap.layers, strict=True):
+        assert torch.equal(d.positions, c.positions)
+        if settings.mode == "lossless":
+            assert torch.equal(d.keys, c.keys) and torch.equal(d.values, c.values)
+        else:
+            bound = 0.03 if settings.quality < 0.1 else 0.7  # half a step of quality·σ, relative to the peak
+            assert _max_rel(d.keys, c.keys) < bound and _max_rel(d.values, c.values) < bound
+    # Identical inputs give identical bytes.
+    again = tmp_path / "y.kvz"
+    encode_prefix(lm, IDS, settings, again)
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_raw_tokens_are_fp16_exact(tiny_llama, tmp_path: Path) -> None:
+    lm = _LM(tiny_llama)
+    s = CodecSettings(mode="adaptive", quality=2.0, chunk_tokens=32, sink_tokens=3, recent_tokens=4)
+    encode_prefix(lm, IDS, s, tmp_path / "x.kvz")
+    cap = capture_kv(tiny_llama.model, IDS)
+    layers = sorted_layers(decode_kvz(KvzFile(tmp_path / "x.kvz"), tiny_llama.model))
+    for d, c in zip(layers, cap.layers, strict=True):
+        for sl in (slice(0, 3), slice(-4, None)):
+            assert torch.allclose(d.values[:, :, sl], c.values[:, :, sl].half().float(), atol=0, rtol=0)
+            assert torch.allclose(d.keys[:, :, sl], c.keys[:, :, sl], atol=2e-3, rtol=1e-2)
+
+
+def test_load_cache_continues_generation(tiny_llama, tmp_path: Path) -> None:
+    """Greedy generation from a lossless .kvz equals generation after a fresh prefill."""
+    lm = _LM(tiny_llama)
+    encode_prefix(lm, IDS, CodecSettings(mode="lossless"), tmp_path / "x.kvz")
+    cache, ids = load_cache(tmp_path / "x.kvz", tiny_llama.model)
+    assert torch.equal(ids, IDS)
+    new = torch.tensor([5, 6, 7])
+    full = torch.cat([ids, new])[None]
+    with torch.no_grad():
+        got = tiny_llama.model.generate(full, past_key_values=cache, max_new_tokens=8, do_sample=False,
+                                        attention_mask=torch.ones_like(full))  # fmt: skip
+        ref = tiny_llama.model.generate(full, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(full))
+    assert torch.equal(got, ref)
+
+
+def test_other_model_is_refused(tiny_llama, tiny_qwen2, tmp_path: Path) -> None:
+    encode_prefix(_LM(tiny_llama), IDS, CodecSettings(chunk_tokens=64), tmp_path / "x.kvz")
+    with pytest.raises(ArtifactError, match="not"):
+        load_cache(tmp_path / "x.kvz", tiny_qwen2.model)
+
+
+# -- damaged files -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_kvz(tiny_llama, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("kvz") / "small.kvz"
+    encode_prefix(_LM(tiny_llama), IDS[:40], CodecSettings(chunk_tokens=16, quality=0.5, lane_symbols=64), path)
+    return path
+
+
+def _decode(path: Path, model: Any) -> list[Any]:
+    return sorted_layers(decode_kvz(KvzFile(path), model))
+
+
+def test_flipped_byte_in_a_chunk_names_the_chunk(small_kvz: Path, tiny_llama, tmp_path: Path) -> None:
+    kvz = KvzFile(small_kvz)
+    begin, end = kvz._header["chunk.000001.words"]["data_offsets"]
+    data = bytearray(small_kvz.read_bytes())
+    data[kvz._data_start + begin + 3] ^= 0x10
+    bad = tmp_path / "bad.kvz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="chunk 1 is corrupted"):
+        _decode(bad, tiny_llama.model)
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, -1])
+def test_truncated_file(small_kvz: Path, tiny_llama, tmp_path: Path, keep: int) -> None:
+    data = small_kvz.read_bytes()
+    bad = tmp_path / "bad.kvz"
+    bad.write_bytes(data[:keep] if keep >= 0 else data[:-5])
+    with pytest.raises(ArtifactError):
+        _decode(bad, tiny_llama.model)
+
+
+def test_fuzz_mutations(small_kvz: Path, tiny_llama, tmp_path: Path) -> None:
+    """3,000 random mutations (byte flips, runs of random bytes, truncations, insertions) anywhere in the file:
+    every one is either refused with an ArtifactError or decodes to exactly the original tensors."""
+    data = small_kvz.read_bytes()
+    reference = _decode(small_kvz, tiny_llama.model)
+    rng = random.Random(0)
+    bad = tmp_path / "m.kvz"
+    outcomes = {"refused": 0, "same": 0}
+    for _ in range(3000):
+        b = bytearray(data)
+        kind = rng.random()
+        if kind < 0.6:
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+        elif kind < 0.8:
+            i = rng.randrange(len(b))
+            b[i : i + 8] = bytes(rng.randrange(256) for _ in range(8))
+        elif kind < 0.9:
+            b = b[: rng.randrange(len(b))]
+        else:
+            i = rng.randrange(len(b))
+            b[i:i] = bytes([rng.randrange(256)])
+        bad.write_bytes(bytes(b))
+        try:
+            got = _decode(bad, tiny_llama.model)
+        except (ArtifactError, InputError):
+            outcomes["refused"] += 1
+            continue
+        for g, r in zip(got, reference, strict=True):  # undetected only if harmless (e.g. header padding)
+            assert torch.equal(g.keys, r.keys) and torch.equal(g.values, r.values)
+        outcomes["same"] += 1
+    assert outcomes["refused"] > 2500
+
+
+# -- the CLI -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVTOOL_HOME", str(tmp_path / "kvhome"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def invoke(*args: Any):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def pca_artifact(tiny_model_dir: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pca") / "pca.kvcal.safetensors"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVTOOL_HOME", str(path.parent / "kvhome"))
+        r = invoke("calibrate", tiny_model_dir, "--text", text_file, "--num-seqs", 2, "--seq-len", 64,
+                   "--method", "pca", "-o", path, "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    return path
+
+
+def test_cli_calibrated_encode_decode_generate(
+    pca_artifact: Path, tiny_model_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ctx.kvz"
+    base = ("encode", text_file, "-m", tiny_model_dir, "--max-tokens", 100, "--chunk-tokens", 32)
+    r = invoke(*base, "-o", out, "--calibration", pca_artifact, "--bits", 3, "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["chunks"] == 4 and info["mode"] == "calibrated" and info["bits_per_element"] > 0
+    r2 = invoke(*base, "-o", tmp_path / "again.kvz", "--calibration", pca_artifact, "--bits", 3, "-q")
+    assert r2.exit_code == 0 and (tmp_path / "again.kvz").read_bytes() == out.read_bytes()
+    kv = tmp_path / "kv.safetensors"
+    d = invoke("decode", out, "-m", tiny_model_dir, "--calibration", pca_artifact, "-o", kv, "--json")
+    assert d.exit_code == 0, d.stderr
+    cap = read_artifact(kv)
+    assert cap.schema == "kvtool.kv_capture" and cap.tensors["k"].shape[2] == 100
+    g = invoke("decode", out, "-m", tiny_model_dir, "--calibration", pca_artifact, "--generate", "Anne",
+               "--max-new-tokens", 5, "--json")  # fmt: skip
+    assert g.exit_code == 0, g.stderr
+    assert isinstance(json.loads(g.stdout)["generated"], str)
+    # Without the calibration, or with another artifact: exit 3, one line.
+    r3 = invoke("decode", out, "-m", tiny_model_dir)
+    assert_one_line_error(r3, 3, "--calibration")
+    other = tmp_path / "other.kvcal.safetensors"
+    r4 = invoke("calibrate", "--resolve", pca_artifact, "--target-bits", 3, "-o", other, "-q")
+    assert r4.exit_code == 0, r4.stderr
+    r5 = invoke("decode", out, "-m", tiny_model_dir, "--calibration", other)
+    assert_one_line_error(r5, 3, "coded with calibration")
+
+
+def test_cli_adaptive_and_lossless(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    for flags, name in ((("--quality", 0.3), "a.kvz"), (("--lossless",), "l.kvz")):
+        r = invoke("encode", text_file, "-m", tiny_model_dir, "--max-tokens", 60, "-o", tmp_path / name, *flags, "-q")
+        assert r.exit_code == 0, r.stderr
+        assert r.stdout.strip() == str(tmp_path / name)
+        d = invoke("decode", tmp_path / name, "-m", tiny_model_dir, "--json")
+        assert d.exit_code == 0, d.stderr and json.loads(d.stdout)["tokens"] == 60
+
+
+def test_cli_errors(small_kvz: Path, tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x.kvz"
+    r = invoke("encode", text_file, "-m", tiny_model_dir, "-o", out, "--bits", 2)
+    assert_one_line_error(r, 2, "--calibration")
+    assert not out.exists()
+    r = invoke("encode", tmp_path / "missing.txt", "-m", tiny_model_dir, "-o", out)
+    assert r.exit_code != 0 and not out.exists()
+    r = invoke("decode", tmp_path / "nothing.kvz")
+    assert r.exit_code != 0 and len(r.stderr.strip().splitlines()) == 1
+    # A .kvz of another model (the tiny Llama of conftest has different weights than the saved folder's).
+    r = invoke("decode", small_kvz, "-m", tiny_model_dir)
+    assert_one_line_error(r, 3, "is for model")
+    bad = tmp_path / "trunc.kvz"
+    bad.write_bytes(small_kvz.read_bytes()[:-9])
+    assert_one_line_error(invoke("decode", bad, "-m", tiny_model_dir), 3, "")
