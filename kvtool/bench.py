@@ -13,6 +13,8 @@ from typing import Any
 
 from kvtool.artifacts import read_artifact
 from kvtool.calibration import SCHEMA, transform_of
+from kvtool.codecs.bench_rows import CodecRow, codec_row
+from kvtool.errors import UsageError
 from kvtool.harness import continuation_quality, perplexity
 from kvtool.models import LoadedModel, tokenize
 from kvtool.presets import REFERENCE, parse_preset
@@ -34,14 +36,21 @@ class BenchSettings:
 
 @dataclass
 class BenchRow:
+    """One configuration. Codec rows (``kvz:...``) have no in-attention PPL (they code a finished prefix cache):
+    their bits are measured file bytes, with the codec's encode / decode speeds."""
+
     name: str
     nominal_bits: float
     all_in_bits: float
-    ppl: float
-    delta_ppl_pct: float
+    ppl: float | None
+    delta_ppl_pct: float | None
     cont_ppl: float | None = None
     kl: float | None = None
     top1: float | None = None
+    bytes_per_token: float | None = None
+    compression_vs_fp16: float | None = None
+    encode_mb_s: float | None = None
+    decode_mb_s: float | None = None
 
 
 def config_transform(name: str, lm: LoadedModel) -> KVTransform:
@@ -76,10 +85,15 @@ def run_bench(
     ids = tokenize(lm.tokenizer, text)
     ppl_ids = ids[: settings.tokens]
     names = [REFERENCE, *[c for c in configs if c != REFERENCE]]
-    transforms: list[KVTransform] = [config_transform(n, lm) for n in names]
+    transforms: list[Any] = [codec_row(n, lm) or config_transform(n, lm) for n in names]
+    if any(isinstance(t, CodecRow) for t in transforms) and not settings.continuation:
+        raise UsageError("codec rows (kvz:..., zstd-fp16) are measured on continuations: drop --no-continuation")
     rows: list[BenchRow] = []
     base_ppl = None
     for name, t in zip(names, transforms, strict=True):
+        if isinstance(t, CodecRow):
+            rows.append(BenchRow(name, float("nan"), float("nan"), None, None))
+            continue
 
         def advance(n: int, stage: str = name) -> None:
             if progress is not None:
@@ -93,8 +107,13 @@ def run_bench(
         conts = continuation_quality(
             lm.model, ids, transforms, settings.prefix_len, settings.cont_len, settings.offsets
         )
-        for row, c in zip(rows, conts, strict=True):
+        for row, c, t in zip(rows, conts, transforms, strict=True):
             row.cont_ppl, row.kl, row.top1 = c.ppl, c.kl, c.top1
+            if isinstance(t, CodecRow):
+                row.nominal_bits = row.all_in_bits = t.bits_per_element
+                row.bytes_per_token = t.bytes / max(sum(t.prefixes), 1)
+                row.compression_vs_fp16 = 16.0 / t.bits_per_element
+                row.encode_mb_s, row.decode_mb_s = t.speeds().values()
     return {
         "model": lm.fingerprint,
         "settings": asdict(settings),

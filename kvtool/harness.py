@@ -77,18 +77,23 @@ class PrefixCache:
     cache: Any
     rope: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     prefix_len: int
+    ids: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def prefill(model: Any, prefix_ids: torch.Tensor) -> PrefixCache:
     """Run the prefix (shape ``(P,)``) from position 0 and keep its cache and per-layer RoPE."""
     cache, rope = prefill_with_rope(model, prefix_ids[None])
-    return PrefixCache(cache, rope, prefix_ids.numel())
+    return PrefixCache(cache, rope, prefix_ids.numel(), prefix_ids)
 
 
-def transform_cache(prefix: PrefixCache, transform: KVTransform | None) -> Any:
-    """A copy of the prefix cache with every layer's K/V replaced by its transformed version."""
+def transform_cache(prefix: PrefixCache, transform: Any) -> Any:
+    """A copy of the prefix cache with every layer's K/V replaced by its transformed version. ``transform`` is a
+    :class:`KVTransform`, ``None``, or a codec with ``code_cache(cache, ids)`` (the cache round-trips a real
+    encoding)."""
     cache = copy.deepcopy(prefix.cache)
+    if hasattr(transform, "code_cache"):
+        return transform.code_cache(cache, prefix.ids)
     if transform is None or transform.is_identity:
         return cache
     for i, layer in enumerate(cache.layers):

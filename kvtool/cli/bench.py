@@ -62,18 +62,29 @@ def bench(
     rows = result["rows"]
     table = out.table(
         f"{model}: PPL on {result['ppl_tokens']} tokens of '{text}' (window {window})",
-        ["config", "nominal bits", "all-in bits", "PPL", "ΔPPL %", "cont. KL", "top-1"],
+        ["config", "nominal bits", "all-in bits", "PPL", "ΔPPL %", "cont. PPL", "cont. KL", "top-1"],
         [
             [
                 r["name"],
                 f"{r['nominal_bits']:.2f}",
                 f"{r['all_in_bits']:.3f}",
-                f"{r['ppl']:.3f}",
-                f"{r['delta_ppl_pct']:+.2f}",
+                _fmt(r["ppl"], ".3f"),
+                _fmt(r["delta_ppl_pct"], "+.2f"),
+                _fmt(r["cont_ppl"], ".3f"),
                 _fmt(r["kl"], ".4f"),
                 _fmt(r["top1"], ".3f"),
             ]
             for r in rows
         ],
     )
+    codecs = [r for r in rows if r["bytes_per_token"] is not None]
+    if codecs and out.mode == "human":
+        out.out.print(table)
+        table = out.table(
+            "codecs (bits = file bytes; speeds = fp16-equivalent MB/s on this machine)",
+            ["config", "bytes/token", "vs fp16", "cont. ΔPPL %", "encode MB/s", "decode MB/s"],
+            [[r["name"], f"{r['bytes_per_token']:.0f}", f"{r['compression_vs_fp16']:.1f}x",
+              f"{100 * (r['cont_ppl'] / rows[0]['cont_ppl'] - 1):+.2f}", f"{r['encode_mb_s']:.1f}",
+              f"{r['decode_mb_s']:.1f}"] for r in codecs],
+        )  # fmt: skip
     out.result(result, table=table)

@@ -20,6 +20,7 @@ import torch
 
 from kvtool.codecs import rans
 from kvtool.codecs.ecsq import MAX_K, Level, dequantize, quantize
+from kvtool.kernels import rans_decode, rans_encode
 from kvtool.quantizers.projection import ProjectionQuantizer
 
 KINDS = ("k", "v")
@@ -50,12 +51,16 @@ class _Coder:
     lane-cut and rANS-coded in one batch."""
 
     lane_len = 4096
+    backend = "torch"  #: rANS backend (:mod:`kvtool.kernels`): auto, torch or triton; same bytes either way
+    device = torch.device("cpu")  #: where the rANS kernels run
 
     def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:
         raise NotImplementedError
 
-    def encode(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> CodedChunk:
-        side = self._side(layers)
+    def symbols(
+        self, layers: list[tuple[torch.Tensor, torch.Tensor]], side: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The chunk's flat symbols, their table ids, and the symbols per layer (the stream layout)."""
         syms, tids, segments = [], [], []
         for i, (k, v) in enumerate(layers):
             count = 0
@@ -65,9 +70,14 @@ class _Coder:
                 tids.append(t.repeat_interleave(s.shape[0]))
                 count += s.numel()
             segments.append(count)
+        return torch.cat(syms), torch.cat(tids), segments
+
+    def encode(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> CodedChunk:
+        side = self._side(layers)
+        sym, tid, segments = self.symbols(layers, side)
         lengths, per_layer = rans.lane_lengths(segments, self.lane_len)
-        words, lanes = rans.encode_reference(torch.cat(syms), torch.cat(tids), self._tables(side), lengths)
-        return CodedChunk(words.to(torch.int32), lanes, per_layer, side)
+        words, lanes = rans_encode(sym.to(self.device), tid, self._tables(side), lengths, backend=self.backend)
+        return CodedChunk(words.to(torch.int32).cpu(), lanes.cpu(), per_layer, side)
 
     def decode(self, chunk: CodedChunk, counts: list[int], heads: int, head_dim: int) -> list[tuple[torch.Tensor, ...]]:
         """Per layer ``(keys, values)`` pre-RoPE ``(heads, n_i, head_dim)`` float32, ``counts[i] = n_i``."""
@@ -80,7 +90,8 @@ class _Coder:
             [t.repeat_interleave(n) for comps, n in zip(layout, counts, strict=True) for t in self._tids(comps)]
             or [torch.zeros(0, dtype=torch.int64)]
         )
-        flat = rans.decode_reference(chunk.words, chunk.lanes, tids, self._tables(chunk.side), lengths)
+        flat = rans_decode(chunk.words.to(self.device), chunk.lanes, tids, self._tables(chunk.side), lengths,
+                           backend=self.backend).cpu()  # fmt: skip
         out, at = [], 0
         for i, n in enumerate(counts):
             pair = []

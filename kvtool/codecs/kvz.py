@@ -155,35 +155,44 @@ def _layer_slice(layer: Any, lo: int, positions: list[int]) -> tuple[torch.Tenso
     return layer.keys[0].index_select(1, idx), layer.values[0].index_select(1, idx)
 
 
+def _chunk_layers(
+    geo: Geometry, cache: Any, rope: list[tuple[torch.Tensor, torch.Tensor]], chunk: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """The chunk's coded positions per layer as pre-RoPE ``(keys, values)`` ``(heads, n, head_dim)`` float32, and
+    its raw (fp16) positions per layer, flattened ``[K, V] × heads × n × head_dim``."""
+    coded_layers, raw_parts = [], []
+    for i, layer in enumerate(cache.layers):
+        lo, _ = geo.layer_range(i)
+        coded, raw = geo.split(i, chunk)
+        cos, sin = rope[i]
+        for positions, is_coded in ((coded, True), (raw, False)):
+            k, v = _layer_slice(layer, lo, positions)
+            p = torch.tensor(positions, dtype=torch.int64)
+            kp = invert_rope(k[None].float().cpu(), cos[:, p], sin[:, p])[0]
+            if is_coded:
+                coded_layers.append((kp, v.float().cpu()))
+            else:
+                raw_parts.append(torch.stack([kp, v.float().cpu()]).half().reshape(-1))
+    return coded_layers, raw_parts
+
+
 def _chunk_tensors(
     geo: Geometry, cache: Any, rope: list[tuple[torch.Tensor, torch.Tensor]], chunk: int, coder: Any
 ) -> dict[str, torch.Tensor]:
     s = geo.settings
-    coded_layers, raw_parts, lossless_parts = [], [], []
-    for i, layer in enumerate(cache.layers):
-        lo, hi = geo.layer_range(i)
-        coded, raw = geo.split(i, chunk)
-        if s.mode == "lossless":
-            k, v = _layer_slice(layer, lo, coded + raw)
-            lossless_parts.append(torch.stack([k, v]).cpu())
-            continue
-        cos, sin = rope[i]
-        for positions, sink in ((coded, coded_layers), (raw, raw_parts)):
-            k, v = _layer_slice(layer, lo, positions)
-            p = torch.tensor(positions, dtype=torch.int64)
-            kp = invert_rope(k[None].float().cpu(), cos[:, p], sin[:, p])[0]
-            if sink is coded_layers:
-                sink.append((kp, v.float().cpu()))
-            else:
-                sink.append(torch.stack([kp, v.float().cpu()]).half().reshape(-1))
     name = f"chunk.{chunk:06d}"
     if s.mode == "lossless":
-        blobs = [_lossless_blob(t, s.zstd_level) for t in lossless_parts]
+        blobs = []
+        for i, layer in enumerate(cache.layers):
+            coded, raw = geo.split(i, chunk)
+            k, v = _layer_slice(layer, geo.layer_range(i)[0], coded + raw)
+            blobs.append(_lossless_blob(torch.stack([k, v]).cpu(), s.zstd_level))
         return {
             f"{name}.zstd": torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
             if any(blobs) else torch.zeros(0, dtype=torch.uint8),
             f"{name}.layer_bytes": torch.tensor([len(b) for b in blobs], dtype=torch.int64),
         }  # fmt: skip
+    coded_layers, raw_parts = _chunk_layers(geo, cache, rope, chunk)
     c: CodedChunk = coder.encode(coded_layers)
     out = {
         f"{name}.words": c.words.to(torch.int32).to(torch.uint16),
@@ -212,16 +221,28 @@ def encode_prefix(
     calibration: Artifact | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Prefill ``lm`` on ``ids`` ``(T,)`` and write the ``.kvz`` file atomically; return a summary."""
+    """Prefill ``lm`` on ``ids`` ``(T,)`` (in pieces) and write the ``.kvz`` file atomically; return a summary."""
+    if ids.numel() < 1:
+        raise UsageError("the prompt has no tokens")
+    return encode_cache(lm, ids, prefill_cache(lm.model, ids), settings, path, calibration, progress)
+
+
+def encode_cache(
+    lm: Any,
+    ids: torch.Tensor,
+    cache: Any,
+    settings: CodecSettings,
+    path: Path,
+    calibration: Artifact | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Write the ``.kvz`` of ``cache``, the model's cache after prefilling ``ids`` from position 0."""
     arch: ArchInfo = lm.arch
     tokens = int(ids.numel())
-    if tokens < 1:
-        raise UsageError("the prompt has no tokens")
     coder = _coder(settings, calibration, arch)
     if calibration is not None and settings.mode == "calibrated":
         _check_same_model(calibration.model, lm.fingerprint, "calibration artifact")
     geo = Geometry(arch, tokens, settings)
-    cache = prefill_cache(lm.model, ids)
     rope = [(c.cpu(), s.cpu()) for c, s in rope_for_positions(lm.model, arch.num_layers, torch.arange(tokens))]
     tensors: dict[str, torch.Tensor] = {"input_ids": ids.to(torch.int32).cpu()}
     chunks = []

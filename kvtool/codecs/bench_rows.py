@@ -1,0 +1,95 @@
+"""Codec rows for ``kvtool bench``: a prefix cache goes through a real ``.kvz`` file (or a peer codec) and comes
+back as the cache the continuation is scored on; bytes and CPU times are measured on the way.
+
+Names (``--configs``): ``kvz:lossless``, ``kvz:q<Q>`` (adaptive, step Q·σ), ``kvz:<artifact>@<bits>`` or
+``kvz:<artifact>@L<n>`` (calibrated level), ``zstd-fp16`` (the fp16 cache, byte planes + zstandard).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvtool.artifacts import Artifact, read_artifact
+from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
+from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_cache, pick_level, sorted_layers
+from kvtool.errors import UsageError
+
+
+@dataclass
+class CodecRow:
+    """A codec under test; :meth:`code_cache` is called once per continuation prefix."""
+
+    name: str
+    lm: Any
+    settings: CodecSettings
+    calibration: Artifact | None = None
+    cast_fp16: bool = False  #: code the cache rounded to fp16 (the ``zstd-fp16`` peer)
+    bytes: int = 0
+    elements: int = 0
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    prefixes: list[int] = field(default_factory=list)
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8.0 * self.bytes / max(self.elements, 1)
+
+    def code_cache(self, cache: Any, ids: torch.Tensor) -> Any:
+        """Encode ``cache`` (after ``ids``) to a temporary ``.kvz``, decode it, and return the decoded cache."""
+        from transformers import DynamicCache
+
+        model = self.lm.model
+        if self.cast_fp16:
+            for layer in cache.layers:
+                layer.keys, layer.values = (t.half().to(t.dtype) for t in (layer.keys, layer.values))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "bench.kvz"
+            t0 = time.perf_counter()
+            encode_cache(self.lm, ids, cache, self.settings, path, self.calibration)
+            t1 = time.perf_counter()
+            layers = sorted_layers(decode_kvz(KvzFile(path), model, self.calibration))
+            t2 = time.perf_counter()
+            self.bytes += path.stat().st_size
+        self.encode_s += t1 - t0
+        self.decode_s += t2 - t1
+        self.elements += sum(d.values.numel() * 2 for d in layers)
+        self.prefixes.append(int(ids.numel()))
+        out = DynamicCache(config=model.config)
+        dtype = cache.layers[0].keys.dtype
+        for i, d in enumerate(layers):
+            out.update(d.keys.to(dtype), d.values.to(dtype), i)
+        return out
+
+    def speeds(self) -> dict[str, float]:
+        """fp16-equivalent MB/s of encode and decode (2 bytes per element)."""
+        mb = 2.0 * self.elements / 1e6
+        return {"encode_mb_s": mb / max(self.encode_s, 1e-9), "decode_mb_s": mb / max(self.decode_s, 1e-9)}
+
+
+def codec_row(name: str, lm: Any) -> CodecRow | None:
+    """The :class:`CodecRow` a ``--configs`` entry names, or ``None`` when it is not a codec."""
+    if name == "zstd-fp16":
+        return CodecRow(name, lm, CodecSettings(mode="lossless"), cast_fp16=True)
+    if not name.startswith("kvz:"):
+        return None
+    spec = name[4:]
+    if spec == "lossless":
+        return CodecRow(name, lm, CodecSettings(mode="lossless"))
+    if spec.startswith("q"):
+        try:
+            return CodecRow(name, lm, CodecSettings(mode="adaptive", quality=float(spec[1:])))
+        except ValueError as e:
+            raise UsageError(f"'{name}': use kvz:q<step in σ>, e.g. kvz:q0.5") from e
+    path, _, level = spec.partition("@")
+    art = read_artifact(path, expect_schema=CALIBRATION_SCHEMA, model=lm.fingerprint)
+    try:
+        index = int(level[1:]) if level.startswith("L") else pick_level(art, float(level or 1.0))
+    except ValueError as e:
+        raise UsageError(f"'{name}': use kvz:<artifact>@<bits> or kvz:<artifact>@L<level>") from e
+    return CodecRow(name, lm, CodecSettings(mode="calibrated", level=index), calibration=art)

@@ -1,0 +1,183 @@
+"""Triton kernels of the interleaved rANS coder: one program per block of lanes, each lane a sequential loop.
+
+Same signatures and the same bytes as :func:`kvtool.codecs.rans.encode_reference` /
+:func:`~kvtool.codecs.rans.decode_reference` (integer arithmetic only, so equality is exact, not within a
+tolerance). All inputs are moved to the tensors' CUDA device; ``TRITON_INTERPRET=1`` runs the kernels on CPU (the CI
+tests do, on tiny shapes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtool.codecs.rans import PROB_BITS, PROB_SCALE, STATE_LOW, Tables
+
+BLOCK_LANES = int(os.environ.get("KVTOOL_RANS_BLOCK", "64"))  #: lanes per program (one lane per thread)
+NUM_WARPS = int(os.environ.get("KVTOOL_RANS_WARPS", "2"))
+_DEVICE_TABLES: dict[tuple[int, str], tuple[Tables, tuple[torch.Tensor, ...]]] = {}
+
+
+@triton.jit
+def _decode_kernel(
+    words_ptr, total_words, word_start_ptr, sym_start_ptr, length_ptr, tid_ptr, lut_ptr, freq_ptr, cum_ptr,
+    out_ptr, state_out_ptr, ptr_out_ptr, n_lanes, max_len,
+    A: tl.constexpr, PROB_BITS_: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = lanes < n_lanes
+    wstart = tl.load(word_start_ptr + lanes, mask=live, other=0).to(tl.int64)
+    sstart = tl.load(sym_start_ptr + lanes, mask=live, other=0).to(tl.int64)
+    length = tl.load(length_ptr + lanes, mask=live, other=0).to(tl.int64)
+    lo = tl.load(words_ptr + wstart, mask=live & (wstart < total_words), other=0).to(tl.int64)
+    hi = tl.load(words_ptr + wstart + 1, mask=live & (wstart + 1 < total_words), other=0).to(tl.int64)
+    x = lo | (hi << 16)
+    ptr = wstart + 2
+    for k in range(0, max_len):
+        active = live & (k < length)
+        t = tl.load(tid_ptr + sstart + k, mask=active, other=0).to(tl.int64)
+        slot = x & ((1 << PROB_BITS_) - 1)
+        s = tl.load(lut_ptr + t * (1 << PROB_BITS_) + slot, mask=active, other=0).to(tl.int64)
+        f = tl.load(freq_ptr + t * A + s, mask=active, other=1).to(tl.int64)
+        c = tl.load(cum_ptr + t * (A + 1) + s, mask=active, other=0).to(tl.int64)
+        nxt = f * (x >> PROB_BITS_) + slot - c
+        read = active & (nxt < 65536)
+        w = tl.load(words_ptr + ptr, mask=read & (ptr < total_words), other=0).to(tl.int64)
+        nxt = tl.where(read, (nxt << 16) | w, nxt)
+        ptr += read.to(tl.int64)
+        x = tl.where(active, nxt, x)
+        tl.store(out_ptr + sstart + k, s, mask=active)
+    tl.store(state_out_ptr + lanes, x, mask=live)
+    tl.store(ptr_out_ptr + lanes, ptr, mask=live)
+
+
+@triton.jit
+def _encode_kernel(
+    sym_ptr, tid_ptr, sym_start_ptr, length_ptr, freq_ptr, cum_ptr, buf_ptr, count_ptr, state_ptr, n_lanes,
+    max_len, cap, A: tl.constexpr, PROB_BITS_: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = lanes < n_lanes
+    sstart = tl.load(sym_start_ptr + lanes, mask=live, other=0).to(tl.int64)
+    length = tl.load(length_ptr + lanes, mask=live, other=0).to(tl.int64)
+    x = tl.full((BLOCK,), 65536, tl.int64)
+    emitted = tl.zeros((BLOCK,), tl.int64)
+    for j in range(0, max_len):
+        k = max_len - 1 - j  # backwards: the decoder reads forwards
+        active = live & (k < length)
+        s = tl.load(sym_ptr + sstart + k, mask=active, other=0).to(tl.int64)
+        t = tl.load(tid_ptr + sstart + k, mask=active, other=0).to(tl.int64)
+        f = tl.load(freq_ptr + t * A + s, mask=active, other=1).to(tl.int64)
+        c = tl.load(cum_ptr + t * (A + 1) + s, mask=active, other=0).to(tl.int64)
+        flush = active & (x >= (f << (32 - PROB_BITS_)))
+        tl.store(buf_ptr + lanes.to(tl.int64) * cap + emitted, x & 0xFFFF, mask=flush)
+        emitted += flush.to(tl.int64)
+        x = tl.where(flush, x >> 16, x)
+        x = tl.where(active, ((x // f) << PROB_BITS_) + (x % f) + c, x)
+    tl.store(count_ptr + lanes, emitted, mask=live)
+    tl.store(state_ptr + lanes, x, mask=live)
+
+
+def _device_tables(tables: Tables, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(lut, freq, cum)`` as int32 on ``device``, cached per table set (tables are reused for every chunk)."""
+    key = (id(tables), str(device))
+    hit = _DEVICE_TABLES.get(key)
+    if hit is not None and hit[0] is tables:
+        return hit[1]
+    made = tuple(t.to(device, torch.int32).contiguous() for t in (tables.lut, tables.freq, tables.cum))
+    if len(_DEVICE_TABLES) >= 8:
+        _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
+    _DEVICE_TABLES[key] = (tables, made)  # keeps ``tables`` alive, so its id is not reused while cached
+    return made
+
+
+def _grid(n_lanes: int) -> tuple[int]:
+    return (triton.cdiv(n_lanes, BLOCK_LANES),)
+
+
+def encode_triton(
+    symbols: torch.Tensor, table_ids: torch.Tensor, tables: Tables, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`kvtool.codecs.rans.encode_reference` (same bytes); runs on ``symbols.device``."""
+    device = symbols.device
+    n = symbols.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    lengths = lengths.to(device, torch.int64)
+    if int(lengths.sum()) != n or bool((lengths < 1).any()):
+        raise ValueError("lane lengths must be positive and cover the symbols")
+    sym = symbols.to(device, torch.int32).reshape(-1).contiguous()
+    tid = table_ids.to(device, torch.int32).reshape(-1).contiguous()
+    _, freq, cum = _device_tables(tables, device)
+    a = tables.freq.shape[1]
+    outside = (sym < 0) | (sym >= a)
+    if bool(outside.any()) or bool((freq.reshape(-1)[tid.long() * a + sym.long()] <= 0).any()):
+        raise ValueError("a symbol outside its table's alphabet")
+    n_lanes, max_len = lengths.numel(), int(lengths.max())
+    starts = (lengths.cumsum(0) - lengths).contiguous()
+    cap = max_len
+    buf = torch.zeros(n_lanes * cap, dtype=torch.int32, device=device)
+    count = torch.zeros(n_lanes, dtype=torch.int64, device=device)
+    state = torch.zeros(n_lanes, dtype=torch.int64, device=device)
+    _encode_kernel[_grid(n_lanes)](
+        sym, tid, starts, lengths, freq, cum, buf, count, state, n_lanes, max_len, cap,
+        A=a, PROB_BITS_=PROB_BITS, BLOCK=BLOCK_LANES, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    # Each lane: [state low, state high, emitted words in reverse emission order].
+    per_lane = count + 2
+    total = int(per_lane.sum())
+    lane = torch.repeat_interleave(torch.arange(n_lanes, device=device), per_lane)
+    first = per_lane.cumsum(0) - per_lane
+    j = torch.arange(total, device=device) - first[lane]
+    emitted_idx = (count[lane] - 1 - (j - 2)).clamp_min(0)
+    body = buf.view(n_lanes, cap)[lane, emitted_idx.clamp_max(cap - 1)].to(torch.int64)
+    words = torch.where(j == 0, state[lane] & 0xFFFF, torch.where(j == 1, state[lane] >> 16, body))
+    return words.to(torch.int32), per_lane
+
+
+def decode_triton(
+    words: torch.Tensor,
+    words_per_lane: torch.Tensor,
+    table_ids: torch.Tensor,
+    tables: Tables,
+    lengths: torch.Tensor,
+    out_dtype: torch.dtype = torch.int64,
+) -> torch.Tensor:
+    """Triton twin of :func:`kvtool.codecs.rans.decode_reference` (same symbols, same corruption checks);
+    ``out_dtype`` int32 halves the output traffic."""
+    device = words.device
+    tid = table_ids.to(device, torch.int32).reshape(-1).contiguous()
+    n = tid.numel()
+    if n == 0:
+        if words.numel() or words_per_lane.numel():
+            raise ValueError("words for an empty batch")
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    lengths = lengths.to(device, torch.int64)
+    per_lane = words_per_lane.to(device, torch.int64)
+    if int(lengths.sum()) != n:
+        raise ValueError("lane lengths do not cover the symbols")
+    if per_lane.numel() != lengths.numel():
+        raise ValueError(f"expected {lengths.numel()} lanes, got {per_lane.numel()}")
+    ends = per_lane.cumsum(0)
+    if int(ends[-1]) != words.numel() or bool((per_lane < 2).any()):
+        raise ValueError("lane lengths do not match the stream")
+    w = words.to(device, torch.int32).reshape(-1).contiguous()
+    lut, freq, cum = _device_tables(tables, device)
+    n_lanes, max_len = lengths.numel(), int(lengths.max())
+    out = torch.empty(n, dtype=out_dtype, device=device)
+    state = torch.zeros(n_lanes, dtype=torch.int64, device=device)
+    ptr = torch.zeros(n_lanes, dtype=torch.int64, device=device)
+    _decode_kernel[_grid(n_lanes)](
+        w, w.numel(), (ends - per_lane).contiguous(), (lengths.cumsum(0) - lengths).contiguous(), lengths, tid, lut,
+        freq, cum, out, state, ptr, n_lanes, max_len, A=tables.freq.shape[1], PROB_BITS_=PROB_BITS, BLOCK=BLOCK_LANES,
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
+    if bool((ptr != ends).any()) or bool((state != STATE_LOW).any()):
+        raise ValueError("corrupt stream: a lane does not end where its length says")
+    return out
+
+
+assert PROB_SCALE == 1 << PROB_BITS
