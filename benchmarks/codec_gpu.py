@@ -119,7 +119,7 @@ def run_shape(stream: dict, name: str, tokens: int, lane_len: int, repeats: int,
         gbs = elements * 2 / t / 1e9
         out[label] = {"ms": t * 1e3, "gb_s": gbs, "ms_per_1k_tokens": t * 1e3 * 1000 / tokens,
                       "fraction_of_copy": gbs / copy_gbs}  # fmt: skip
-    del inputs
+    inputs.clear()
     torch.cuda.empty_cache()
     return out
 
@@ -135,7 +135,8 @@ def check_exact(stream: dict) -> dict:
     back = decode_triton(ref_w.cuda(), ref_l, tid.cuda(), tables, lengths).cpu()
     cpu_back = rans.decode_reference(gpu_w.cpu(), gpu_l.cpu(), tid, tables, lengths)
     return {"symbols": sym.numel(), "words_equal": same, "gpu_decodes_cpu_stream": torch.equal(back, sym),
-            "cpu_decodes_gpu_stream": torch.equal(cpu_back, sym), "bits_per_symbol": 16 * ref_w.numel() / sym.numel()}  # fmt: skip
+            "cpu_decodes_gpu_stream": torch.equal(cpu_back, sym),
+            "bits_per_symbol": 16 * ref_w.numel() / sym.numel()}  # fmt: skip
 
 
 def main() -> None:
