@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-import zstandard
 
 from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo, apply_rope, invert_rope
@@ -208,6 +207,8 @@ def _lossless_blob(t: torch.Tensor, level: int) -> bytes:
     """Byte planes of ``t`` (most significant first, so exponents sit together) compressed with zstandard."""
     if t.numel() == 0:
         return b""
+    import zstandard  # only the lossless mode needs it
+
     raw = t.contiguous().view(torch.uint8).reshape(-1, t.element_size())
     planes = raw.T.contiguous().numpy().tobytes()
     return zstandard.ZstdCompressor(level=level).compress(planes)
@@ -433,7 +434,7 @@ def decode_kvz(
         t = kvz.read_chunk(chunk)
         try:
             layers = _decode_chunk(kvz, geo, chunk, t, coder, heads, dim, dtype)
-        except (ValueError, RuntimeError, KeyError, zstandard.ZstdError) as e:
+        except (ValueError, RuntimeError, KeyError) as e:
             raise ArtifactError(f"{kvz.path}: chunk {chunk} cannot be decoded ({e})") from e
         for i, item in enumerate(layers):
             parts[i].append(item)
@@ -462,6 +463,8 @@ def _decode_chunk(
     n_layers = geo.arch.num_layers
     splits = [geo.split(i, chunk) for i in range(n_layers)]
     if geo.settings.mode == "lossless":
+        import zstandard
+
         sizes = t["layer_bytes"].tolist()
         blob, at, out = t["zstd"].numpy().tobytes(), 0, []
         for i, (coded, raw) in enumerate(splits):
@@ -472,7 +475,10 @@ def _decode_chunk(
                 out.append((torch.zeros(heads, 0, dim, dtype=dtype), torch.zeros(heads, 0, dim, dtype=dtype), []))
                 continue
             size = torch.empty(0, dtype=dtype).element_size()
-            planes = zstandard.ZstdDecompressor().decompress(blob[at : at + sizes[i]], max_output_size=n * size)
+            try:
+                planes = zstandard.ZstdDecompressor().decompress(blob[at : at + sizes[i]], max_output_size=n * size)
+            except zstandard.ZstdError as e:
+                raise ValueError(f"layer {i}: {e}") from e
             at += sizes[i]
             if len(planes) != n * size:
                 raise ValueError(f"layer {i}: {len(planes)} bytes, expected {n * size}")
