@@ -82,12 +82,15 @@ def _encode_kernel(
 
 
 def _device_tables(tables: Tables, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(lut, freq, cum)`` as int32 on ``device``, cached per table set (tables are reused for every chunk)."""
+    """``(lut, freq, cum)`` (uint8, int16, int16) on ``device``, cached per table set (reused for every chunk).
+    Frequencies and cumulative frequencies are at most 4096, so int16 holds them."""
     key = (id(tables), str(device))
     hit = _DEVICE_TABLES.get(key)
     if hit is not None and hit[0] is tables:
         return hit[1]
-    made = tuple(t.to(device, torch.int32).contiguous() for t in (tables.lut, tables.freq, tables.cum))
+    # Narrow dtypes: the slot→symbol table is the big one (tables × 4096) and is gathered once per symbol.
+    made = (tables.lut.to(device, torch.uint8).contiguous(), tables.freq.to(device, torch.int16).contiguous(),
+            tables.cum.to(device, torch.int16).contiguous())  # fmt: skip
     if len(_DEVICE_TABLES) >= 8:
         _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
     _DEVICE_TABLES[key] = (tables, made)  # keeps ``tables`` alive, so its id is not reused while cached
