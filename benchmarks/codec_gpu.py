@@ -26,7 +26,7 @@ import statistics
 import torch
 
 from kvtool.codecs import rans
-from kvtool.kernels.rans_triton import decode_triton, encode_triton
+from kvtool.kernels.rans_triton import decode_interleaved, decode_triton, encode_interleaved, encode_triton, interleave
 
 SHAPES = {"smollm2": (30, 3, 64), "llama-3-8b": (32, 8, 128)}
 
@@ -73,7 +73,9 @@ def run_shape(stream: dict, name: str, tokens: int, lane_len: int, repeats: int,
         tid = _tile(stream["table_ids"], n, off).to(dev, torch.int32)
         lengths, _ = rans.lane_lengths([n], lane_len)
         words, per_lane = encode_triton(sym, tid, tables, lengths)
-        inputs.append((sym, tid, lengths.to(dev), words, per_lane))
+        # Step-major table ids depend only on the layout (level, chunk geometry): built once, reused per file.
+        tid_sm = interleave(tid, lengths)
+        inputs.append((sym, tid_sm, lengths.to(dev), words, per_lane))
     # Transform stages: per layer and K/V a (C x C) basis, C = heads * dim; the coded components are the first
     # `coded` of each slot (the stream's coded fraction); steps per component.
     c = heads * dim
@@ -85,17 +87,25 @@ def run_shape(stream: dict, name: str, tokens: int, lane_len: int, repeats: int,
     sin = torch.randn(tokens, dim, device=dev).half()
 
     def decode_rans(s: int) -> torch.Tensor:
-        sym, tid, lengths, words, per_lane = inputs[s]
-        return decode_triton(words, per_lane, tid, tables, lengths, out_dtype=torch.int32)
+        _, tid_sm, lengths, words, per_lane = inputs[s]
+        return decode_interleaved(words, per_lane, tid_sm, tables, lengths)[0]
+
+    # Dequantization tables per rANS table (component): step (fp16) and the clamp kmax; and the permutation from
+    # the stream order to the (slot, token, component) matrix the inverse transform reads (also layout-only).
+    n_tables = tables.freq.shape[0]
+    table_step = (torch.rand(n_tables, device=dev) * 0.1 + 0.01).half()
+    table_kmax = torch.full((n_tables,), 63.0, device=dev).half()
+    used = slots * tokens * coded
+    perm = torch.randperm(used, device=dev)  # stands for the cached stream→matrix index map
+    flat_idx = torch.arange(used, device=dev) % n
 
     def decode_full(s: int) -> torch.Tensor:
+        _, tid_sm, _, _, _ = inputs[s]
         symbols = decode_rans(s)
-        used = slots * tokens * coded
-        q = symbols[:used].view(slots, coded, tokens) if symbols.numel() >= used else _tile(symbols, used, 0).view(
-            slots, coded, tokens)  # fmt: skip
-        coeff = (q.to(torch.float16) - 63) * steps[:, :, None]  # (slots, coded, T)
-        x = torch.bmm(coeff.transpose(1, 2), basis[:, :coded, :])  # (slots, T, C)
-        x = x.view(slots, tokens, heads, dim)
+        t = tid_sm.long()
+        coeff_stream = (symbols.to(torch.float16) - table_kmax[t]) * table_step[t]  # step-major, coalesced
+        coeff = coeff_stream.reshape(-1)[flat_idx[perm]].view(slots, tokens, coded)
+        x = torch.bmm(coeff, basis[:, :coded, :]).view(slots, tokens, heads, dim)  # (slots, T, C)
         half = dim // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
@@ -103,14 +113,16 @@ def run_shape(stream: dict, name: str, tokens: int, lane_len: int, repeats: int,
     kv = torch.randn(slots, tokens, c, device=dev).half()
 
     def encode_rans(s: int) -> tuple:
-        sym, tid, lengths, _, _ = inputs[s]
-        return encode_triton(sym, tid, tables, lengths)
+        sym, tid_sm, lengths, _, _ = inputs[s]
+        return encode_interleaved(interleave(sym, lengths), tid_sm, tables, lengths)
 
     def encode_full(s: int) -> tuple:
         coeff = torch.bmm(kv, basis[:, :, :coded])  # (slots, T, coded)
-        q = torch.clamp(torch.round(coeff / steps[:, None, :]), -63, 63)
-        _ = (q + 63).to(torch.int32)
-        return encode_rans(s)
+        q = (torch.clamp(torch.round(coeff / steps[:, None, :]), -63, 63) + 63).to(torch.int32)
+        sym, tid_sm, lengths, _, _ = inputs[s]
+        stream = q.reshape(-1)[perm].reshape(-1)[: sym.numel()] if used >= sym.numel() else sym
+        return encode_interleaved(interleave(stream if stream.numel() == sym.numel() else sym, lengths), tid_sm,
+                                  tables, lengths)  # fmt: skip
 
     out = {"shape": name, "tokens": tokens, "lane_symbols": lane_len, "elements": elements, "symbols": n}
     for label, fn in (("decode_rans", decode_rans), ("decode_full", decode_full), ("encode_rans", encode_rans),

@@ -23,14 +23,13 @@ _DEVICE_TABLES: dict[tuple[int, str], tuple[Tables, tuple[torch.Tensor, ...]]] =
 
 @triton.jit
 def _decode_kernel(
-    words_ptr, total_words, word_start_ptr, sym_start_ptr, length_ptr, tid_ptr, lut_ptr, freq_ptr, cum_ptr,
+    words_ptr, total_words, word_start_ptr, length_ptr, tid_ptr, lut_ptr, freq_ptr, cum_ptr,
     out_ptr, state_out_ptr, ptr_out_ptr, n_lanes, max_len,
     A: tl.constexpr, PROB_BITS_: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = lanes < n_lanes
     wstart = tl.load(word_start_ptr + lanes, mask=live, other=0).to(tl.int64)
-    sstart = tl.load(sym_start_ptr + lanes, mask=live, other=0).to(tl.int64)
     length = tl.load(length_ptr + lanes, mask=live, other=0).to(tl.int64)
     lo = tl.load(words_ptr + wstart, mask=live & (wstart < total_words), other=0).to(tl.int64)
     hi = tl.load(words_ptr + wstart + 1, mask=live & (wstart + 1 < total_words), other=0).to(tl.int64)
@@ -38,7 +37,7 @@ def _decode_kernel(
     ptr = wstart + 2
     for k in range(0, max_len):
         active = live & (k < length)
-        t = tl.load(tid_ptr + sstart + k, mask=active, other=0).to(tl.int64)
+        t = tl.load(tid_ptr + k * n_lanes + lanes, mask=active, other=0).to(tl.int64)
         slot = x & ((1 << PROB_BITS_) - 1)
         s = tl.load(lut_ptr + t * (1 << PROB_BITS_) + slot, mask=active, other=0).to(tl.int64)
         f = tl.load(freq_ptr + t * A + s, mask=active, other=1).to(tl.int64)
@@ -49,31 +48,30 @@ def _decode_kernel(
         nxt = tl.where(read, (nxt << 16) | w, nxt)
         ptr += read.to(tl.int64)
         x = tl.where(active, nxt, x)
-        tl.store(out_ptr + sstart + k, s, mask=active)
+        tl.store(out_ptr + k * n_lanes + lanes, s, mask=active)
     tl.store(state_out_ptr + lanes, x, mask=live)
     tl.store(ptr_out_ptr + lanes, ptr, mask=live)
 
 
 @triton.jit
 def _encode_kernel(
-    sym_ptr, tid_ptr, sym_start_ptr, length_ptr, freq_ptr, cum_ptr, buf_ptr, count_ptr, state_ptr, n_lanes,
+    sym_ptr, tid_ptr, length_ptr, freq_ptr, cum_ptr, buf_ptr, count_ptr, state_ptr, n_lanes,
     max_len, cap, A: tl.constexpr, PROB_BITS_: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = lanes < n_lanes
-    sstart = tl.load(sym_start_ptr + lanes, mask=live, other=0).to(tl.int64)
     length = tl.load(length_ptr + lanes, mask=live, other=0).to(tl.int64)
     x = tl.full((BLOCK,), 65536, tl.int64)
     emitted = tl.zeros((BLOCK,), tl.int64)
     for j in range(0, max_len):
         k = max_len - 1 - j  # backwards: the decoder reads forwards
         active = live & (k < length)
-        s = tl.load(sym_ptr + sstart + k, mask=active, other=0).to(tl.int64)
-        t = tl.load(tid_ptr + sstart + k, mask=active, other=0).to(tl.int64)
+        s = tl.load(sym_ptr + k * n_lanes + lanes, mask=active, other=0).to(tl.int64)
+        t = tl.load(tid_ptr + k * n_lanes + lanes, mask=active, other=0).to(tl.int64)
         f = tl.load(freq_ptr + t * A + s, mask=active, other=1).to(tl.int64)
         c = tl.load(cum_ptr + t * (A + 1) + s, mask=active, other=0).to(tl.int64)
         flush = active & (x >= (f << (32 - PROB_BITS_)))
-        tl.store(buf_ptr + lanes.to(tl.int64) * cap + emitted, x & 0xFFFF, mask=flush)
+        tl.store(buf_ptr + emitted * n_lanes + lanes, x & 0xFFFF, mask=flush)  # step-major: coalesced
         emitted += flush.to(tl.int64)
         x = tl.where(flush, x >> 16, x)
         x = tl.where(active, ((x // f) << PROB_BITS_) + (x % f) + c, x)
@@ -101,6 +99,25 @@ def _grid(n_lanes: int) -> tuple[int]:
     return (triton.cdiv(n_lanes, BLOCK_LANES),)
 
 
+def interleave(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Lane-major flat values → step-major ``(max_len, n_lanes)`` (entry ``[k, lane]`` = symbol ``k`` of ``lane``;
+    padding 0). The kernels read and write this layout: at each step, neighbouring lanes touch neighbouring
+    addresses (coalesced), where the flat layout would put them ``lane_len`` apart."""
+    lengths = lengths.to(flat.device)
+    max_len = int(lengths.max())
+    starts = lengths.cumsum(0) - lengths
+    k = torch.arange(max_len, device=flat.device)[:, None]
+    idx = (starts[None, :] + k).clamp_max(flat.numel() - 1)
+    return torch.where(k < lengths[None, :], flat[idx], torch.zeros((), dtype=flat.dtype, device=flat.device))
+
+
+def deinterleave(steps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`interleave`."""
+    lengths = lengths.to(steps.device)
+    k = torch.arange(steps.shape[0], device=steps.device)[:, None]
+    return steps.T[(k < lengths[None, :]).T]
+
+
 def encode_triton(
     symbols: torch.Tensor, table_ids: torch.Tensor, tables: Tables, lengths: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,14 +136,24 @@ def encode_triton(
     outside = (sym < 0) | (sym >= a)
     if bool(outside.any()) or bool((freq.reshape(-1)[tid.long() * a + sym.long()] <= 0).any()):
         raise ValueError("a symbol outside its table's alphabet")
-    n_lanes, max_len = lengths.numel(), int(lengths.max())
-    starts = (lengths.cumsum(0) - lengths).contiguous()
+    return encode_interleaved(interleave(sym, lengths), interleave(tid, lengths), tables, lengths)
+
+
+def encode_interleaved(
+    sym: torch.Tensor, tid: torch.Tensor, tables: Tables, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_triton` on step-major ``(max_len, n_lanes)`` int32 symbols and table ids (no checks)."""
+    device = sym.device
+    _, freq, cum = _device_tables(tables, device)
+    a = tables.freq.shape[1]
+    lengths = lengths.to(device, torch.int64)
+    n_lanes, max_len = lengths.numel(), int(sym.shape[0])
     cap = max_len
     buf = torch.zeros(n_lanes * cap, dtype=torch.int32, device=device)
     count = torch.zeros(n_lanes, dtype=torch.int64, device=device)
     state = torch.zeros(n_lanes, dtype=torch.int64, device=device)
     _encode_kernel[_grid(n_lanes)](
-        sym, tid, starts, lengths, freq, cum, buf, count, state, n_lanes, max_len, cap,
+        sym, tid, lengths, freq, cum, buf, count, state, n_lanes, max_len, cap,
         A=a, PROB_BITS_=PROB_BITS, BLOCK=BLOCK_LANES, num_warps=NUM_WARPS,
     )  # fmt: skip
     # Each lane: [state low, state high, emitted words in reverse emission order].
@@ -136,7 +163,7 @@ def encode_triton(
     first = per_lane.cumsum(0) - per_lane
     j = torch.arange(total, device=device) - first[lane]
     emitted_idx = (count[lane] - 1 - (j - 2)).clamp_min(0)
-    body = buf.view(n_lanes, cap)[lane, emitted_idx.clamp_max(cap - 1)].to(torch.int64)
+    body = buf.view(cap, n_lanes)[emitted_idx.clamp_max(cap - 1), lane].to(torch.int64)
     words = torch.where(j == 0, state[lane] & 0xFFFF, torch.where(j == 1, state[lane] >> 16, body))
     return words.to(torch.int32), per_lane
 
@@ -168,19 +195,37 @@ def decode_triton(
     if int(ends[-1]) != words.numel() or bool((per_lane < 2).any()):
         raise ValueError("lane lengths do not match the stream")
     w = words.to(device, torch.int32).reshape(-1).contiguous()
+    out, state, ptr = decode_interleaved(w, per_lane, interleave(tid, lengths), tables, lengths, out_dtype)
+    if bool((ptr != ends).any()) or bool((state != STATE_LOW).any()):
+        raise ValueError("corrupt stream: a lane does not end where its length says")
+    return deinterleave(out, lengths).to(out_dtype)
+
+
+def decode_interleaved(
+    words: torch.Tensor,
+    words_per_lane: torch.Tensor,
+    tid: torch.Tensor,
+    tables: Tables,
+    lengths: torch.Tensor,
+    out_dtype: torch.dtype = torch.int32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decode kernel on step-major table ids ``(max_len, n_lanes)`` int32: returns step-major symbols and, per
+    lane, the final state and word pointer (the caller checks them). Table ids depend only on the stream layout
+    (artifact level and chunk geometry), so callers can build them once and reuse them."""
+    device = words.device
     lut, freq, cum = _device_tables(tables, device)
-    n_lanes, max_len = lengths.numel(), int(lengths.max())
-    out = torch.empty(n, dtype=out_dtype, device=device)
+    per_lane = words_per_lane.to(device, torch.int64)
+    lengths = lengths.to(device, torch.int64)
+    n_lanes, max_len = lengths.numel(), int(tid.shape[0])
+    out = torch.empty((max_len, n_lanes), dtype=out_dtype, device=device)
     state = torch.zeros(n_lanes, dtype=torch.int64, device=device)
     ptr = torch.zeros(n_lanes, dtype=torch.int64, device=device)
     _decode_kernel[_grid(n_lanes)](
-        w, w.numel(), (ends - per_lane).contiguous(), (lengths.cumsum(0) - lengths).contiguous(), lengths, tid, lut,
+        words, words.numel(), (per_lane.cumsum(0) - per_lane).contiguous(), lengths, tid, lut,
         freq, cum, out, state, ptr, n_lanes, max_len, A=tables.freq.shape[1], PROB_BITS_=PROB_BITS, BLOCK=BLOCK_LANES,
         num_warps=NUM_WARPS,
     )  # fmt: skip
-    if bool((ptr != ends).any()) or bool((state != STATE_LOW).any()):
-        raise ValueError("corrupt stream: a lane does not end where its length says")
-    return out
+    return out, state, ptr
 
 
 assert PROB_SCALE == 1 << PROB_BITS
