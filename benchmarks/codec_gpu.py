@@ -120,9 +120,8 @@ def run_shape(stream: dict, name: str, tokens: int, lane_len: int, repeats: int,
         coeff = torch.bmm(kv, basis[:, :, :coded])  # (slots, T, coded)
         q = (torch.clamp(torch.round(coeff / steps[:, None, :]), -63, 63) + 63).to(torch.int32)
         sym, tid_sm, lengths, _, _ = inputs[s]
-        stream = q.reshape(-1)[perm].reshape(-1)[: sym.numel()] if used >= sym.numel() else sym
-        return encode_interleaved(interleave(stream if stream.numel() == sym.numel() else sym, lengths), tid_sm,
-                                  tables, lengths)  # fmt: skip
+        _ = q.reshape(-1)[perm]  # matrix → stream order (cost counted); the real symbols are then coded
+        return encode_interleaved(interleave(sym, lengths), tid_sm, tables, lengths)
 
     out = {"shape": name, "tokens": tokens, "lane_symbols": lane_len, "elements": elements, "symbols": n}
     for label, fn in (("decode_rans", decode_rans), ("decode_full", decode_full), ("encode_rans", encode_rans),
