@@ -90,21 +90,23 @@ def run_shape(stream: dict, name: str, tokens: int, lane_len: int, repeats: int,
         _, tid_sm, lengths, words, per_lane = inputs[s]
         return decode_interleaved(words, per_lane, tid_sm, tables, lengths)[0]
 
-    # Dequantization tables per rANS table (component): step (fp16) and the clamp kmax; and the permutation from
-    # the stream order to the (slot, token, component) matrix the inverse transform reads (also layout-only).
+    # Dequantization tables per rANS table (component): step (fp16) and the clamp kmax. The stream order is
+    # (chunk of 256 tokens, slot, component, token): a transpose away from the (slot, token, component) matrix the
+    # inverse transform reads.
     n_tables = tables.freq.shape[0]
     table_step = (torch.rand(n_tables, device=dev) * 0.1 + 0.01).half()
     table_kmax = torch.full((n_tables,), 63.0, device=dev).half()
+    chunk = min(256, tokens)
     used = slots * tokens * coded
-    perm = torch.randperm(used, device=dev)  # stands for the cached stream→matrix index map
-    flat_idx = torch.arange(used, device=dev) % n
 
     def decode_full(s: int) -> torch.Tensor:
         _, tid_sm, _, _, _ = inputs[s]
         symbols = decode_rans(s)
         t = tid_sm.long()
-        coeff_stream = (symbols.to(torch.float16) - table_kmax[t]) * table_step[t]  # step-major, coalesced
-        coeff = coeff_stream.reshape(-1)[flat_idx[perm]].view(slots, tokens, coded)
+        coeff_sm = (symbols.to(torch.float16) - table_kmax[t]) * table_step[t]  # step-major, coalesced
+        stream = coeff_sm.T.reshape(-1)  # lane-major = stream order (padding of short lanes aside)
+        stream = stream[:used] if stream.numel() >= used else _tile(stream, used, 0)
+        coeff = stream.view(tokens // chunk, slots, coded, chunk).permute(1, 0, 3, 2).reshape(slots, tokens, coded)
         x = torch.bmm(coeff, basis[:, :coded, :]).view(slots, tokens, heads, dim)  # (slots, T, C)
         half = dim // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -120,7 +122,8 @@ def run_shape(stream: dict, name: str, tokens: int, lane_len: int, repeats: int,
         coeff = torch.bmm(kv, basis[:, :, :coded])  # (slots, T, coded)
         q = (torch.clamp(torch.round(coeff / steps[:, None, :]), -63, 63) + 63).to(torch.int32)
         sym, tid_sm, lengths, _, _ = inputs[s]
-        _ = q.reshape(-1)[perm]  # matrix → stream order (cost counted); the real symbols are then coded
+        # matrix → stream order (cost counted); the real symbols are then coded
+        _ = q.view(slots, tokens // chunk, chunk, coded).permute(1, 0, 3, 2).contiguous()
         return encode_interleaved(interleave(sym, lengths), tid_sm, tables, lengths)
 
     out = {"shape": name, "tokens": tokens, "lane_symbols": lane_len, "elements": elements, "symbols": n}
