@@ -6,8 +6,8 @@ run structure are real. Every timing: CUDA events, warm-up, median of ``--repeat
 ``--sets`` differently-offset input sets so caches do not flatter. Reported per shape and T:
 
 * ``decode_rans`` / ``encode_rans``: the entropy-coding kernels alone;
-* ``decode_full``: rANS decode → dequantize (per-component step) → inverse transform (per-layer basis, fp16
-  matmul) → RoPE → fp16 K/V; ``encode_full``: forward transform → quantize → rANS encode (+ stream compaction);
+* ``decode_full``: rANS decode with fused dequantization (Triton, fp16 coefficients) → stream-to-matrix transpose →
+  inverse transform (per-layer basis, fp16 cuBLAS bmm) → RoPE (Triton, in place) → fp16 K/V; ``encode_full``: forward transform → quantize → rANS encode (+ stream compaction);
 * GB/s fp16-equivalent (2 bytes per KV element / time), ms per 1k tokens, and the fraction of the copy bandwidth
   (``torch`` device-to-device copy of 2 GiB, measured in the same run, bytes read + written).
 
@@ -26,6 +26,7 @@ import statistics
 import torch
 
 from kvtool.codecs import rans
+from kvtool.kernels.rope_triton import rope_triton
 from kvtool.kernels.rans_triton import decode_interleaved, decode_triton, encode_interleaved, encode_triton, interleave
 
 SHAPES = {"smollm2": (30, 3, 64), "llama-3-8b": (32, 8, 128)}
@@ -94,23 +95,21 @@ def run_shape(stream: dict, name: str, tokens: int, lane_len: int, repeats: int,
     # (chunk of 256 tokens, slot, component, token): a transpose away from the (slot, token, component) matrix the
     # inverse transform reads.
     n_tables = tables.freq.shape[0]
-    table_step = (torch.rand(n_tables, device=dev) * 0.1 + 0.01).half()
-    table_kmax = torch.full((n_tables,), 63.0, device=dev).half()
+    table_step = torch.rand(n_tables, device=dev) * 0.1 + 0.01
+    table_kmax = torch.full((n_tables,), 63.0, device=dev)
     chunk = min(256, tokens)
     used = slots * tokens * coded
 
     def decode_full(s: int) -> torch.Tensor:
-        _, tid_sm, _, _, _ = inputs[s]
-        symbols = decode_rans(s)
-        t = tid_sm.long()
-        coeff_sm = (symbols.to(torch.float16) - table_kmax[t]) * table_step[t]  # step-major, coalesced
+        _, tid_sm, lengths, words, per_lane = inputs[s]
+        # rANS decode with the dequantization fused: fp16 coefficients, step-major
+        coeff_sm = decode_interleaved(words, per_lane, tid_sm, tables, lengths, torch.float16,
+                                      (table_step, table_kmax))[0]  # fmt: skip
         stream = coeff_sm.T.reshape(-1)  # lane-major = stream order (padding of short lanes aside)
         stream = stream[:used] if stream.numel() >= used else _tile(stream, used, 0)
         coeff = stream.view(tokens // chunk, slots, coded, chunk).permute(1, 0, 3, 2).reshape(slots, tokens, coded)
         x = torch.bmm(coeff, basis[:, :coded, :]).view(slots, tokens, heads, dim)  # (slots, T, C)
-        half = dim // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+        return rope_triton(x, cos, sin, out=x)  # (on values too: pessimistic by half a pass)
 
     kv = torch.randn(slots, tokens, c, device=dev).half()
 

@@ -13,9 +13,13 @@ import sys
 
 import torch
 
+from kvtool.arch import apply_rope
 from kvtool.codecs import rans
 from kvtool.codecs.coding import AdaptiveCoder
+from kvtool.codecs.ecsq import dequantize
 from kvtool.kernels import rans_decode, rans_encode
+from kvtool.kernels.rans_triton import decode_interleaved, deinterleave, interleave
+from kvtool.kernels.rope_triton import rope_triton
 
 
 def _random_case(seed: int, n: int, tables_n: int, alphabet: int, lane_len: int, device: str) -> None:
@@ -32,6 +36,14 @@ def _random_case(seed: int, n: int, tables_n: int, alphabet: int, lane_len: int,
     back = rans_decode(ref_w.to(device), ref_l, tid.to(device), tables, lengths, backend="triton")
     assert torch.equal(back.cpu(), sym), f"triton decode of the reference stream differs (seed {seed})"
     assert torch.equal(rans.decode_reference(tri_w.cpu(), tri_l.cpu(), tid, tables, lengths), sym)
+    # Fused dequantization equals the torch dequantize of the reference symbols (same float32 operations).
+    step = torch.rand(tables_n, generator=gen) * 0.3 + 0.01
+    kmax = torch.randint(1, 40, (tables_n,), generator=gen).float()
+    tid_sm = interleave(tid.to(device).to(torch.int32), lengths)
+    coeff, _, _ = decode_interleaved(ref_w.to(device).to(torch.int32), ref_l, tid_sm, tables, lengths, torch.float32,
+                                     (step.to(device), kmax.to(device)))  # fmt: skip
+    want = dequantize(sym, step[tid], kmax[tid])
+    assert torch.equal(deinterleave(coeff, lengths).cpu(), want), "fused dequantization differs"
 
 
 def _kv_case(heads: int, head_dim: int, tokens: int, layers: int, device: str) -> None:
@@ -55,6 +67,18 @@ def _kv_case(heads: int, head_dim: int, tokens: int, layers: int, device: str) -
         assert torch.equal(gk, wk) and torch.equal(gv, wv)
 
 
+def _rope_case(device: str, big: bool) -> None:
+    """Fused RoPE vs :func:`kvtool.arch.apply_rope` (computed in float32): within one fp16 rounding step."""
+    gen = torch.Generator().manual_seed(7)
+    for heads, dim, tokens in [(1, 64, 5), (3, 128, 9), (2, 256, 4)] + ([(8, 128, 2047)] if big else []):
+        x = torch.randn(2, tokens, heads, dim, generator=gen).half()
+        ang = torch.randn(tokens, dim // 2, generator=gen)
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        want = apply_rope(x.float().permute(0, 2, 1, 3), cos[None], sin[None]).permute(0, 2, 1, 3)
+        got = rope_triton(x.to(device), cos.to(device), sin.to(device)).cpu().float()
+        assert bool(((got - want).abs() <= want.abs() * 2**-10 + 2**-14).all()), f"rope differs {heads}x{dim}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
@@ -68,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(1, 64, 7), (2, 128, 5), (1, 256, 3)] if not args.big else [(1, 64, 1023), (8, 128, 2047), (2, 256, 511)]
     for heads, dim, tokens in shapes:
         _kv_case(heads, dim, tokens, 2, args.device)
+    _rope_case(args.device, big=args.big)
     print("kernel checks: all equal")
     return 0
 

@@ -16,16 +16,16 @@ import triton.language as tl
 
 from kvtool.codecs.rans import PROB_BITS, PROB_SCALE, STATE_LOW, Tables
 
-BLOCK_LANES = int(os.environ.get("KVTOOL_RANS_BLOCK", "64"))  #: lanes per program (one lane per thread)
-NUM_WARPS = int(os.environ.get("KVTOOL_RANS_WARPS", "2"))
+BLOCK_LANES = int(os.environ.get("KVTOOL_RANS_BLOCK", "32"))  #: lanes per program (one lane per thread)
+NUM_WARPS = int(os.environ.get("KVTOOL_RANS_WARPS", "1"))
 _DEVICE_TABLES: dict[tuple[int, str], tuple[Tables, tuple[torch.Tensor, ...]]] = {}
 
 
 @triton.jit
 def _decode_kernel(
     words_ptr, total_words, word_start_ptr, length_ptr, tid_ptr, lut_ptr, freq_ptr, cum_ptr,
-    out_ptr, state_out_ptr, ptr_out_ptr, n_lanes, max_len,
-    A: tl.constexpr, PROB_BITS_: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr, state_out_ptr, ptr_out_ptr, n_lanes, max_len, step_ptr, kmax_ptr,
+    A: tl.constexpr, PROB_BITS_: tl.constexpr, BLOCK: tl.constexpr, DEQUANT: tl.constexpr,
 ):  # fmt: skip
     lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = lanes < n_lanes
@@ -48,7 +48,13 @@ def _decode_kernel(
         nxt = tl.where(read, (nxt << 16) | w, nxt)
         ptr += read.to(tl.int64)
         x = tl.where(active, nxt, x)
-        tl.store(out_ptr + k * n_lanes + lanes, s, mask=active)
+        if DEQUANT:  # fused: the coefficient (s - kmax) * step of the symbol's component, in fp32
+            step = tl.load(step_ptr + t, mask=active, other=0.0)
+            kmax = tl.load(kmax_ptr + t, mask=active, other=0.0)
+            value = (s.to(tl.float32) - kmax) * step
+            tl.store(out_ptr + k * n_lanes + lanes, value.to(out_ptr.dtype.element_ty), mask=active)
+        else:
+            tl.store(out_ptr + k * n_lanes + lanes, s, mask=active)
     tl.store(state_out_ptr + lanes, x, mask=live)
     tl.store(ptr_out_ptr + lanes, ptr, mask=live)
 
@@ -208,22 +214,28 @@ def decode_interleaved(
     tables: Tables,
     lengths: torch.Tensor,
     out_dtype: torch.dtype = torch.int32,
+    dequant: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decode kernel on step-major table ids ``(max_len, n_lanes)`` int32: returns step-major symbols and, per
     lane, the final state and word pointer (the caller checks them). Table ids depend only on the stream layout
-    (artifact level and chunk geometry), so callers can build them once and reuse them."""
+    (artifact level and chunk geometry), so callers can build them once and reuse them.
+
+    ``dequant=(step, kmax)`` (float32, one entry per table): write the dequantized coefficient
+    ``(s − kmax) · step`` (``out_dtype`` float) instead of the symbol, as :func:`kvtool.codecs.ecsq.dequantize`
+    computes it."""
     device = words.device
     lut, freq, cum = _device_tables(tables, device)
     per_lane = words_per_lane.to(device, torch.int64)
     lengths = lengths.to(device, torch.int64)
     n_lanes, max_len = lengths.numel(), int(tid.shape[0])
     out = torch.empty((max_len, n_lanes), dtype=out_dtype, device=device)
+    step, kmax = dequant if dequant is not None else (out, out)
     state = torch.zeros(n_lanes, dtype=torch.int64, device=device)
     ptr = torch.zeros(n_lanes, dtype=torch.int64, device=device)
     _decode_kernel[_grid(n_lanes)](
         words, words.numel(), (per_lane.cumsum(0) - per_lane).contiguous(), lengths, tid, lut,
-        freq, cum, out, state, ptr, n_lanes, max_len, A=tables.freq.shape[1], PROB_BITS_=PROB_BITS, BLOCK=BLOCK_LANES,
-        num_warps=NUM_WARPS,
+        freq, cum, out, state, ptr, n_lanes, max_len, step, kmax, A=tables.freq.shape[1], PROB_BITS_=PROB_BITS,
+        BLOCK=BLOCK_LANES, DEQUANT=dequant is not None, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out, state, ptr
 
