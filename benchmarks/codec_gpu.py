@@ -26,8 +26,8 @@ import statistics
 import torch
 
 from kvtool.codecs import rans
-from kvtool.kernels.rope_triton import rope_triton
 from kvtool.kernels.rans_triton import decode_interleaved, decode_triton, encode_interleaved, encode_triton, interleave
+from kvtool.kernels.rope_triton import rope_triton
 
 SHAPES = {"smollm2": (30, 3, 64), "llama-3-8b": (32, 8, 128)}
 

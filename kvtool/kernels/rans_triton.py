@@ -40,8 +40,9 @@ def _decode_kernel(
         t = tl.load(tid_ptr + k * n_lanes + lanes, mask=active, other=0).to(tl.int64)
         slot = x & ((1 << PROB_BITS_) - 1)
         s = tl.load(lut_ptr + t * (1 << PROB_BITS_) + slot, mask=active, other=0).to(tl.int64)
-        f = tl.load(freq_ptr + t * A + s, mask=active, other=1).to(tl.int64)
-        c = tl.load(cum_ptr + t * (A + 1) + s, mask=active, other=0).to(tl.int64)
+        fc = tl.load(freq_ptr + t * A + s, mask=active, other=1).to(tl.int64)  # freq | cum << 16: one load
+        f = fc & 0xFFFF
+        c = fc >> 16
         nxt = f * (x >> PROB_BITS_) + slot - c
         read = active & (nxt < 65536)
         w = tl.load(words_ptr + ptr, mask=read & (ptr < total_words), other=0).to(tl.int64)
@@ -74,8 +75,9 @@ def _encode_kernel(
         active = live & (k < length)
         s = tl.load(sym_ptr + k * n_lanes + lanes, mask=active, other=0).to(tl.int64)
         t = tl.load(tid_ptr + k * n_lanes + lanes, mask=active, other=0).to(tl.int64)
-        f = tl.load(freq_ptr + t * A + s, mask=active, other=1).to(tl.int64)
-        c = tl.load(cum_ptr + t * (A + 1) + s, mask=active, other=0).to(tl.int64)
+        fc = tl.load(freq_ptr + t * A + s, mask=active, other=1).to(tl.int64)  # freq | cum << 16: one load
+        f = fc & 0xFFFF
+        c = fc >> 16
         flush = active & (x >= (f << (32 - PROB_BITS_)))
         tl.store(buf_ptr + emitted * n_lanes + lanes, x & 0xFFFF, mask=flush)  # step-major: coalesced
         emitted += flush.to(tl.int64)
@@ -86,15 +88,17 @@ def _encode_kernel(
 
 
 def _device_tables(tables: Tables, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(lut, freq, cum)`` (uint8, int16, int16) on ``device``, cached per table set (reused for every chunk).
-    Frequencies and cumulative frequencies are at most 4096, so int16 holds them."""
+    """``(lut, packed, packed)`` on ``device`` (uint8 slot table; int32 ``freq | cum << 16``), cached per table set
+    (reused for every chunk)."""
     key = (id(tables), str(device))
     hit = _DEVICE_TABLES.get(key)
     if hit is not None and hit[0] is tables:
         return hit[1]
-    # Narrow dtypes: the slot→symbol table is the big one (tables × 4096) and is gathered once per symbol.
-    made = (tables.lut.to(device, torch.uint8).contiguous(), tables.freq.to(device, torch.int16).contiguous(),
-            tables.cum.to(device, torch.int16).contiguous())  # fmt: skip
+    # The slot→symbol table is the big one (tables × 4096): uint8. Frequency and cumulative frequency of a symbol
+    # are packed in one int32 (freq | cum << 16, both <= 4096) so a step does one dependent load for both.
+    packed = tables.freq | (tables.cum[:, :-1] << 16)
+    made = (tables.lut.to(device, torch.uint8).contiguous(), packed.to(device, torch.int32).contiguous(),
+            packed.to(device, torch.int32).contiguous())  # fmt: skip
     if len(_DEVICE_TABLES) >= 8:
         _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
     _DEVICE_TABLES[key] = (tables, made)  # keeps ``tables`` alive, so its id is not reused while cached
@@ -140,7 +144,7 @@ def encode_triton(
     _, freq, cum = _device_tables(tables, device)
     a = tables.freq.shape[1]
     outside = (sym < 0) | (sym >= a)
-    if bool(outside.any()) or bool((freq.reshape(-1)[tid.long() * a + sym.long()] <= 0).any()):
+    if bool(outside.any()) or bool(((freq.reshape(-1)[tid.long() * a + sym.long()] & 0xFFFF) <= 0).any()):
         raise ValueError("a symbol outside its table's alphabet")
     return encode_interleaved(interleave(sym, lengths), interleave(tid, lengths), tables, lengths)
 
