@@ -7,7 +7,8 @@ run structure are real. Every timing: CUDA events, warm-up, median of ``--repeat
 
 * ``decode_rans`` / ``encode_rans``: the entropy-coding kernels alone;
 * ``decode_full``: rANS decode with fused dequantization (Triton, fp16 coefficients) → stream-to-matrix transpose →
-  inverse transform (per-layer basis, fp16 cuBLAS bmm) → RoPE (Triton, in place) → fp16 K/V; ``encode_full``: forward transform → quantize → rANS encode (+ stream compaction);
+  inverse transform (per-layer basis, fp16 cuBLAS bmm) → RoPE (Triton, in place) → fp16 K/V;
+* ``encode_full``: forward transform → quantize → matrix-to-stream transpose → rANS encode (+ stream compaction);
 * GB/s fp16-equivalent (2 bytes per KV element / time), ms per 1k tokens, and the fraction of the copy bandwidth
   (``torch`` device-to-device copy of 2 GiB, measured in the same run, bytes read + written).
 
