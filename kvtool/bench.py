@@ -13,7 +13,7 @@ from typing import Any
 
 from kvtool.artifacts import read_artifact
 from kvtool.calibration import SCHEMA, transform_of
-from kvtool.codecs.bench_rows import CodecRow, codec_row
+from kvtool.codecs.bench_rows import CodecRow, codec_row, unavailable
 from kvtool.errors import UsageError
 from kvtool.harness import continuation_quality, perplexity
 from kvtool.models import LoadedModel, tokenize
@@ -84,7 +84,8 @@ def run_bench(
     """
     ids = tokenize(lm.tokenizer, text)
     ppl_ids = ids[: settings.tokens]
-    names = [REFERENCE, *[c for c in configs if c != REFERENCE]]
+    skipped = {n: why for n in configs if (why := unavailable(n))}
+    names = [REFERENCE, *[c for c in configs if c != REFERENCE and c not in skipped]]
     transforms: list[Any] = [codec_row(n, lm) or config_transform(n, lm) for n in names]
     if any(isinstance(t, CodecRow) for t in transforms) and not settings.continuation:
         raise UsageError("codec rows (kvz:..., zstd-fp16) are measured on continuations: drop --no-continuation")
@@ -119,4 +120,5 @@ def run_bench(
         "settings": asdict(settings),
         "ppl_tokens": int(ppl_ids.numel()),
         "rows": [asdict(r) for r in rows],
+        "skipped": skipped,
     }

@@ -254,3 +254,25 @@ def test_cli_errors(small_kvz: Path, tiny_model_dir: Path, text_file: Path, tmp_
     bad = tmp_path / "trunc.kvz"
     bad.write_bytes(small_kvz.read_bytes()[:-9])
     assert_one_line_error(invoke("decode", bad, "-m", tiny_model_dir), 3, "")
+
+
+def test_bench_codec_rows_and_plot(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    png = tmp_path / "rd.png"
+    r = invoke("bench", tiny_model_dir, "--text", text_file, "--tokens", 64, "--window", 32, "--prefix-len", 48,
+               "--cont-len", 8, "--offsets", 0, "--configs", "kivi-k4v4,kvz:q0.5,kvz:lossless,zstd-fp16,cachegen",
+               "--json", "--plot", png)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    rows = {row["name"]: row for row in doc["rows"]}
+    assert rows["kivi-k4v4"]["bytes_per_token"] is None and rows["kivi-k4v4"]["ppl"] is not None
+    lossless = rows["kvz:lossless"]
+    assert lossless["ppl"] is None and lossless["kl"] == pytest.approx(0, abs=1e-9) and lossless["top1"] == 1.0
+    assert lossless["all_in_bits"] > 16  # fp32 cache of random weights: incompressible, plus the container
+    q = rows["kvz:q0.5"]
+    assert 0 < q["all_in_bits"] < lossless["all_in_bits"] and q["encode_mb_s"] > 0 and q["decode_mb_s"] > 0
+    assert rows["zstd-fp16"]["all_in_bits"] < lossless["all_in_bits"]
+    assert ("cachegen" in rows) != ("cachegen" in doc["skipped"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = invoke("bench", tiny_model_dir, "--text", text_file, "--tokens", 64, "--configs", "kvz:q0.5",
+                 "--no-continuation")  # fmt: skip
+    assert_one_line_error(bad, 2, "continuation")

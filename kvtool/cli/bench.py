@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from kvtool.bench import BenchSettings, run_bench
 from kvtool.cli._errors import handle_errors
-from kvtool.cli._options import DEFAULT, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, QuietOpt, TextOpt, output_for
+from kvtool.cli._options import (
+    DEFAULT,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    QuietOpt,
+    TextOpt,
+    check_output,
+    output_for,
+)
 from kvtool.errors import UsageError
 from kvtool.models import load_model
 from kvtool.presets import BASELINES
+from kvtool.rd_plot import plot_rd
 from kvtool.texts import load_text
 
 EXAMPLES = """Examples:
   kvtool bench                                   # SmolLM2, Persuasion, all baselines
   kvtool bench smollm2-135m --configs kivi-k4v4,kivi-k4v2-s1 --json
   kvtool bench ./my-model --text my.txt --tokens 4096 --no-continuation
+  kvtool bench --configs kivi-k4v4,kvz:q0.5,kvz:smollm2-135m.pca.kvcal.safetensors@1.0,zstd-fp16,cachegen
 """
 
 
@@ -40,6 +53,9 @@ def bench(
     prefix_len: Annotated[int, typer.Option("--prefix-len", help="Continuation: cached prefix tokens.", min=1)] = 2048,
     cont_len: Annotated[int, typer.Option("--cont-len", help="Continuation: scored tokens.", min=1)] = 256,
     offsets: Annotated[str, typer.Option("--offsets", help="Continuation: prefix start offsets.")] = "0,40000,80000",
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also write the rate–distortion picture (PNG; needs matplotlib).")
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_mode: JsonOpt = False,
@@ -52,6 +68,8 @@ def bench(
     except ValueError as e:
         raise UsageError(f"--offsets must be comma-separated integers (got '{offsets}')") from e
     names = [c.strip() for c in configs.split(",") if c.strip()]
+    if plot is not None:
+        check_output(plot, overwrite=True)
     settings = BenchSettings(text, tokens, window, continuation, prefix_len, cont_len, offs)
     body = load_text(text)
     out.log(f"loading {model} ...")
@@ -60,6 +78,8 @@ def bench(
     with out.progress("perplexity", total * tokens) as advance:
         result = run_bench(lm, names, body, settings, progress=lambda stage, n: advance(n))
     rows = result["rows"]
+    for name, why in result["skipped"].items():
+        out.log(f"skipped {name}: {why}")
     table = out.table(
         f"{model}: PPL on {result['ppl_tokens']} tokens of '{text}' (window {window})",
         ["config", "nominal bits", "all-in bits", "PPL", "ΔPPL %", "cont. PPL", "cont. KL", "top-1"],
@@ -87,4 +107,7 @@ def bench(
               f"{100 * (r['cont_ppl'] / rows[0]['cont_ppl'] - 1):+.2f}", f"{r['encode_mb_s']:.1f}",
               f"{r['decode_mb_s']:.1f}"] for r in codecs],
         )  # fmt: skip
+    if plot is not None:
+        plot_rd(result, plot)
+        out.log(f"rate–distortion picture: {plot}")
     out.result(result, table=table)

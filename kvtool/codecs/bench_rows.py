@@ -2,7 +2,8 @@
 back as the cache the continuation is scored on; bytes and CPU times are measured on the way.
 
 Names (``--configs``): ``kvz:lossless``, ``kvz:q<Q>`` (adaptive, step Q·σ), ``kvz:<artifact>@<bits>`` or
-``kvz:<artifact>@L<n>`` (calibrated level), ``zstd-fp16`` (the fp16 cache, byte planes + zstandard).
+``kvz:<artifact>@L<n>`` (calibrated level), ``zstd-fp16`` (the fp16 cache, byte planes + zstandard), ``cachegen``
+(LMCache 0.5.6's CacheGen codec on the CPU, :mod:`kvtool.codecs.cachegen_peer`; skipped when not installed).
 """
 
 from __future__ import annotations
@@ -72,8 +73,44 @@ class CodecRow:
         return {"encode_mb_s": mb / max(self.encode_s, 1e-9), "decode_mb_s": mb / max(self.decode_s, 1e-9)}
 
 
+@dataclass
+class CacheGenRow(CodecRow):
+    """LMCache's CacheGen on the same prefix cache (post-RoPE keys, as LMCache stores them)."""
+
+    def code_cache(self, cache: Any, ids: torch.Tensor) -> Any:
+        from transformers import DynamicCache
+
+        from kvtool.codecs.cachegen_peer import cachegen_roundtrip
+
+        keys = [layer.keys[0].float().cpu() for layer in cache.layers]
+        values = [layer.values[0].float().cpu() for layer in cache.layers]
+        r = cachegen_roundtrip(keys, values, chunk_tokens=self.settings.chunk_tokens)
+        self.bytes += r["bytes"]
+        self.encode_s += r["encode_s"]
+        self.decode_s += r["decode_s"]
+        self.elements += sum(k.numel() + v.numel() for k, v in zip(keys, values, strict=True))
+        self.prefixes.append(int(ids.numel()))
+        out = DynamicCache(config=self.lm.model.config)
+        dtype = cache.layers[0].keys.dtype
+        for i, (k, v) in enumerate(zip(r["keys"], r["values"], strict=True)):
+            out.update(k[None].to(dtype), v[None].to(dtype), i)
+        return out
+
+
+def unavailable(name: str) -> str | None:
+    """Why the codec row ``name`` cannot run here (a peer that is not installed), or ``None``."""
+    if name != "cachegen":
+        return None
+    from kvtool.codecs.cachegen_peer import cachegen_available
+
+    ok, why = cachegen_available()
+    return None if ok else why
+
+
 def codec_row(name: str, lm: Any) -> CodecRow | None:
     """The :class:`CodecRow` a ``--configs`` entry names, or ``None`` when it is not a codec."""
+    if name == "cachegen":
+        return CacheGenRow(name, lm, CodecSettings(mode="lossless"))
     if name == "zstd-fp16":
         return CodecRow(name, lm, CodecSettings(mode="lossless"), cast_fp16=True)
     if not name.startswith("kvz:"):
