@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean peers
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,17 +24,30 @@ install: $(VENV)/.installed
 demo: install
 	@mkdir -p $(OUT)
 	@echo "== 1. calibrate: per-layer K/V precision search for SmolLM2-135M under 3.6 all-in bits (Emma + Mansfield Park)" >&2
-	$(VENV)/bin/kvtool calibrate smollm2-135m --target-bits 3.6 --num-seqs 2 --validate --validate-tokens 2048 \
-		-o $(OUT)/smollm2-135m.kvcal.safetensors --overwrite
-	@echo "== 2. inspect the calibration artifact (what was chosen for each layer, with its all-in bits)" >&2
-	$(VENV)/bin/kvtool inspect $(OUT)/smollm2-135m.kvcal.safetensors
-	@echo "== 3. export it as per-layer dtype strings for a serving engine" >&2
+	$(VENV)/bin/kvtool calibrate smollm2-135m --target-bits 3.6 --num-seqs 2 -o $(OUT)/smollm2-135m.kvcal.safetensors --overwrite -q
+	@echo "== 2. export it as per-layer dtype strings for a serving engine" >&2
 	$(VENV)/bin/kvtool export $(OUT)/smollm2-135m.kvcal.safetensors --to layer-dtypes
-	@echo "== 4. bench: the searched configuration (and re-solved at 3.0 and 4.25 bits) beside uniform quantizers" >&2
-	$(VENV)/bin/kvtool bench smollm2-135m --tokens 4096 --offsets 0 --configs \
-		fp16,token-k4v4,kivi-k4v4,kivi-k3v3,kivi-k2v2,$(OUT)/smollm2-135m.kvcal.safetensors@3.0,$(OUT)/smollm2-135m.kvcal.safetensors,$(OUT)/smollm2-135m.kvcal.safetensors@4.25
-	@echo "== 5. capture a prefix KV cache (1024 tokens of Persuasion) as a portable artifact" >&2
-	$(VENV)/bin/kvtool capture smollm2-135m --text evaluation --tokens 1024 -o $(OUT)/persuasion-1k.kv.safetensors --overwrite -q
+	@echo "== 3. calibrate PCA projections of K and V with per-component bits (and the codec's rate levels)" >&2
+	$(VENV)/bin/kvtool calibrate smollm2-135m --method pca --num-seqs 2 -o $(OUT)/smollm2-135m.pca.kvcal.safetensors --overwrite -q
+	@echo "== 4. inspect it: kept rank, variance kept and rank90 per layer, for keys and values" >&2
+	$(VENV)/bin/kvtool inspect $(OUT)/smollm2-135m.pca.kvcal.safetensors
+	@echo "== 5. encode: prefill 2048 tokens of Persuasion and store the prefix KV cache as a .kvz at ~1 bit/element" >&2
+	$(VENV)/bin/kvtool encode persuasion --max-tokens 2048 --calibration $(OUT)/smollm2-135m.pca.kvcal.safetensors \
+		--bits 1.0 -o $(OUT)/persuasion.kvz --overwrite
+	$(VENV)/bin/kvtool encode persuasion --max-tokens 2048 --lossless -o $(OUT)/persuasion-lossless.kvz --overwrite
+	@echo "== 6. decode: continue generation from the decoded cache (no prefill of the 2048 prefix tokens)" >&2
+	$(VENV)/bin/kvtool decode $(OUT)/persuasion.kvz --calibration $(OUT)/smollm2-135m.pca.kvcal.safetensors \
+		--generate " Anne Elliot" --max-new-tokens 24
+	$(VENV)/bin/kvtool decode $(OUT)/persuasion.kvz --calibration $(OUT)/smollm2-135m.pca.kvcal.safetensors \
+		-o $(OUT)/persuasion-kv.safetensors --overwrite -q
+	@echo "== 7. bench: quantizers, searched precision, PCA, and the codec at several rates (+ rate-distortion plot)" >&2
+	$(VENV)/bin/kvtool bench smollm2-135m --tokens 2048 --offsets 0 --plot $(OUT)/rd.png --configs \
+		kivi-k4v4,kivi-k3v3,$(OUT)/smollm2-135m.kvcal.safetensors,$(OUT)/smollm2-135m.pca.kvcal.safetensors@2.5,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L1,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L4,kvz:q0.5,zstd-fp16
+
+# The LMCache CacheGen peer for `kvtool bench --configs cachegen` (its CPU codec; the rest of LMCache is not needed).
+peers: install
+	$(PY) -m pip install -q -e ".[peers]"
+	$(PY) -m pip install -q --no-deps lmcache==0.5.6
 
 test: install
 	$(PY) -m ruff check kvtool tests

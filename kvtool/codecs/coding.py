@@ -53,6 +53,7 @@ class _Coder:
     lane_len = 4096
     backend = "torch"  #: rANS backend (:mod:`kvtool.kernels`): auto, torch or triton; same bytes either way
     device = torch.device("cpu")  #: where the rANS kernels run
+    static_tables = False  #: the same tables for every chunk (calibrated) or per-chunk tables (adaptive)
 
     def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:
         raise NotImplementedError
@@ -72,36 +73,81 @@ class _Coder:
             segments.append(count)
         return torch.cat(syms), torch.cat(tids), segments
 
+    def _batch_tables(self, sides: list[dict[str, torch.Tensor]]) -> tuple[rans.Tables, list[int]]:
+        """One table set for several chunks and each chunk's table-id offset (static tables: shared)."""
+        if self.static_tables:
+            return self._tables(sides[0]), [0] * len(sides)
+        sets = [self._tables(side) for side in sides]
+        offsets = torch.tensor([0, *[t.freq.shape[0] for t in sets]]).cumsum(0).tolist()[:-1]
+        cat = rans.Tables(*(torch.cat([getattr(t, f) for t in sets]) for f in ("freq", "cum", "lut")))
+        return cat, offsets
+
     def encode(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> CodedChunk:
-        side = self._side(layers)
-        sym, tid, segments = self.symbols(layers, side)
-        lengths, per_layer = rans.lane_lengths(segments, self.lane_len)
-        words, lanes = rans_encode(sym.to(self.device), tid, self._tables(side), lengths, backend=self.backend)
-        return CodedChunk(words.to(torch.int32).cpu(), lanes.cpu(), per_layer, side)
+        return self.encode_batch([layers])[0]
+
+    def encode_batch(self, chunks: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[CodedChunk]:
+        """Code several chunks in one pass of the coder (their lanes advance together; each chunk's bytes are
+        exactly those it gets alone)."""
+        sides = [self._side(layers) for layers in chunks]
+        tables, offsets = self._batch_tables(sides)
+        syms, tids, lengths, per_layer = [], [], [], []
+        for layers, side, off in zip(chunks, sides, offsets, strict=True):
+            sym, tid, segments = self.symbols(layers, side)
+            lens, per = rans.lane_lengths(segments, self.lane_len)
+            syms.append(sym)
+            tids.append(tid + off)
+            lengths.append(lens)
+            per_layer.append(per)
+        words, lanes = rans_encode(torch.cat(syms).to(self.device), torch.cat(tids), tables, torch.cat(lengths),
+                                   backend=self.backend)  # fmt: skip
+        words, lanes = words.to(torch.int32).cpu(), lanes.cpu()
+        out, lane_at, word_at = [], 0, 0
+        for per, side in zip(per_layer, sides, strict=True):
+            n_lanes = int(per.sum())
+            mine = lanes[lane_at : lane_at + n_lanes]
+            n_words = int(mine.sum())
+            out.append(CodedChunk(words[word_at : word_at + n_words].clone(), mine.clone(), per, side))
+            lane_at, word_at = lane_at + n_lanes, word_at + n_words
+        return out
 
     def decode(self, chunk: CodedChunk, counts: list[int], heads: int, head_dim: int) -> list[tuple[torch.Tensor, ...]]:
         """Per layer ``(keys, values)`` pre-RoPE ``(heads, n_i, head_dim)`` float32, ``counts[i] = n_i``."""
-        layout = [[self._coded(i, kind, chunk.side) for kind in KINDS] for i in range(len(counts))]
-        segments = [sum(int(c.numel()) * n for c in comps) for comps, n in zip(layout, counts, strict=True)]
-        lengths, per_layer = rans.lane_lengths(segments, self.lane_len)
-        if not torch.equal(per_layer, chunk.layer_lanes.to(torch.int64)):
-            raise ValueError("the lane index does not match the chunk's layout")
-        tids = torch.cat(
-            [t.repeat_interleave(n) for comps, n in zip(layout, counts, strict=True) for t in self._tids(comps)]
-            or [torch.zeros(0, dtype=torch.int64)]
-        )
-        flat = rans_decode(chunk.words.to(self.device), chunk.lanes, tids, self._tables(chunk.side), lengths,
-                           backend=self.backend).cpu()  # fmt: skip
-        out, at = [], 0
-        for i, n in enumerate(counts):
-            pair = []
-            for j, kind in enumerate(KINDS):
-                c = layout[i][j].numel()
-                sym = flat[at : at + c * n].reshape(c, n).T
-                at += c * n
-                pair.append(self._values(i, kind, sym, n, heads, head_dim, chunk.side))
-            out.append(tuple(pair))
-        return out
+        return self.decode_batch([chunk], [counts], heads, head_dim)[0]
+
+    def decode_batch(
+        self, chunks: list[CodedChunk], counts: list[list[int]], heads: int, head_dim: int
+    ) -> list[list[tuple[torch.Tensor, ...]]]:
+        """:meth:`decode` of several chunks in one pass of the entropy decoder."""
+        tables, offsets = self._batch_tables([c.side for c in chunks])
+        layouts, tids, lengths, sizes = [], [], [], []
+        for chunk, cnt, off in zip(chunks, counts, offsets, strict=True):
+            layout = [[self._coded(i, kind, chunk.side) for kind in KINDS] for i in range(len(cnt))]
+            segments = [sum(int(c.numel()) * n for c in comps) for comps, n in zip(layout, cnt, strict=True)]
+            lens, per_layer = rans.lane_lengths(segments, self.lane_len)
+            if not torch.equal(per_layer, chunk.layer_lanes.to(torch.int64)):
+                raise ValueError("the lane index does not match the chunk's layout")
+            if chunk.lanes.numel() != lens.numel():
+                raise ValueError("the lane lengths do not match the chunk's layout")
+            tid = [t.repeat_interleave(n) for comps, n in zip(layout, cnt, strict=True) for t in self._tids(comps)]
+            tids.append(torch.cat(tid or [torch.zeros(0, dtype=torch.int64)]) + off)
+            layouts.append(layout)
+            lengths.append(lens)
+            sizes.append(sum(segments))
+        flat = rans_decode(torch.cat([c.words for c in chunks]).to(self.device), torch.cat([c.lanes for c in chunks]),
+                           torch.cat(tids), tables, torch.cat(lengths), backend=self.backend).cpu()  # fmt: skip
+        results, at = [], 0
+        for chunk, cnt, layout in zip(chunks, counts, layouts, strict=True):
+            out = []
+            for i, n in enumerate(cnt):
+                pair = []
+                for j, kind in enumerate(KINDS):
+                    c = layout[i][j].numel()
+                    sym = flat[at : at + c * n].reshape(c, n).T
+                    at += c * n
+                    pair.append(self._values(i, kind, sym, n, heads, head_dim, chunk.side))
+                out.append(tuple(pair))
+            results.append(out)
+        return results
 
     def _tids(self, comps: list[torch.Tensor]) -> list[torch.Tensor]:
         return comps
@@ -109,6 +155,8 @@ class _Coder:
 
 class CalibratedCoder(_Coder):
     """Static tables from a projection artifact's codec level (see module docstring)."""
+
+    static_tables = True
 
     def __init__(self, keys: list[ProjectionQuantizer], values: list[ProjectionQuantizer], level: Level):
         self.proj = {"k": keys, "v": values}

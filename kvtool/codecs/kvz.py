@@ -34,6 +34,7 @@ from kvtool.quantizers.projection import ProjectionQuantizer
 SCHEMA = "kvtool.kvz"
 register_schema(SCHEMA, 1)
 PREFILL_PIECE = 2048  #: tokens per prefill forward (bounds attention memory on long prompts)
+BATCH_CHUNKS = 8  #: chunks entropy-coded together (their lanes advance in one pass; memory stays a few chunks)
 
 
 @kvconfig.register
@@ -192,7 +193,21 @@ def _chunk_tensors(
             f"{name}.layer_bytes": torch.tensor([len(b) for b in blobs], dtype=torch.int64),
         }  # fmt: skip
     coded_layers, raw_parts = _chunk_layers(geo, cache, rope, chunk)
-    c: CodedChunk = coder.encode(coded_layers)
+    return _pack(name, coder.encode(coded_layers), raw_parts)
+
+
+def _batch_tensors(
+    geo: Geometry, cache: Any, rope: list[tuple[torch.Tensor, torch.Tensor]], batch: list[int], coder: Any
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`_chunk_tensors` of several chunks, entropy-coded in one pass (same bytes as one by one)."""
+    if geo.settings.mode == "lossless":
+        return [_chunk_tensors(geo, cache, rope, c, coder) for c in batch]
+    inputs = [_chunk_layers(geo, cache, rope, c) for c in batch]
+    coded = coder.encode_batch([layers for layers, _ in inputs])
+    return [_pack(f"chunk.{c:06d}", cc, raw) for c, cc, (_, raw) in zip(batch, coded, inputs, strict=True)]
+
+
+def _pack(name: str, c: CodedChunk, raw_parts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {
         f"{name}.words": c.words.to(torch.int32).to(torch.uint16),
         f"{name}.lanes": c.lanes.to(torch.int32),
@@ -247,13 +262,14 @@ def encode_cache(
     rope = [(c.cpu(), s.cpu()) for c, s in rope_for_positions(lm.model, arch.num_layers, torch.arange(tokens))]
     tensors: dict[str, torch.Tensor] = {"input_ids": ids.to(torch.int32).cpu()}
     chunks = []
-    for chunk in range(geo.num_chunks):
-        part = _chunk_tensors(geo, cache, rope, chunk, coder)
-        a, b = geo.chunk_span(chunk)
-        chunks.append({"index": chunk, "start": a, "stop": b, "crc32": _crc(part)})
-        tensors |= part
-        if progress:
-            progress(b - a)
+    for first in range(0, geo.num_chunks, BATCH_CHUNKS):
+        batch = list(range(first, min(first + BATCH_CHUNKS, geo.num_chunks)))
+        for chunk, part in zip(batch, _batch_tensors(geo, cache, rope, batch, coder), strict=True):
+            a, b = geo.chunk_span(chunk)
+            chunks.append({"index": chunk, "start": a, "stop": b, "crc32": _crc(part)})
+            tensors |= part
+            if progress:
+                progress(b - a)
     dtype = str(cache.layers[0].keys.dtype).removeprefix("torch.")
     art = Artifact(
         schema=SCHEMA,
@@ -430,17 +446,14 @@ def decode_kvz(
     heads, dim = arch.num_kv_heads, arch.head_dim
     parts: list[list[tuple[torch.Tensor, torch.Tensor, list[int]]]] = [[] for _ in range(arch.num_layers)]
     dtype = getattr(torch, kvz.extra.get("cache_dtype", "float32"))
-    for chunk in range(len(kvz.chunks)):
-        t = kvz.read_chunk(chunk)
-        try:
-            layers = _decode_chunk(kvz, geo, chunk, t, coder, heads, dim, dtype)
-        except (ValueError, RuntimeError, KeyError) as e:
-            raise ArtifactError(f"{kvz.path}: chunk {chunk} cannot be decoded ({e})") from e
-        for i, item in enumerate(layers):
-            parts[i].append(item)
-        if progress:
-            a, b = geo.chunk_span(chunk)
-            progress(b - a)
+    for first in range(0, len(kvz.chunks), BATCH_CHUNKS):
+        batch = list(range(first, min(first + BATCH_CHUNKS, len(kvz.chunks))))
+        for chunk, layers in zip(batch, _decode_batch(kvz, geo, batch, coder, heads, dim, dtype), strict=True):
+            for i, item in enumerate(layers):
+                parts[i].append(item)
+            if progress:
+                a, b = geo.chunk_span(chunk)
+                progress(b - a)
     out = []
     for i in range(arch.num_layers):
         k = torch.cat([p[0] for p in parts[i]], dim=1)
@@ -486,24 +499,61 @@ def _decode_chunk(
             kv = raw_t.view(dtype).reshape(shape)
             out.append((kv[0], kv[1], positions))
         return out
+    coded, raw = _coded_part(t, n_layers, splits, heads, dim)
+    layers = coder.decode(coded, [len(c) for c, _ in splits], heads, dim)
+    return _with_raw(layers, raw, splits, heads, dim)
+
+
+def _coded_part(
+    t: dict[str, torch.Tensor], n_layers: int, splits: list[tuple[list[int], list[int]]], heads: int, dim: int
+) -> tuple[CodedChunk, torch.Tensor]:
+    """The coded stream of a chunk's tensors and its raw fp16 values (checked against the layout)."""
     side = {k: v for k, v in t.items() if k not in ("words", "lanes", "layer_lanes", "raw")}
     coded = CodedChunk(t["words"].to(torch.int32), t["lanes"].to(torch.int64), t["layer_lanes"], side)
     if coded.layer_lanes.numel() != n_layers:
         raise ValueError("lane index of the wrong length")
-    layers = coder.decode(coded, [len(c) for c, _ in splits], heads, dim)
     raw = t["raw"].float()
     need = sum(2 * heads * len(r) * dim for _, r in splits)
     if raw.numel() != need:
         raise ValueError(f"{raw.numel()} fp16 values for {need} kept elements")
+    return coded, raw
+
+
+def _with_raw(
+    layers: list[tuple[torch.Tensor, ...]], raw: torch.Tensor, splits: list[tuple[list[int], list[int]]], heads: int,
+    dim: int,
+) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:  # fmt: skip
     out, at = [], 0
     for (k, v), (c, r) in zip(layers, splits, strict=True):
         n = 2 * heads * len(r) * dim
         kv = raw[at : at + n].reshape(2, heads, len(r), dim)
         at += n
-        keys = torch.cat([k, kv[0]], dim=1)
-        values = torch.cat([v, kv[1]], dim=1)
-        out.append((keys, values, c + r))
+        out.append((torch.cat([k, kv[0]], dim=1), torch.cat([v, kv[1]], dim=1), c + r))
     return out
+
+
+def _decode_batch(
+    kvz: KvzFile, geo: Geometry, batch: list[int], coder: Any, heads: int, dim: int, dtype: torch.dtype
+) -> list[list[tuple[torch.Tensor, torch.Tensor, list[int]]]]:
+    """Decode the chunks ``batch`` (CRC-checked each) in one pass of the entropy decoder; a failure is reported
+    for the chunk that causes it."""
+    tensors = [kvz.read_chunk(c) for c in batch]
+    n_layers = geo.arch.num_layers
+    if coder is None or len(batch) == 1:
+        out = []
+        for c, t in zip(batch, tensors, strict=True):
+            try:
+                out.append(_decode_chunk(kvz, geo, c, t, coder, heads, dim, dtype))
+            except (ValueError, RuntimeError, KeyError, IndexError) as e:
+                raise ArtifactError(f"{kvz.path}: chunk {c} cannot be decoded ({e})") from e
+        return out
+    try:
+        splits = [[geo.split(i, c) for i in range(n_layers)] for c in batch]
+        parts = [_coded_part(t, n_layers, sp, heads, dim) for t, sp in zip(tensors, splits, strict=True)]
+        layers = coder.decode_batch([p[0] for p in parts], [[len(x) for x, _ in sp] for sp in splits], heads, dim)
+        return [_with_raw(ly, p[1], sp, heads, dim) for ly, p, sp in zip(layers, parts, splits, strict=True)]
+    except (ValueError, RuntimeError, KeyError, IndexError):
+        return [_decode_batch(kvz, geo, [c], coder, heads, dim, dtype)[0] for c in batch]  # names the chunk
 
 
 def sorted_layers(layers: list[DecodedLayer]) -> list[DecodedLayer]:
