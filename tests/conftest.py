@@ -78,3 +78,11 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path:
     """Tiny Llama with head_dim 32 saved as a model folder (every default candidate of the search applies)."""
     return save_model_folder(tmp_path_factory.mktemp("tiny-llama-hd32"), text_file, 32)
+
+
+@pytest.fixture
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private KVTOOL_HOME and an empty, offline HF cache (CLI tests must not see the user's models)."""
+    monkeypatch.setenv("KVTOOL_HOME", str(tmp_path / "kvhome"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

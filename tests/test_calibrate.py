@@ -54,10 +54,8 @@ BITS = [1, 2, 3, 4, 8]  # PrecisionSearch's default bit widths
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVTOOL_HOME", str(tmp_path / "kvhome"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-empty"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _isolated_home(isolated_home: None) -> None:
+    """Every test of this module runs with a private home (see conftest)."""
 
 
 @pytest.fixture(scope="module")

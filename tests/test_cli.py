@@ -28,10 +28,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVTOOL_HOME", str(tmp_path / "kvhome"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-empty"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _isolated_home(isolated_home: None) -> None:
+    """Every test of this module runs with a private home (see conftest)."""
 
 
 def invoke(*args: str):

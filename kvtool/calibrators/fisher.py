@@ -10,7 +10,7 @@ disk, unlike KVQuant's 32 GiB Fisher checkpoint).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,3 +88,19 @@ def fisher_stats(model: Any, windows: list[torch.Tensor]) -> Iterator[list[Layer
     finally:
         for p, was in zip(model.parameters(), grads_were, strict=True):
             p.requires_grad_(was)
+
+
+def accumulate(
+    model: Any,
+    token_ids: torch.Tensor,
+    seq_len: int,
+    num_seqs: int,
+    seed: int,
+    add: Callable[[list[LayerStats]], None],
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Run the Fisher passes over the seeded calibration windows and hand each sequence's stats to ``add``."""
+    for stats in fisher_stats(model, calibration_windows(token_ids, seq_len, num_seqs, seed)):
+        add(stats)
+        if progress:
+            progress(1)

@@ -25,7 +25,7 @@ import torch
 
 from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
-from kvtool.calibrators.fisher import LayerStats, calibration_windows, fisher_stats
+from kvtool.calibrators.fisher import LayerStats, accumulate
 from kvtool.errors import UsageError
 from kvtool.quantizers.nonuniform import NonUniformQuantizer
 from kvtool.transforms import KVTransform
@@ -172,8 +172,5 @@ def fit_nuq(
 ) -> dict[int, KVTransform]:
     """Fit thresholds and lookup tables; return one per-layer transform per bit width in ``cfg.bits``."""
     acc = NuqAccumulator(arch, cfg)
-    for stats in fisher_stats(model, calibration_windows(token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed)):
-        acc.add(stats)
-        if progress:
-            progress(1)
+    accumulate(model, token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed, acc.add, progress)
     return acc.fit()

@@ -32,7 +32,7 @@ from kvtool.arch import ArchInfo
 from kvtool.artifacts import Artifact
 from kvtool.calibration import calibration_artifact
 from kvtool.calibrators.bit_allocation import allocate_bits
-from kvtool.calibrators.fisher import LayerStats, calibration_windows, fisher_stats
+from kvtool.calibrators.fisher import LayerStats, accumulate
 from kvtool.codecs.ecsq import Level, OptionTable, allocate_levels, measure_options
 from kvtool.errors import ArtifactError, UsageError
 from kvtool.quantizers.projection import FP16_COEFFICIENT, MAX_CODE_BITS, ProjectionQuantizer
@@ -430,8 +430,5 @@ def fit_projection(
 ) -> ProjectionTable:
     """Run the Fisher passes and fit bases and distortion table."""
     acc = ProjectionAccumulator(arch, cfg)
-    for stats in fisher_stats(model, calibration_windows(token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed)):
-        acc.add(stats)
-        if progress:
-            progress(1)
+    accumulate(model, token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed, acc.add, progress)
     return acc.fit()

@@ -66,7 +66,7 @@ def decode(
     check_model_of(kvz, lm.fingerprint)
     check_calibration(kvz, cal)
     with out.progress("decode", kvz.tokens) as advance:
-        layers = sorted_layers(decode_kvz(kvz, lm.model, cal, progress=advance))
+        layers = sorted_layers(decode_kvz(kvz, lm.model, cal, progress=advance, keep_pre_rope=output is not None))
     if output is not None:
         ids = kvz.input_ids()
         art = capture_artifact(

@@ -55,7 +55,12 @@ class CodecSettings:
     def __post_init__(self) -> None:
         if self.mode not in ("calibrated", "adaptive", "lossless"):
             raise UsageError(f"codec mode must be calibrated, adaptive or lossless (got '{self.mode}')")
-        if self.chunk_tokens < 1 or self.sink_tokens < 0 or self.recent_tokens < 0 or self.lane_symbols < 1:
+        if (
+            self.chunk_tokens < 1
+            or self.sink_tokens < 0
+            or self.recent_tokens < 0
+            or not 1 <= self.lane_symbols < 65534
+        ):
             raise UsageError("chunk size must be >= 1, sink and recent tokens >= 0")
         if not 0 < self.quality <= 64:
             raise UsageError(f"--quality must be in (0, 64] (got {self.quality})")
@@ -210,7 +215,7 @@ def _batch_tensors(
 def _pack(name: str, c: CodedChunk, raw_parts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {
         f"{name}.words": c.words.to(torch.int32).to(torch.uint16),
-        f"{name}.lanes": c.lanes.to(torch.int32),
+        f"{name}.lanes": c.lanes.to(torch.int32).to(torch.uint16),  # at most lane_symbols + 2 words
         f"{name}.layer_lanes": c.layer_lanes.to(torch.int32),
         f"{name}.raw": torch.cat(raw_parts) if raw_parts else torch.zeros(0, dtype=torch.float16),
     }
@@ -423,11 +428,11 @@ def check_calibration(kvz: KvzFile, calibration: Artifact | None) -> None:
 
 @dataclass
 class DecodedLayer:
-    """One layer of a decoded prefix: ``keys`` (post-RoPE), ``keys_pre_rope``, ``values`` ``(1, heads, n,
-    head_dim)`` float32 and ``positions`` ``(n,)``."""
+    """One layer of a decoded prefix: ``keys`` (post-RoPE), ``keys_pre_rope`` (when asked for), ``values``
+    ``(1, heads, n, head_dim)`` (float32; lossless: the cache dtype) and ``positions`` ``(n,)``."""
 
     keys: torch.Tensor
-    keys_pre_rope: torch.Tensor
+    keys_pre_rope: torch.Tensor | None
     values: torch.Tensor
     positions: torch.Tensor
 
@@ -437,35 +442,52 @@ def decode_kvz(
     model: Any,
     calibration: Artifact | None = None,
     progress: Callable[[int], None] | None = None,
+    keep_pre_rope: bool = False,
 ) -> list[DecodedLayer]:
-    """Decode every chunk of ``kvz`` (RoPE re-applied with ``model``'s own rotation) into per-layer tensors."""
+    """Decode every chunk of ``kvz`` (RoPE re-applied with ``model``'s own rotation) into per-layer tensors, in
+    position order. Streaming: chunks are read, checked and decoded ``BATCH_CHUNKS`` at a time and written straight
+    into the output tensors, so memory beyond the output cache is a few chunks. ``keep_pre_rope`` also returns the
+    pre-RoPE keys (otherwise ``keys_pre_rope`` is ``None``)."""
     s, geo, arch = kvz.settings, kvz.geometry, kvz.arch
     check_calibration(kvz, calibration)
     coder = _coder(s, calibration, arch) if s.mode != "lossless" else None
-    rope = rope_for_positions(model, arch.num_layers, torch.arange(kvz.tokens)) if s.mode != "lossless" else None
     heads, dim = arch.num_kv_heads, arch.head_dim
-    parts: list[list[tuple[torch.Tensor, torch.Tensor, list[int]]]] = [[] for _ in range(arch.num_layers)]
     dtype = getattr(torch, kvz.extra.get("cache_dtype", "float32"))
+    out_dtype = dtype if s.mode == "lossless" else torch.float32
+    ranges = [geo.layer_range(i) for i in range(arch.num_layers)]
+    keys = [torch.empty(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges]
+    values = [torch.empty(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges]
+    pre = [torch.empty(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges] if keep_pre_rope else None
     for first in range(0, len(kvz.chunks), BATCH_CHUNKS):
         batch = list(range(first, min(first + BATCH_CHUNKS, len(kvz.chunks))))
+        span = torch.arange(geo.chunk_span(batch[0])[0], geo.chunk_span(batch[-1])[1])
+        rope = rope_for_positions(model, arch.num_layers, span) if s.mode != "lossless" else None
         for chunk, layers in zip(batch, _decode_batch(kvz, geo, batch, coder, heads, dim, dtype), strict=True):
-            for i, item in enumerate(layers):
-                parts[i].append(item)
+            for i, (k, v, positions) in enumerate(layers):
+                if not positions:
+                    continue
+                pos = torch.tensor(positions, dtype=torch.int64)
+                slot = pos - ranges[i][0]
+                values[i][0][:, slot] = v.to(out_dtype)
+                if rope is None:
+                    keys[i][0][:, slot] = k
+                    continue
+                cos, sin = (t[:, pos - int(span[0])].cpu() for t in rope[i])
+                keys[i][0][:, slot] = apply_rope(k[None], cos, sin)[0]
+                if pre is not None:
+                    pre[i][0][:, slot] = k
             if progress:
                 a, b = geo.chunk_span(chunk)
                 progress(b - a)
-    out = []
-    for i in range(arch.num_layers):
-        k = torch.cat([p[0] for p in parts[i]], dim=1)
-        v = torch.cat([p[1] for p in parts[i]], dim=1)
-        positions = torch.tensor([q for p in parts[i] for q in p[2]], dtype=torch.int64)
-        if s.mode == "lossless":
-            out.append(DecodedLayer(k[None], k[None], v[None], positions))
-            continue
-        cos, sin = rope[i]  # type: ignore[index]
-        cos, sin = cos[:, positions].to(k.device), sin[:, positions].to(k.device)
-        out.append(DecodedLayer(apply_rope(k[None], cos, sin), k[None], v[None], positions))
-    return out
+    return [
+        DecodedLayer(
+            keys[i],
+            (pre[i] if pre is not None else keys[i] if s.mode == "lossless" else None),
+            values[i],
+            torch.arange(*ranges[i]),
+        )  # fmt: skip
+        for i in range(arch.num_layers)
+    ]
 
 
 def _decode_chunk(
@@ -509,7 +531,7 @@ def _coded_part(
 ) -> tuple[CodedChunk, torch.Tensor]:
     """The coded stream of a chunk's tensors and its raw fp16 values (checked against the layout)."""
     side = {k: v for k, v in t.items() if k not in ("words", "lanes", "layer_lanes", "raw")}
-    coded = CodedChunk(t["words"].to(torch.int32), t["lanes"].to(torch.int64), t["layer_lanes"], side)
+    coded = CodedChunk(t["words"].to(torch.int32), t["lanes"].to(torch.int32).to(torch.int64), t["layer_lanes"], side)
     if coded.layer_lanes.numel() != n_layers:
         raise ValueError("lane index of the wrong length")
     raw = t["raw"].float()
@@ -557,11 +579,16 @@ def _decode_batch(
 
 
 def sorted_layers(layers: list[DecodedLayer]) -> list[DecodedLayer]:
-    """Tokens of each layer in position order (raw sink / recent tokens come after the coded ones in a chunk)."""
+    """Tokens of each layer in position order (:func:`decode_kvz` already returns them so; kept for callers that
+    assemble layers themselves)."""
     out = []
     for d in layers:
+        if bool((d.positions[1:] > d.positions[:-1]).all()):
+            out.append(d)
+            continue
         order = torch.argsort(d.positions)
-        out.append(dataclasses.replace(d, keys=d.keys[:, :, order], keys_pre_rope=d.keys_pre_rope[:, :, order],
+        pre = None if d.keys_pre_rope is None else d.keys_pre_rope[:, :, order]
+        out.append(dataclasses.replace(d, keys=d.keys[:, :, order], keys_pre_rope=pre,
                                        values=d.values[:, :, order], positions=d.positions[order]))  # fmt: skip
     return out
 
