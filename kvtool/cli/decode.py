@@ -11,7 +11,16 @@ import typer
 from kvtool.artifacts import read_artifact, write_artifact
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.cli._errors import handle_errors
-from kvtool.cli._options import DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, QuietOpt, check_output, output_for
+from kvtool.cli._options import (
+    BackendOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    OverwriteOpt,
+    QuietOpt,
+    check_output,
+    output_for,
+)
 from kvtool.codecs.kvz import KvzFile, check_calibration, check_model_of, decode_kvz, load_cache, sorted_layers
 from kvtool.kv_capture import capture_artifact
 from kvtool.models import load_model, tokenize
@@ -37,6 +46,7 @@ def decode(
         str | None, typer.Option("--generate", help="Continue from the decoded cache with this text.")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.", min=1)] = 32,
+    backend: BackendOpt = "auto",
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -52,7 +62,7 @@ def decode(
     lm = load_model(model or kvz.model.get("id", ""), device, dtype)
     result: dict = {"path": str(path), "tokens": kvz.tokens, "chunks": len(kvz.chunks), "mode": kvz.settings.mode}
     if generate is not None:
-        cache, ids = load_cache(path, lm, cal)
+        cache, ids = load_cache(path, lm, cal, backend=backend)
         new = tokenize(lm.tokenizer, generate)
         full = torch.cat([ids, new])[None].to(next(lm.model.parameters()).device)
         with torch.no_grad():
@@ -66,7 +76,9 @@ def decode(
     check_model_of(kvz, lm.fingerprint)
     check_calibration(kvz, cal)
     with out.progress("decode", kvz.tokens) as advance:
-        layers = sorted_layers(decode_kvz(kvz, lm.model, cal, progress=advance, keep_pre_rope=output is not None))
+        layers = sorted_layers(
+            decode_kvz(kvz, lm.model, cal, progress=advance, keep_pre_rope=output is not None, backend=backend)
+        )
     if output is not None:
         ids = kvz.input_ids()
         art = capture_artifact(

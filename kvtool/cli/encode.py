@@ -10,7 +10,16 @@ import typer
 from kvtool.artifacts import read_artifact
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.cli._errors import handle_errors
-from kvtool.cli._options import DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, QuietOpt, check_output, output_for
+from kvtool.cli._options import (
+    BackendOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    OverwriteOpt,
+    QuietOpt,
+    check_output,
+    output_for,
+)
 from kvtool.codecs.kvz import CodecSettings, encode_prefix, pick_level
 from kvtool.errors import UsageError
 from kvtool.models import DEFAULT_MODEL, load_model, tokenize
@@ -47,6 +56,7 @@ def encode(
     chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", help="Tokens per chunk.", min=1)] = 256,
     sink_tokens: Annotated[int, typer.Option("--sink-tokens", help="First positions kept in fp16.", min=0)] = 1,
     recent_tokens: Annotated[int, typer.Option("--recent-tokens", help="Last positions kept in fp16.", min=0)] = 0,
+    backend: BackendOpt = "auto",
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -79,7 +89,7 @@ def encode(
         ids = ids[:max_tokens]
     out.log(f"prefilling {ids.numel()} tokens on {lm.fingerprint['id']} and coding ({mode}) ...")
     with out.progress("encode", int(ids.numel())) as advance:
-        info = encode_prefix(lm, ids, settings, output, cal, progress=advance)
+        info = encode_prefix(lm, ids, settings, output, cal, progress=advance, backend=backend)
     rows = [[info["path"], info["tokens"], info["bytes"], f"{info['bits_per_element']:.3f}",
              f"{info['compression_vs_fp16']:.1f}x", f"{info['overhead_pct']:.2f}%"]]  # fmt: skip
     table = out.table(None, ["file", "tokens", "bytes", "bits/element", "vs fp16", "overhead"], rows)

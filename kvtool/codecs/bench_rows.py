@@ -62,9 +62,9 @@ class CodecRow:
         self.elements += sum(d.values.numel() * 2 for d in layers)
         self.prefixes.append(int(ids.numel()))
         out = DynamicCache(config=model.config)
-        dtype = cache.layers[0].keys.dtype
+        dtype, device = cache.layers[0].keys.dtype, cache.layers[0].keys.device
         for i, d in enumerate(layers):
-            out.update(d.keys.to(dtype), d.values.to(dtype), i)
+            out.update(d.keys.to(device, dtype), d.values.to(device, dtype), i)
         return out
 
     def speeds(self) -> dict[str, float]:
@@ -91,9 +91,9 @@ class CacheGenRow(CodecRow):
         self.elements += sum(k.numel() + v.numel() for k, v in zip(keys, values, strict=True))
         self.prefixes.append(int(ids.numel()))
         out = DynamicCache(config=self.lm.model.config)
-        dtype = cache.layers[0].keys.dtype
+        dtype, device = cache.layers[0].keys.dtype, cache.layers[0].keys.device
         for i, (k, v) in enumerate(zip(r["keys"], r["values"], strict=True)):
-            out.update(k[None].to(dtype), v[None].to(dtype), i)
+            out.update(k[None].to(device, dtype), v[None].to(device, dtype), i)
         return out
 
 

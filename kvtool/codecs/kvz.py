@@ -29,6 +29,7 @@ from kvtool.capture import rope_for_positions
 from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder, CodedChunk
 from kvtool.digests import sha256_json, token_digest
 from kvtool.errors import ArtifactError, UsageError
+from kvtool.kernels import pick_backend
 from kvtool.quantizers.projection import ProjectionQuantizer
 
 SCHEMA = "kvtool.kvz"
@@ -108,6 +109,15 @@ class Geometry:
         a, b = self.chunk_span(chunk)
         pos = range(max(a, lo), min(b, hi))
         return [p for p in pos if not self.raw(p)], [p for p in pos if self.raw(p)]
+
+
+def _on_backend(coder: Any, backend: str, device: torch.device) -> Any:
+    """Run ``coder``'s entropy coding with ``backend`` (``auto``: Triton on CUDA models); same bytes either way."""
+    if coder is not None:
+        use = pick_backend(backend, device)
+        coder.backend = use
+        coder.device = device if use == "triton" else torch.device("cpu")
+    return coder
 
 
 def _coder(settings: CodecSettings, calibration: Artifact | None, arch: ArchInfo) -> Any:
@@ -241,11 +251,12 @@ def encode_prefix(
     path: Path,
     calibration: Artifact | None = None,
     progress: Callable[[int], None] | None = None,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Prefill ``lm`` on ``ids`` ``(T,)`` (in pieces) and write the ``.kvz`` file atomically; return a summary."""
     if ids.numel() < 1:
         raise UsageError("the prompt has no tokens")
-    return encode_cache(lm, ids, prefill_cache(lm.model, ids), settings, path, calibration, progress)
+    return encode_cache(lm, ids, prefill_cache(lm.model, ids), settings, path, calibration, progress, backend)
 
 
 def encode_cache(
@@ -256,11 +267,13 @@ def encode_cache(
     path: Path,
     calibration: Artifact | None = None,
     progress: Callable[[int], None] | None = None,
+    backend: str = "auto",
 ) -> dict[str, Any]:
-    """Write the ``.kvz`` of ``cache``, the model's cache after prefilling ``ids`` from position 0."""
+    """Write the ``.kvz`` of ``cache``, the model's cache after prefilling ``ids`` from position 0. ``backend``:
+    the entropy coder's (``auto``: Triton when the model is on CUDA)."""
     arch: ArchInfo = lm.arch
     tokens = int(ids.numel())
-    coder = _coder(settings, calibration, arch)
+    coder = _on_backend(_coder(settings, calibration, arch), backend, next(lm.model.parameters()).device)
     if calibration is not None and settings.mode == "calibrated":
         _check_same_model(calibration.model, lm.fingerprint, "calibration artifact")
     geo = Geometry(arch, tokens, settings)
@@ -443,6 +456,7 @@ def decode_kvz(
     calibration: Artifact | None = None,
     progress: Callable[[int], None] | None = None,
     keep_pre_rope: bool = False,
+    backend: str = "auto",
 ) -> list[DecodedLayer]:
     """Decode every chunk of ``kvz`` (RoPE re-applied with ``model``'s own rotation) into per-layer tensors, in
     position order. Streaming: chunks are read, checked and decoded ``BATCH_CHUNKS`` at a time and written straight
@@ -451,6 +465,7 @@ def decode_kvz(
     s, geo, arch = kvz.settings, kvz.geometry, kvz.arch
     check_calibration(kvz, calibration)
     coder = _coder(s, calibration, arch) if s.mode != "lossless" else None
+    coder = _on_backend(coder, backend, next(model.parameters()).device)
     heads, dim = arch.num_kv_heads, arch.head_dim
     dtype = getattr(torch, kvz.extra.get("cache_dtype", "float32"))
     out_dtype = dtype if s.mode == "lossless" else torch.float32
@@ -594,7 +609,10 @@ def sorted_layers(layers: list[DecodedLayer]) -> list[DecodedLayer]:
 
 
 def load_cache(
-    path: str | os.PathLike[str], model: Any, calibration: str | os.PathLike[str] | Artifact | None = None
+    path: str | os.PathLike[str],
+    model: Any,
+    calibration: str | os.PathLike[str] | Artifact | None = None,
+    backend: str = "auto",
 ) -> tuple[Any, torch.Tensor]:
     """Decode a ``.kvz`` into a transformers ``DynamicCache`` that ``model.generate`` continues from.
 
@@ -618,7 +636,7 @@ def load_cache(
         }
     _check_same_model(kvz.model, fingerprint, ".kvz file")
     cal = calibration if isinstance(calibration, Artifact) or calibration is None else read_artifact(calibration)
-    layers = sorted_layers(decode_kvz(kvz, model, cal))
+    layers = sorted_layers(decode_kvz(kvz, model, cal, backend=backend))
     ids = kvz.input_ids()
     cache = DynamicCache(config=model.config)
     dtype = next(model.parameters()).dtype
