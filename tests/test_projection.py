@@ -240,7 +240,7 @@ def test_artifact_round_trip_and_resolve(fitted, tmp_path: Path) -> None:
     write_artifact(tmp_path / "same.kvcal.safetensors", same)
     assert (tmp_path / "same.kvcal.safetensors").read_bytes() == path.read_bytes()
     other, t3 = resolve_budget(back, "r0.25v")
-    assert other.extra["projection"]["budget"] == {"bits": None, "rank_fraction": 0.25, "kinds": "v"}
+    assert other.extra["projection"]["budget"] == {"bits": None, "rank_fraction": 0.25, "kinds": "v", "level": None}
     assert all(bool((q.bits == 16).all()) for q in t3.keys)
     rows = other.extra["projection"]["spectrum"]["k"]
     assert len(rows) == tiny.info.num_layers and all(r["rank"] == r["dims"] for r in rows)
@@ -328,3 +328,24 @@ def test_cli_pca_and_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ti
     assert bad.exit_code == 2 and "exactly one" in bad.stderr
     bad = runner.invoke(app, [*args, "--method", "nuq", "--target-rank-fraction", "0.5"])
     assert bad.exit_code == 2
+
+
+def test_entropy_coded_levels_in_attention(fitted) -> None:
+    """``@L<n>``: the codec level's quantization as an in-attention transform; its bits are the calibrated rate,
+    which grows with the level, and so does fidelity."""
+    tiny, ids, table = fitted
+    art, _ = projection_artifact(_model(tiny), CFG, {}, table, Budget(bits=2.0))
+    x = torch.randn(1, tiny.info.num_kv_heads, 30, tiny.info.head_dim)
+    errs, bits = [], []
+    for n in range(len(table.codec_levels)):
+        _, t = resolve_budget(art, f"L{n}")
+        b = t.bits(tiny.info, CFG.seq_len)
+        bits.append(b["all_in"])
+        y = t.values[0].apply(x)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        errs.append(float((y - x).square().mean()))
+        back = type(t).from_dict(t.to_dict()).bind(t.stacked_tensors())
+        assert torch.equal(back.keys[1].apply(x), t.keys[1].apply(x))
+    assert bits == sorted(bits) and bits[-1] > bits[0]
+    with pytest.raises(UsageError):
+        resolve_budget(art, "L99")

@@ -35,7 +35,7 @@ from kvtool.calibrators.bit_allocation import allocate_bits
 from kvtool.calibrators.fisher import LayerStats, accumulate
 from kvtool.codecs.ecsq import Level, OptionTable, allocate_levels, measure_options
 from kvtool.errors import ArtifactError, UsageError
-from kvtool.quantizers.projection import FP16_COEFFICIENT, MAX_CODE_BITS, ProjectionQuantizer
+from kvtool.quantizers.projection import FP16_COEFFICIENT, MAX_CODE_BITS, EntropyCodedProjection, ProjectionQuantizer
 from kvtool.transforms import FP16_BITS, KVTransform
 
 #: Options per component: dropped, 1..8-bit static grids, fp16.
@@ -110,6 +110,8 @@ class ProjectionTable:
         out = {"proj_slot_tokens": self.slot_tokens, "proj_total_tokens": self.total_tokens}
         for n, lv in enumerate(self.codec_levels):
             out |= {f"codec{n}_step": lv.step, f"codec{n}_kmax": lv.kmax, f"codec{n}_freq": lv.freq}
+            if lv.rate is not None:
+                out[f"codec{n}_rate"] = lv.rate
             out[f"codec{n}_bits"] = torch.tensor([lv.bits, lv.expected_bits], dtype=torch.float64)
         for k in KINDS:
             out |= {f"proj_{k}_eigenvalues": self.eigenvalues[k], f"proj_{k}_distortion": self.distortion[k]}
@@ -145,7 +147,14 @@ def codec_levels(tensors: dict[str, torch.Tensor]) -> list[Level]:
     while f"codec{n}_step" in tensors:
         bits, expected = tensors[f"codec{n}_bits"].tolist()
         levels.append(
-            Level(bits, tensors[f"codec{n}_step"], tensors[f"codec{n}_kmax"], tensors[f"codec{n}_freq"], expected)
+            Level(
+                bits,
+                tensors[f"codec{n}_step"],
+                tensors[f"codec{n}_kmax"],
+                tensors[f"codec{n}_freq"],
+                expected,
+                tensors.get(f"codec{n}_rate"),
+            )  # fmt: skip
         )
         n += 1
     return levels
@@ -290,6 +299,7 @@ class Budget:
     bits: float | None = None
     rank_fraction: float | None = None
     kinds: str = "kv"  #: rank budgets only: which of K and V are projected ("k", "v" or "kv"); the other stays fp16
+    level: int | None = None  #: the codec's entropy-coded level ``n`` (``@L<n>``): ECSQ grids, expected-rate bits
 
     @classmethod
     def of(cls, cfg: ProjectionCalibration) -> Budget:
@@ -297,8 +307,11 @@ class Budget:
 
     @classmethod
     def parse(cls, spec: str) -> Budget:
-        """``2.0`` (all-in bits), ``r0.5`` (rank fraction of K and V), ``r0.5k`` / ``r0.5v`` (K or V only)."""
+        """``2.0`` (all-in bits), ``r0.5`` (rank fraction of K and V), ``r0.5k`` / ``r0.5v`` (K or V only), ``L2``
+        (codec level 2: its entropy-coded quantization, bits = calibrated rate)."""
         try:
+            if spec.startswith("L"):
+                return cls(level=int(spec[1:]))
             if spec.startswith("r"):
                 kinds = spec[-1] if spec[-1] in "kv" else "kv"
                 return cls(rank_fraction=float(spec[1:].rstrip("kv")), kinds=kinds)
@@ -307,6 +320,8 @@ class Budget:
             raise UsageError(f"budget '{spec}': use bits (2.0) or a rank fraction (r0.5, r0.5k, r0.5v)") from e
 
     def label(self) -> str:
+        if self.level is not None:
+            return f"L{self.level}"
         if self.bits is not None:
             return f"{self.bits:g}b"
         return f"r{self.rank_fraction:g}" + ("" if self.kinds == "kv" else self.kinds)
@@ -417,8 +432,43 @@ def resolve_projection(old: Artifact, budget: Budget) -> tuple[Artifact, KVTrans
     if not isinstance(cfg, ProjectionCalibration):
         raise ArtifactError(f"made by {type(cfg).__name__}, not a projection calibration")
     table = ProjectionTable.from_artifact(old.tensors, transform_of(old))
+    if budget.level is not None:
+        return old, entropy_coded_transform(table, budget.level, ArchInfo.from_dict(old.model["arch"]), cfg)
     cfg = dataclasses.replace(cfg, target_bits=budget.bits, target_rank_fraction=budget.rank_fraction)
     return projection_artifact(old.model, cfg, old.inputs, table, budget)
+
+
+def entropy_coded_transform(
+    table: ProjectionTable, level: int, arch: ArchInfo, cfg: ProjectionCalibration
+) -> KVTransform:
+    """The in-attention simulation of codec level ``level``: per layer an :class:`EntropyCodedProjection` with that
+    level's grids; its bits are the calibrated entropy-coded rate (what the ``.kvz`` file measures for real)."""
+    if not -len(table.codec_levels) <= level < len(table.codec_levels):
+        raise UsageError(f"level {level} out of range: the artifact has {len(table.codec_levels)} codec levels")
+    lv = table.codec_levels[level]
+    if lv.rate is None:
+        raise ArtifactError("this artifact's codec levels have no per-component rates (re-run the calibration)")
+    g, d = table.mean["k"].shape[1:]
+    per_kind = arch.num_layers * g * d
+    slots: dict[str, list[EntropyCodedProjection]] = {}
+    for j, k in enumerate(KINDS):
+        part = slice(j * per_kind, (j + 1) * per_kind)
+        step, kmax, rate = (t[part].reshape(arch.num_layers, g, d).float() for t in (lv.step, lv.kmax, lv.rate))
+        slots[k] = [
+            EntropyCodedProjection(
+                arch.num_kv_heads,
+                arch.head_dim,
+                cfg.granularity,
+                mean=table.mean[k][i],
+                basis=table.basis[k][i],
+                step=step[i],
+                kmax=kmax[i],
+                rate=rate[i],
+            )  # fmt: skip
+            for i in range(arch.num_layers)
+        ]
+    name = f"{cfg.method}-{cfg.granularity}-L{level}"
+    return KVTransform(slots["k"], slots["v"], keys_pre_rope=True, sink_tokens=cfg.sink_tokens, name=name)
 
 
 def fit_projection(

@@ -94,6 +94,7 @@ class Level:
     kmax: torch.Tensor
     freq: torch.Tensor
     expected_bits: float
+    rate: torch.Tensor | None = None  #: ``(N,)`` calibrated bits per symbol of each component (0 when dropped)
 
 
 def allocate_levels(
@@ -117,5 +118,6 @@ def allocate_levels(
         sizes = torch.where(coded, 2 * kmax.long() + 1, torch.ones(n, dtype=torch.long))
         freq = quantize_counts(counts, sizes).to(torch.int16)
         spent = float((cost.gather(1, pick[:, None])[:, 0]).sum()) + fixed_bits
-        levels.append(Level(bits, step, kmax, freq, spent / elements))
+        rate = table.rate.gather(1, pick[:, None])[:, 0].float()
+        levels.append(Level(bits, step, kmax, freq, spent / elements, rate))
     return levels

@@ -145,3 +145,47 @@ class ProjectionQuantizer(TensorTransform):
             raise ValueError(f"expects {self.heads} heads of {self.head_dim}, got shape {tuple(x.shape)}")
         c = self.coefficients(x)
         return self.reconstruct(self.dequantize(self.symbols(c), c), x.dtype)
+
+
+@register
+@dataclass(frozen=True)
+class EntropyCodedProjection(ProjectionQuantizer):
+    """The codec's quantization in the same basis (:mod:`kvtool.codecs.ecsq`): per component a mid-tread step
+    (0: dropped) and clamp ``kmax``; ``rate`` is the calibrated entropy-coded bits per symbol, so :meth:`cost` is
+    what a ``.kvz`` with static tables spends (an estimate from the calibration text; the codec measures the real
+    bytes). Shapes ``(G, d)`` like :class:`ProjectionQuantizer`'s ``bits``."""
+
+    kmax: torch.Tensor | None = None
+    rate: torch.Tensor | None = None
+
+    tensor_fields: ClassVar[tuple[str, ...]] = ("mean", "basis", "step", "kmax", "rate")
+
+    def _ready(self) -> tuple[torch.Tensor, ...]:
+        if any(t is None for t in (self.mean, self.basis, self.step, self.kmax, self.rate)):
+            raise ValueError("EntropyCodedProjection needs its calibrated mean, basis, step, kmax and rate")
+        return self.step, self.kmax, self.rate  # type: ignore[return-value]
+
+    def label(self) -> str:
+        if self.rate is None:
+            return f"pca-ec/{self.granularity}"
+        kept = float((self.step > 0).float().mean())  # type: ignore[operator]
+        return f"pca-ec/{self.granularity} r{kept:.2f} {float(self.rate.mean()):.2f}b"
+
+    def cost(self, head_dim: int, num_tokens: int) -> BitCost:
+        _, _, rate = self._ready()
+        mean_bits = float(rate.float().mean())
+        return BitCost(mean_bits, mean_bits)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        from kvtool.codecs.ecsq import dequantize, quantize
+
+        step, kmax, _ = self._ready()
+        if x.shape[1] != self.heads or x.shape[3] != self.head_dim:
+            raise ValueError(f"expects {self.heads} heads of {self.head_dim}, got shape {tuple(x.shape)}")
+        mean, basis = self.mean, self.basis
+        blocks = self.to_blocks(x.float())
+        c = (blocks - mean[None, :, None, :]) @ basis[None]  # type: ignore[index]
+        s, k = step[None, :, None, :], kmax[None, :, None, :]
+        ch = torch.where(s > 0, dequantize(quantize(c, s, k), s, k), torch.zeros_like(c))
+        out = ch @ basis.transpose(-1, -2)[None] + mean[None, :, None, :]  # type: ignore[union-attr,index]
+        return self.from_blocks(out).to(x.dtype)
