@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(2)
     lm = load_model("smollm2-135m", "cpu", "float32")
     cal = read_artifact(args.artifact)
-    ids = tokenize(lm.tokenizer, load_text("evaluation"))[: args.tokens]
+    ids = tokenize(lm.tokenizer, load_text("evaluation"), prompt=True)[: args.tokens]
     settings = CodecSettings(mode="calibrated", level=args.level)
     coder = _coder(settings, cal, lm.arch)
     geo = Geometry(lm.arch, ids.numel(), settings)

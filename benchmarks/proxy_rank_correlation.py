@@ -20,7 +20,7 @@ from kvtool.artifacts import read_artifact
 from kvtool.calibration import SCHEMA
 from kvtool.calibrators.precision_search import build_transform, choice_summary, table_from
 from kvtool.harness import perplexity
-from kvtool.models import load_model, tokenize
+from kvtool.models import load_model, special_prefix, tokenize
 from kvtool.texts import load_text
 
 
@@ -47,7 +47,8 @@ def main() -> None:
     table, _ = table_from(art.extra, art.tensors)
     lm = load_model(art.model["id"])
     ids = tokenize(lm.tokenizer, load_text("evaluation"))[: args.tokens]
-    base = perplexity(lm.model, ids, 2048).ppl
+    prefix = special_prefix(lm.tokenizer)
+    base = perplexity(lm.model, ids, 2048, special_prefix=prefix).ppl
     rng = np.random.default_rng(args.seed)
     rows = []
     for n in range(args.configs):
@@ -60,7 +61,7 @@ def main() -> None:
                 for i in range(len(table.weights))
             ]
         s = choice_summary(table, choice)
-        ppl = perplexity(lm.model, ids, 2048, build_transform(search, table, choice)).ppl
+        ppl = perplexity(lm.model, ids, 2048, build_transform(search, table, choice), special_prefix=prefix).ppl
         rows.append(
             {
                 "proxy": s["proxy"],

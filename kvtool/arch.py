@@ -9,7 +9,7 @@ dimension (``rotate_half``, the GPT-NeoX convention), which :func:`apply_rope` /
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -18,6 +18,8 @@ from kvtool.digests import sha256_json
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
+#: Bound on every size an artifact may record for a model (layers, heads, head_dim, vocabulary, window, ...).
+MAX_DIM = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,31 @@ class ArchInfo:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ArchInfo:
-        """Inverse of :meth:`to_dict` (as recorded in artifacts)."""
-        return cls(**{**d, "layer_types": tuple(d["layer_types"])})
+    def from_dict(cls, d: Any) -> ArchInfo:
+        """Inverse of :meth:`to_dict` (as recorded in artifacts). Every field is type- and range-checked, since
+        the dict comes from a file: ``ValueError`` names the first bad one."""
+        if not isinstance(d, dict):
+            raise ValueError("model.arch is not an object")
+        names = {f.name for f in fields(cls)}
+        if set(d) - names or (names - {"rope_style"}) - set(d):
+            raise ValueError(f"model.arch fields {sorted(d)} are not {sorted(names)}")
+        for key in ("num_layers", "num_kv_heads", "num_heads", "head_dim", "hidden_size", "vocab_size"):
+            v = d[key]
+            if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_DIM):
+                raise ValueError(f"model.arch.{key} must be an int in 1..{MAX_DIM} (got {v!r})")
+        if d["num_heads"] % d["num_kv_heads"]:
+            raise ValueError("model.arch.num_heads is not a multiple of num_kv_heads")
+        types = d["layer_types"]
+        if not (isinstance(types, list) and len(types) == d["num_layers"] and all(t in (FULL, SLIDING) for t in types)):
+            raise ValueError(f"model.arch.layer_types must list {d['num_layers']} of {FULL!r} / {SLIDING!r}")
+        w = d["sliding_window"]
+        if w is not None and not (isinstance(w, int) and not isinstance(w, bool) and 2 <= w <= MAX_DIM):
+            raise ValueError(f"model.arch.sliding_window must be null or an int in 2..{MAX_DIM} (got {w!r})")
+        if not isinstance(d["model_type"], str) or not isinstance(d["rope"], dict):
+            raise ValueError("model.arch.model_type must be a string and rope an object")
+        if d.get("rope_style", "half") != "half":
+            raise ValueError(f"model.arch.rope_style {d.get('rope_style')!r} is not supported")
+        return cls(**{**d, "layer_types": tuple(types)})
 
     def digest(self) -> str:
         """Digest of everything that decides whether a KV cache or calibration fits this model."""

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,8 +233,42 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name}")
 
 
-def _strict_json(text: str | bytes) -> Any:
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+#: Deepest nesting of objects and arrays any kvtool JSON may have (kvtool writes at most ~8 levels).
+MAX_JSON_DEPTH = 64
+
+
+def _depth_problem(value: Any) -> str | None:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                return f"nested deeper than {MAX_JSON_DEPTH} levels"
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return None
+
+
+def strict_json(text: str | bytes) -> Any:
+    """Parse JSON as every kvtool reader must: duplicate keys, ``NaN``/``Infinity`` and numbers out of the float
+    range are refused, and so is nesting deeper than :data:`MAX_JSON_DEPTH`. Raises ``ValueError``."""
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    problem = _depth_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
 
 
 def _is_int(x: Any) -> bool:
@@ -245,7 +280,7 @@ def _header_problem(header: Any, data_len: int) -> str | None:
     if not isinstance(header, dict):
         return "not a safetensors file: header is not a JSON object"
     meta = header.get("__metadata__")
-    if meta is not None and not (
+    if "__metadata__" in header and not (
         isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     ):
         return "__metadata__ is not a string-to-string map"
@@ -299,7 +334,7 @@ def _parse_header(read: Callable[[int], bytes], size: int, source: str) -> tuple
     if not raw.startswith(b"{"):
         raise ArtifactError(f"{source}: not a safetensors file: header does not start with '{{'")
     try:
-        header = _strict_json(raw.decode("utf-8"))
+        header = strict_json(raw.decode("utf-8"))
     except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ArtifactError(f"{source}: not a safetensors file: header is not valid JSON ({_one_line(e)})") from None
     problem = _header_problem(header, size - 8 - n)
@@ -308,16 +343,53 @@ def _parse_header(read: Callable[[int], bytes], size: int, source: str) -> tuple
     return header, 8 + n
 
 
-def _open_for_read(path: str | os.PathLike[str]):
+#: Largest file any artifact reader opens (a stated cap, ``KVTOOL_MAX_ARTIFACT_BYTES`` overrides it).
+MAX_ARTIFACT_BYTES = 1 << 38
+
+
+def max_artifact_bytes() -> int:
+    """The cap on an artifact file's size, read from ``KVTOOL_MAX_ARTIFACT_BYTES`` at call time."""
+    try:
+        return int(os.environ.get("KVTOOL_MAX_ARTIFACT_BYTES", MAX_ARTIFACT_BYTES))
+    except ValueError:
+        return MAX_ARTIFACT_BYTES
+
+
+def open_regular_file(path: str | os.PathLike[str], what: str = "an artifact file") -> io.BufferedReader:
+    """Open ``path`` for reading if, and only if, it is a regular file within :func:`max_artifact_bytes`.
+
+    FIFOs, sockets and devices are refused without blocking (``O_NONBLOCK``: opening a FIFO with no writer would
+    otherwise wait forever, and ``/dev/zero`` would be read forever). The caller closes the file.
+
+    Raises
+    ------
+    InputError
+        Missing, a directory, not a regular file, unreadable (exit 1).
+    ArtifactError
+        Larger than the cap (exit 3).
+    """
     source = str(path)
     try:
-        return open(path, "rb")  # the caller closes it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise InputError(f"{source}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{source}: is a directory, not an artifact file") from None
+        raise InputError(f"{source}: is a directory, not {what}") from None
     except OSError as e:
         raise InputError(f"{source}: cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise InputError(f"{source}: is a directory, not {what}")
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{source}: not a regular file (a pipe, socket or device cannot be {what})")
+        if st.st_size > max_artifact_bytes():
+            raise ArtifactError(f"{source}: {st.st_size} bytes, more than the {max_artifact_bytes()}-byte cap")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -326,7 +398,7 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     Parameters
     ----------
     path
-        A safetensors file (a kvtool artifact or not).
+        A safetensors file (a kvtool artifact or not); a regular file (see :func:`open_regular_file`).
 
     Returns
     -------
@@ -336,18 +408,23 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises
     ------
     InputError
-        The path does not exist or cannot be read.
+        The path does not exist, is not a regular file or cannot be read.
     ArtifactError
         The file is not a valid safetensors file (truncated, header over 100 MB or malformed, offsets that do
         not tile the data section).
     """
-    with _open_for_read(path) as f:
+    return read_header_with_offset(path)[0]
+
+
+def read_header_with_offset(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
+    """:func:`read_header` and the file offset where the data section starts (tensor ``data_offsets`` are
+    relative to it)."""
+    with open_regular_file(path) as f:
         try:
             size = os.fstat(f.fileno()).st_size
-            header, _ = _parse_header(f.read, size, str(path))
+            return _parse_header(f.read, size, str(path))
         except OSError as e:
             raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    return header
 
 
 # --------------------------------------------------------------------------------------------------- kvtool JSON
@@ -563,6 +640,44 @@ def _written_by(producer: Any) -> str:
     return f"{producer.get('name')} {producer.get('version')}"
 
 
+def kvtool_metadata(header: dict[str, Any], source: str, expect_schema: str | None = None) -> dict[str, Any]:
+    """The validated kvtool JSON object of a parsed safetensors header (see :func:`read_artifact` for the checks,
+    all but the content digest); every failure is an :class:`ArtifactError` naming ``source``."""
+    stmeta = header.get("__metadata__") or {}
+    if METADATA_KEY not in stmeta:
+        raise ArtifactError(f"{source}: not a kvtool artifact (no '{METADATA_KEY}' key in the safetensors metadata)")
+    try:
+        meta = strict_json(stmeta[METADATA_KEY])
+    except ValueError as e:
+        raise ArtifactError(f"{source}: malformed kvtool metadata: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{source}: malformed kvtool metadata: not a JSON object")
+    schema, version, producer = meta.get("schema"), meta.get("schema_version"), meta.get("producer")
+    if not isinstance(schema, str) or not _is_int(version) or version < 1:
+        raise ArtifactError(f"{source}: malformed kvtool metadata: needs a string schema and an int schema_version")
+    written_by = _written_by(producer)
+    if schema not in SCHEMAS:
+        raise ArtifactError(
+            f"{source}: unknown schema {schema!r} (written by {written_by}); this kvtool {kvtool_version()} reads "
+            f"{', '.join(sorted(SCHEMAS))}; upgrade kvtool if the artifact is newer"
+        )
+    if expect_schema is not None and schema != expect_schema:
+        raise ArtifactError(f"{source}: is a {schema} artifact, expected {expect_schema}")
+    if version > SCHEMAS[schema]:
+        raise ArtifactError(
+            f"{source}: {schema} version {version} was written by {written_by}; this kvtool {kvtool_version()} "
+            f"reads up to version {SCHEMAS[schema]}: upgrade kvtool"
+        )
+    if set(stmeta) != {"format", METADATA_KEY} or stmeta["format"] != "pt":
+        raise ArtifactError(
+            f"{source}: malformed kvtool metadata: __metadata__ must be exactly format='pt' and {METADATA_KEY}"
+        )
+    problem = _meta_problem(meta)
+    if problem:
+        raise ArtifactError(f"{source}: malformed kvtool metadata: {problem}")
+    return meta
+
+
 def read_artifact(
     path: str | os.PathLike[str],
     expect_schema: str | None = None,
@@ -597,52 +712,20 @@ def read_artifact(
         Anything else (exit 3); a one-line message starting with the path.
     """
     source = str(path)
-    with _open_for_read(path) as f:
+    with open_regular_file(path) as f:
         try:
             data = f.read()
         except OSError as e:
             raise InputError(f"{source}: cannot read: {e.strerror or e}") from None
     header, start = _parse_header(io.BytesIO(data).read, len(data), source)
 
-    stmeta = header.get("__metadata__") or {}
-    if METADATA_KEY not in stmeta:
-        raise ArtifactError(f"{source}: not a kvtool artifact (no '{METADATA_KEY}' key in the safetensors metadata)")
-    try:
-        meta = _strict_json(stmeta[METADATA_KEY])
-    except ValueError as e:
-        raise ArtifactError(f"{source}: malformed kvtool metadata: not valid JSON ({_one_line(e)})") from None
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"{source}: malformed kvtool metadata: not a JSON object")
-    schema, version, producer = meta.get("schema"), meta.get("schema_version"), meta.get("producer")
-    if not isinstance(schema, str) or not _is_int(version) or version < 1:
-        raise ArtifactError(f"{source}: malformed kvtool metadata: needs a string schema and an int schema_version")
-    written_by = _written_by(producer)
-    if schema not in SCHEMAS:
-        raise ArtifactError(
-            f"{source}: unknown schema {schema!r} (written by {written_by}); this kvtool {kvtool_version()} reads "
-            f"{', '.join(sorted(SCHEMAS))}; upgrade kvtool if the artifact is newer"
-        )
-    if expect_schema is not None and schema != expect_schema:
-        raise ArtifactError(f"{source}: is a {schema} artifact, expected {expect_schema}")
-    if version > SCHEMAS[schema]:
-        raise ArtifactError(
-            f"{source}: {schema} version {version} was written by {written_by}; this kvtool {kvtool_version()} "
-            f"reads up to version {SCHEMAS[schema]}: upgrade kvtool"
-        )
-    if set(stmeta) != {"format", METADATA_KEY} or stmeta["format"] != "pt":
-        raise ArtifactError(
-            f"{source}: malformed kvtool metadata: __metadata__ must be exactly format='pt' and {METADATA_KEY}"
-        )
-    problem = _meta_problem(meta)
-    if problem:
-        raise ArtifactError(f"{source}: malformed kvtool metadata: {problem}")
-
+    meta = kvtool_metadata(header, source, expect_schema)
     buffer = memoryview(data)[start:]
     if content_digest(meta, header, buffer) != meta["content_digest"]:
         raise ArtifactError(f"{source}: content digest mismatch: the file is corrupted or was modified")
     artifact = Artifact(
-        schema=schema,
-        schema_version=version,
+        schema=meta["schema"],
+        schema_version=meta["schema_version"],
         model=meta["model"],
         inputs=meta["inputs"],
         method=meta["method"],

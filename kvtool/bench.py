@@ -16,7 +16,7 @@ from kvtool.calibration import SCHEMA, transform_of
 from kvtool.codecs.bench_rows import CodecRow, codec_row, unavailable
 from kvtool.errors import UsageError
 from kvtool.harness import continuation_quality, perplexity
-from kvtool.models import LoadedModel, tokenize
+from kvtool.models import LoadedModel, special_prefix, tokenize
 from kvtool.presets import REFERENCE, parse_preset
 from kvtool.transforms import KVTransform
 
@@ -80,10 +80,13 @@ def run_bench(
 ) -> dict[str, Any]:
     """Measure every configuration; the untouched model (``original``) is always measured first as the reference.
 
-    ``progress(stage, tokens_done)`` is called as work completes.
+    Perplexity windows and continuation prefixes start with the tokenizer's special prefix (its BOS, if it adds
+    one), recorded as ``special_prefix``; continuations get none. ``progress(stage, tokens_done)`` is called as
+    work completes.
     """
-    ids = tokenize(lm.tokenizer, text)
+    ids = tokenize(lm.tokenizer, text)  # text tokens: every window and cached prefix starts with ``prefix``
     ppl_ids = ids[: settings.tokens]
+    prefix = special_prefix(lm.tokenizer)
     skipped = {n: why for n in configs if (why := unavailable(n))}
     names = [REFERENCE, *[c for c in configs if c != REFERENCE and c not in skipped]]
     transforms: list[Any] = [codec_row(n, lm) or config_transform(n, lm) for n in names]
@@ -100,13 +103,13 @@ def run_bench(
             if progress is not None:
                 progress(stage, n)
 
-        r = perplexity(lm.model, ppl_ids, settings.window, t, progress=advance)
+        r = perplexity(lm.model, ppl_ids, settings.window, t, progress=advance, special_prefix=prefix)
         base_ppl = base_ppl or r.ppl
         bits = t.bits(lm.arch, settings.window)
         rows.append(BenchRow(name, bits["nominal"], bits["all_in"], r.ppl, 100.0 * (r.ppl / base_ppl - 1.0)))
     if settings.continuation:
         conts = continuation_quality(
-            lm.model, ids, transforms, settings.prefix_len, settings.cont_len, settings.offsets
+            lm.model, ids, transforms, settings.prefix_len, settings.cont_len, settings.offsets, prefix
         )
         for row, c, t in zip(rows, conts, transforms, strict=True):
             row.cont_ppl, row.kl, row.top1 = c.ppl, c.kl, c.top1
@@ -118,6 +121,7 @@ def run_bench(
     return {
         "model": lm.fingerprint,
         "settings": asdict(settings),
+        "special_prefix": prefix,
         "ppl_tokens": int(ppl_ids.numel()),
         "rows": [asdict(r) for r in rows],
         "skipped": skipped,

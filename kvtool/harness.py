@@ -7,6 +7,11 @@
     file); the next C tokens are fed teacher-forced on top of it and their predictions are compared with those
     made from the untouched cache: perplexity of the C targets, mean KL(p_original || p_transformed) in nats per
     position, and top-1 agreement. All C scored predictions depend on the cache.
+
+Both take the text as one stream of text tokens (``tokenize(..., prompt=False)``) and the tokenizer's
+``special_prefix`` (:func:`kvtool.models.special_prefix`, e.g. ``[bos_token_id]``; empty for tokenizers that add
+none): every perplexity window and every cached prefix starts with it, as evaluation harnesses (lm-eval) and
+serving engines feed a model; continuations never get it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from kvtool.attention import transformed_attention
 from kvtool.capture import prefill_with_rope
 from kvtool.errors import InputError
+from kvtool.models import with_prefix
 from kvtool.transforms import KVTransform
 
 
@@ -41,21 +47,27 @@ def perplexity(
     window: int = 2048,
     transform: KVTransform | None = None,
     progress: Callable[[int], None] | None = None,
+    special_prefix: Sequence[int] = (),
 ) -> PerplexityResult:
-    """Perplexity of ``input_ids`` (shape ``(n,)``) over non-overlapping windows, K/V transformed by ``transform``.
+    """Perplexity of ``input_ids`` (text tokens, shape ``(n,)``) over non-overlapping windows, K/V transformed by
+    ``transform``.
 
-    A trailing partial window shorter than 2 tokens is dropped. Sink and recent-window settings apply to each
-    window as a whole (the last ``recent_tokens`` of the window stay fp16 for every query), which is the cache a
-    decoder holds after the window, the state :meth:`KVTransform.bits` counts. ``progress`` is called with the
-    number of tokens done after each window.
+    Each window is ``special_prefix`` followed by the next ``window - len(special_prefix)`` text tokens, so it is
+    ``window`` tokens long whatever the prefix; with a BOS prefix every text token is predicted. A trailing partial
+    window shorter than 2 tokens is dropped. Sink and recent-window settings apply to each window as a whole (the
+    last ``recent_tokens`` of the window stay fp16 for every query), which is the cache a decoder holds after the
+    window, the state :meth:`KVTransform.bits` counts. ``progress`` is called with the number of text tokens done
+    after each window.
     """
-    if window < 2:
-        raise ValueError("window must be >= 2")
+    step = window - len(special_prefix)
+    if window < 2 or step < 1:
+        raise ValueError(f"window must be >= 2 and longer than the special prefix {list(special_prefix)}")
     device = next(model.parameters()).device
     nll, count, windows = 0.0, 0, 0
     with transformed_attention(model, transform):
-        for start in range(0, input_ids.numel(), window):
-            chunk = input_ids[start : start + window]
+        for start in range(0, input_ids.numel(), step):
+            text = input_ids[start : start + step]
+            chunk = with_prefix(special_prefix, text)
             if chunk.numel() < 2:
                 break
             ids = chunk[None].to(device)
@@ -64,7 +76,7 @@ def perplexity(
             count += ids.shape[1] - 1
             windows += 1
             if progress:
-                progress(chunk.numel())
+                progress(text.numel())
     if count == 0:
         raise InputError("the text is too short for a perplexity measurement (needs at least 2 tokens)")
     return PerplexityResult(math.exp(nll / count), nll, count, windows)
@@ -136,21 +148,26 @@ def continuation_quality(
     prefix_len: int = 2048,
     cont_len: int = 256,
     offsets: Sequence[int] = (0,),
+    special_prefix: Sequence[int] = (),
 ) -> list[ContinuationResult]:
     """Continuation metrics of each transform, averaged over prefixes starting at ``offsets``.
 
-    For an offset ``o``, the cache holds tokens ``[o, o+P)`` at positions ``0..P-1``; tokens ``[o+P, o+P+C)``
-    are fed teacher-forced and predict ``[o+P+1, o+P+C+1)``. PPL is taken over all scored tokens; KL and top-1
-    are means over positions.
+    ``token_ids`` are text tokens. For an offset ``o``, the cache holds ``special_prefix`` then text tokens
+    ``[o, o+T)``, ``T = P - len(special_prefix)``, at positions ``0..P-1`` (a prompt of P tokens as an engine
+    tokenizes it); tokens ``[o+T, o+T+C)`` are fed teacher-forced (no BOS: they continue the prefix) and predict
+    ``[o+T+1, o+T+C+1)``. PPL is taken over all scored tokens; KL and top-1 are means over positions.
     """
-    need = max(offsets) + prefix_len + cont_len + 1
+    text_len = prefix_len - len(special_prefix)
+    if text_len < 1:
+        raise InputError(f"a prefix of {prefix_len} tokens leaves no room for text after {list(special_prefix)}")
+    need = max(offsets) + text_len + cont_len + 1
     if token_ids.numel() < need:
         raise InputError(f"the text has {token_ids.numel()} tokens; continuation at these offsets needs {need}")
     sums = [[0.0, 0.0, 0.0, 0] for _ in transforms]
     for o in offsets:
-        prefix = prefill(model, token_ids[o : o + prefix_len])
-        cont = token_ids[o + prefix_len : o + prefix_len + cont_len]
-        targets = token_ids[o + prefix_len + 1 : o + prefix_len + cont_len + 1]
+        prefix = prefill(model, with_prefix(special_prefix, token_ids[o : o + text_len]))
+        cont = token_ids[o + text_len : o + text_len + cont_len]
+        targets = token_ids[o + text_len + 1 : o + text_len + cont_len + 1]
         ref = continuation_logprobs(model, transform_cache(prefix, None), cont)
         for j, t in enumerate(transforms):
             r = compare_continuations(ref, continuation_logprobs(model, transform_cache(prefix, t), cont), targets)

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,9 +254,55 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     return LoadedModel(model, tokenizer, arch_info(model.config), _fingerprint(files, model.config), device_used, dt)
 
 
-def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
-    """Token ids of ``text`` as a 1-D ``int64`` tensor, without special tokens (the harness adds none)."""
+#: The text :func:`special_prefix` tokenizes with and without special tokens to see what a tokenizer adds.
+_PROBE = "Hello world"
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The token ids ``tokenizer`` puts before a text when it tokenizes a prompt the way a serving engine does
+    (``add_special_tokens=True``): ``[bos_token_id]`` for Llama 3, Gemma or Mistral, ``[]`` for SmolLM2 or Qwen2.
+
+    Found by tokenizing a probe text with and without special tokens, so it follows the tokenizer's own
+    post-processor whatever the model family. An explicit ``tokenizer.add_bos_token = True`` whose BOS that
+    comparison does not show (a tokenizer that keeps the flag without wiring it) puts the BOS first too; a false
+    ``add_bos_token`` is no veto, since transformers reports false for tokenizers whose ``tokenizer.json``
+    post-processor adds the BOS (Llama 3's). Specials after the text (an EOS) are not included: a prefix is
+    continued, never closed.
+    """
+    plain = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+    starts = [k for k in range(len(full) - len(plain) + 1) if full[k : k + len(plain)] == plain]
+    if not starts:
+        log.warning("the tokenizer's special tokens change the text tokens; no special prefix is added")
+    prefix = [int(i) for i in full[: starts[0]]] if starts else []
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if getattr(tokenizer, "add_bos_token", None) is True and bos is not None and prefix[:1] != [bos]:
+        prefix = [int(bos), *prefix]
+    return prefix
+
+
+def with_prefix(prefix: Sequence[int], ids: torch.Tensor) -> torch.Tensor:
+    """``prefix`` followed by ``ids`` (shape ``(n,)``): shape ``(len(prefix) + n,)``, ``ids``' dtype and device."""
+    if not prefix:
+        return ids
+    return torch.cat([torch.tensor(list(prefix), dtype=ids.dtype, device=ids.device), ids])
+
+
+def tokenize(tokenizer: Any, text: str, *, prompt: bool = False) -> torch.Tensor:
+    """Token ids of ``text`` as a 1-D ``int64`` tensor ``(n,)``.
+
+    ``prompt=False``: the text's own tokens, no special tokens. For a text stream that is cut into perplexity
+    windows or calibration sequences (each gets the :func:`special_prefix` of its own, see
+    :func:`kvtool.harness.perplexity`), and for a continuation of a cached prefix (which never gets a BOS).
+
+    ``prompt=True``: a prompt as a serving engine tokenizes it, :func:`special_prefix` then the text's tokens. A text
+    that already starts with that prefix (a chat template that writes the BOS itself) does not get it twice.
+    """
     if not text:
         raise InputError("the text is empty")
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    return ids.to(torch.long)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0].to(torch.long)
+    if prompt:
+        prefix = special_prefix(tokenizer)
+        if ids[: len(prefix)].tolist() != prefix:
+            ids = with_prefix(prefix, ids)
+    return ids

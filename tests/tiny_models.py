@@ -128,16 +128,24 @@ def tiny_model(arch: str, seed: int = 0) -> Any:
     return model
 
 
-def save_model_folder(folder: Path, text_file: Path, head_dim: int | None = None) -> Path:
+def save_model_folder(folder: Path, text_file: Path, head_dim: int | None = None, bos: bool = False) -> Path:
     """Save the tiny Llama (optionally with another ``head_dim``) with a 128-token BPE tokenizer trained on
-    ``text_file`` into ``folder``: a real, loadable model folder for CLI tests."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    ``text_file`` into ``folder``: a real, loadable model folder for CLI tests. With ``bos``, the tokenizer puts a
+    BOS ``<s>`` before every text it tokenizes with special tokens (a ``"<s> $A"`` post-processor, as Llama 3's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+    specials = ["[UNK]", "<s>"] if bos else ["[UNK]"]
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train([str(text_file)], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[UNK]"], limit_alphabet=90))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    tok.train([str(text_file)], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, limit_alphabet=90))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>").save_pretrained(folder)
+    else:
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
     if head_dim is None:
         tiny_model("llama").save_pretrained(folder)
     else:

@@ -10,7 +10,7 @@ disk, unlike KVQuant's 32 GiB Fisher checkpoint).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kvtool.arch import invert_rope, rope_transpose
 from kvtool.attention import intercepted_attention
 from kvtool.errors import InputError
+from kvtool.models import with_prefix
 
 
 @dataclass
@@ -35,16 +36,23 @@ class LayerStats:
     value_grad: torch.Tensor
 
 
-def calibration_windows(token_ids: torch.Tensor, seq_len: int, num_seqs: int, seed: int) -> list[torch.Tensor]:
-    """``num_seqs`` windows of ``seq_len`` tokens at seeded random, non-overlapping offsets of ``token_ids``."""
-    slots = token_ids.numel() // seq_len
+def calibration_windows(
+    token_ids: torch.Tensor, seq_len: int, num_seqs: int, seed: int, special_prefix: Sequence[int] = ()
+) -> list[torch.Tensor]:
+    """``num_seqs`` sequences of ``seq_len`` tokens, each ``(seq_len,)``: ``special_prefix`` (the tokenizer's BOS, if
+    it adds one: :func:`kvtool.models.special_prefix`) followed by ``seq_len - len(special_prefix)`` text tokens
+    taken at seeded random, non-overlapping slots of the text tokens ``token_ids``."""
+    text_len = seq_len - len(special_prefix)
+    if text_len < 1:
+        raise InputError(f"--seq-len {seq_len} leaves no room for text after the special prefix {list(special_prefix)}")
+    slots = token_ids.numel() // text_len
     if slots < num_seqs:
         raise InputError(
             f"the calibration text has {token_ids.numel()} tokens: too few for {num_seqs} sequences of {seq_len}"
         )
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randperm(slots, generator=gen)[:num_seqs].sort().values
-    return [token_ids[int(p) * seq_len : (int(p) + 1) * seq_len] for p in picks]
+    return [with_prefix(special_prefix, token_ids[int(p) * text_len : (int(p) + 1) * text_len]) for p in picks]
 
 
 def fisher_stats(model: Any, windows: list[torch.Tensor]) -> Iterator[list[LayerStats]]:
@@ -98,9 +106,11 @@ def accumulate(
     seed: int,
     add: Callable[[list[LayerStats]], None],
     progress: Callable[[int], None] | None = None,
+    special_prefix: Sequence[int] = (),
 ) -> None:
-    """Run the Fisher passes over the seeded calibration windows and hand each sequence's stats to ``add``."""
-    for stats in fisher_stats(model, calibration_windows(token_ids, seq_len, num_seqs, seed)):
+    """Run the Fisher passes over the seeded calibration windows (see :func:`calibration_windows`) and hand each
+    sequence's stats to ``add``."""
+    for stats in fisher_stats(model, calibration_windows(token_ids, seq_len, num_seqs, seed, special_prefix)):
         add(stats)
         if progress:
             progress(1)

@@ -17,7 +17,7 @@ Every bit width in ``bits`` comes out of the same passes; each becomes one per-l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -169,8 +169,11 @@ def fit_nuq(
     token_ids: torch.Tensor,
     cfg: NUQCalibration,
     progress: Callable[[int], None] | None = None,
+    special_prefix: Sequence[int] = (),
 ) -> dict[int, KVTransform]:
-    """Fit thresholds and lookup tables; return one per-layer transform per bit width in ``cfg.bits``."""
+    """Fit thresholds and lookup tables on calibration sequences of the text tokens ``token_ids``, each starting
+    with ``special_prefix`` (see :func:`~kvtool.calibrators.fisher.calibration_windows`); return one per-layer
+    transform per bit width in ``cfg.bits``."""
     acc = NuqAccumulator(arch, cfg)
-    accumulate(model, token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed, acc.add, progress)
+    accumulate(model, token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed, acc.add, progress, special_prefix)
     return acc.fit()

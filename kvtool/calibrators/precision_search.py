@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -172,13 +172,16 @@ def measure_candidates(
     token_ids: torch.Tensor,
     search: PrecisionSearch,
     progress: Callable[[int], None] | None = None,
+    special_prefix: Sequence[int] = (),
 ) -> CandidateTable:
-    """Run the Fisher passes on calibration windows of ``token_ids`` and fill the :class:`CandidateTable`.
+    """Run the Fisher passes on calibration windows of the text tokens ``token_ids``, each starting with
+    ``special_prefix`` (see :func:`~kvtool.calibrators.fisher.calibration_windows`), and fill the
+    :class:`CandidateTable`.
 
     The passes' statistics are kept in memory when non-uniform candidates are searched: their tables are fitted on
     them first (:class:`~kvtool.calibrators.nuq.NuqAccumulator`), then every candidate is measured.
     """
-    windows = calibration_windows(token_ids, search.seq_len, search.num_seqs, search.seed)
+    windows = calibration_windows(token_ids, search.seq_len, search.num_seqs, search.seed, special_prefix)
     shell = search.shell(arch.num_layers)
     cands = {k: search.candidates(k, arch) for k in ("k", "v")}
     error = {k: np.zeros((arch.num_layers, len(cands[k]))) for k in cands}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -477,8 +477,11 @@ def fit_projection(
     token_ids: torch.Tensor,
     cfg: ProjectionCalibration,
     progress: Callable[[int], None] | None = None,
+    special_prefix: Sequence[int] = (),
 ) -> ProjectionTable:
-    """Run the Fisher passes and fit bases and distortion table."""
+    """Run the Fisher passes on calibration sequences of the text tokens ``token_ids``, each starting with
+    ``special_prefix`` (see :func:`~kvtool.calibrators.fisher.calibration_windows`), and fit bases and distortion
+    table."""
     acc = ProjectionAccumulator(arch, cfg)
-    accumulate(model, token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed, acc.add, progress)
+    accumulate(model, token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed, acc.add, progress, special_prefix)
     return acc.fit()

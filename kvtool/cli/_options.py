@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -37,8 +42,21 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 DEFAULT = DEFAULT_MODEL
 
 
-def check_output(path: Path, overwrite: bool) -> Path:
-    """Refuse to replace an existing output unless ``--overwrite`` (outputs are written atomically anyway)."""
+def is_stdout(path: Path | None) -> bool:
+    """``-o -``: the output byte stream goes to stdout."""
+    return path is not None and str(path) == "-"
+
+
+def check_output(path: Path, overwrite: bool, stdout_ok: bool = False) -> Path:
+    """Refuse to replace an existing output unless ``--overwrite`` (outputs are written atomically anyway).
+    ``-`` (stdout) is accepted where the command's output is one byte stream (``stdout_ok``), never onto a
+    terminal."""
+    if is_stdout(path):
+        if not stdout_ok:
+            raise UsageError("this command writes files: -o - (stdout) is not supported, give a path")
+        if sys.stdout.isatty():
+            raise UsageError("-o - would write binary data to the terminal: redirect stdout or give a path")
+        return path
     if path.exists() and not overwrite:
         raise UsageError(f"{path} exists; pass --overwrite to replace it")
     if not path.parent.is_dir():
@@ -54,8 +72,26 @@ def default_output(model: str, suffix: str) -> Path:
     return Path(f"{name}{suffix}")
 
 
-def output_for(json_mode: bool, quiet: bool) -> Output:
-    """The :class:`Output` for the flags given (``--json`` and ``-q`` exclude each other)."""
+def output_for(json_mode: bool, quiet: bool, output: Path | None = None) -> Output:
+    """The :class:`Output` for the flags given (``--json`` and ``-q`` exclude each other). With ``-o -`` stdout
+    carries the output bytes, so results go to stderr and ``--json`` is refused."""
     if json_mode and quiet:
         raise UsageError("--json and --quiet cannot be used together")
-    return Output("json" if json_mode else "quiet" if quiet else "human")
+    if json_mode and is_stdout(output):
+        raise UsageError("--json prints on stdout, where -o - writes the output: use one of them")
+    return Output("json" if json_mode else "quiet" if quiet else "human", results_to_stderr=is_stdout(output))
+
+
+@contextmanager
+def output_file(path: Path) -> Iterator[Path]:
+    """The file to write ``path``'s content to. For ``-`` a temporary file, copied to stdout only once the
+    command has written it whole (a failure sends nothing); any other path is used as it is."""
+    if not is_stdout(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="kvtool-stdout-") as tmp:
+        staged = Path(tmp) / "output"
+        yield staged
+        with open(staged, "rb") as f:
+            shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()

@@ -21,12 +21,14 @@ from rich.table import Table
 class Output:
     """One output object per command invocation."""
 
-    def __init__(self, mode: str = "human"):
+    def __init__(self, mode: str = "human", results_to_stderr: bool = False):
         self.mode = mode
-        self.out = Console(soft_wrap=True)
-        if not self.out.is_terminal:  # a pipe or a file: do not squeeze tables into 80 columns
-            self.out = Console(soft_wrap=True, width=160)
         self.err = Console(stderr=True, soft_wrap=True)
+        #: ``-o -``: stdout carries the command's output bytes, so results are printed on stderr
+        self.results_to_stderr = results_to_stderr
+        self.out = self.err if results_to_stderr else Console(soft_wrap=True)
+        if not self.out.is_terminal and not results_to_stderr:  # a pipe or file: no squeezing into 80 columns
+            self.out = Console(soft_wrap=True, width=160)
 
     @property
     def progress_enabled(self) -> bool:
@@ -45,17 +47,18 @@ class Output:
 
     def result(self, data: dict[str, Any], primary: str | None = None, table: Table | None = None) -> None:
         """Print the command's result: JSON document, the primary value alone, or a human view."""
+        stream = sys.stderr if self.results_to_stderr else sys.stdout
         if self.mode == "json":
-            sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+            stream.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
         elif self.mode == "quiet":
-            if primary is not None:
-                sys.stdout.write(f"{data[primary]}\n")
+            if primary is not None and not self.results_to_stderr:
+                stream.write(f"{data[primary]}\n")
         else:
             if table is not None:
                 self.out.print(table)
             if primary is not None:
                 self.out.print(str(data[primary]), highlight=False, markup=False)
-        sys.stdout.flush()
+        stream.flush()
 
     def table(self, title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
         t = Table(title=title, show_lines=False, header_style="bold")

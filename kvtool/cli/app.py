@@ -9,6 +9,7 @@ import sys
 import typer
 
 from kvtool import __version__
+from kvtool.cli._output import Output
 from kvtool.cli.bench import EXAMPLES as BENCH_EXAMPLES
 from kvtool.cli.bench import bench
 from kvtool.cli.calibrate import EXAMPLES as CALIBRATE_EXAMPLES
@@ -68,5 +69,27 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="kvtool")
+    """Console-script entry point: every exit is a documented code, every parser error one line on stderr."""
+    try:
+        code = app(prog_name="kvtool", standalone_mode=False)
+    except BrokenPipeError:  # `kvtool decode x.kvz -o - | head`: the reader left; nothing more to say
+        _silence_stdout()
+        sys.exit(1)
+    except Exception as e:  # typer's own usage errors (it vendors click: match by behaviour, not by class)
+        exit_code, message = getattr(e, "exit_code", None), getattr(e, "format_message", None)
+        if not isinstance(exit_code, int) or message is None:
+            raise
+        text = " ".join(str(message()).split())
+        if text:  # an empty message is "no arguments": the help was printed already
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} -h')" if getattr(ctx, "command_path", None) else ""
+            Output().error(text + hint)
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _silence_stdout() -> None:
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

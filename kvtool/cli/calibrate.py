@@ -39,7 +39,7 @@ from kvtool.cli._options import (
 from kvtool.cli._output import Output
 from kvtool.digests import token_digest
 from kvtool.errors import QualityGateError, UsageError
-from kvtool.models import LoadedModel, load_model, tokenize
+from kvtool.models import LoadedModel, load_model, special_prefix, tokenize
 from kvtool.texts import load_text
 
 EXAMPLES = """Examples:
@@ -62,7 +62,9 @@ def _search(lm: LoadedModel, ids: torch.Tensor, search: PrecisionSearch, out: Ou
     count = sum(len(search.candidates(kind, lm.arch)) for kind in ("k", "v"))
     out.log(f"measuring {count} candidates per layer on {search.num_seqs} x {search.seq_len} tokens ...")
     with out.progress("fisher passes", search.num_seqs) as advance:
-        table = measure_candidates(lm.model, lm.arch, ids, search, progress=advance)
+        table = measure_candidates(
+            lm.model, lm.arch, ids, search, progress=advance, special_prefix=inputs["special_prefix"]
+        )
     choice = solve(table, search.target_bits, search.accounting)
     transform = build_transform(search, table, choice)
     return calibration_artifact(
@@ -74,7 +76,7 @@ def _search(lm: LoadedModel, ids: torch.Tensor, search: PrecisionSearch, out: Ou
 def _nuq(lm: LoadedModel, ids: torch.Tensor, cfg: NUQCalibration, out: Output, inputs: dict) -> dict[int, Artifact]:
     out.log(f"fitting non-uniform datatypes for {cfg.bits} bits on {cfg.num_seqs} x {cfg.seq_len} tokens ...")
     with out.progress("fisher passes", cfg.num_seqs) as advance:
-        transforms = fit_nuq(lm.model, lm.arch, ids, cfg, progress=advance)
+        transforms = fit_nuq(lm.model, lm.arch, ids, cfg, progress=advance, special_prefix=inputs["special_prefix"])
     return {
         b: calibration_artifact(model_record(lm), cfg, inputs, t, {"nuq": {"bits": b}}, {}, cfg.seq_len)
         for b, t in transforms.items()
@@ -84,7 +86,7 @@ def _nuq(lm: LoadedModel, ids: torch.Tensor, cfg: NUQCalibration, out: Output, i
 def _projection(lm: LoadedModel, ids: torch.Tensor, cfg: ProjectionCalibration, out: Output, inputs: dict) -> Artifact:
     out.log(f"fitting {cfg.method} bases per {cfg.granularity} on {cfg.num_seqs} x {cfg.seq_len} tokens ...")
     with out.progress("fisher passes", cfg.num_seqs) as advance:
-        table = fit_projection(lm.model, lm.arch, ids, cfg, progress=advance)
+        table = fit_projection(lm.model, lm.arch, ids, cfg, progress=advance, special_prefix=inputs["special_prefix"])
     return projection_artifact(model_record(lm), cfg, inputs, table, Budget.of(cfg))[0]
 
 
@@ -227,9 +229,10 @@ def calibrate(
         for p in names.values():
             check_output(p, overwrite)
         lm = load_model(model, device, dtype)
-        ids = tokenize(lm.tokenizer, load_text(text))
+        ids = tokenize(lm.tokenizer, load_text(text))  # text tokens; each sequence starts with the special prefix
         inputs = {"text": text, "token_ids_digest": token_digest(ids), "tokens": int(ids.numel()),
-                  "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed}  # fmt: skip
+                  "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed,
+                  "special_prefix": special_prefix(lm.tokenizer)}  # fmt: skip
         if method == "search":
             jobs.append((names[0], _search(lm, ids, cfg, out, inputs)))
         elif method in ("pca", "svd"):

@@ -18,6 +18,7 @@ from kvtool.cli._options import (
     QuietOpt,
     TextOpt,
     check_output,
+    output_file,
     output_for,
 )
 from kvtool.kv_capture import save_capture
@@ -41,12 +42,14 @@ def capture(
     quiet: QuietOpt = False,
 ) -> None:
     """Prefill TEXT and write its KV cache (pre-RoPE keys, cached keys, values) to one artifact."""
-    out = output_for(json_mode, quiet)
-    check_output(output, overwrite)
+    out = output_for(json_mode, quiet, output)
+    check_output(output, overwrite, stdout_ok=True)
     body = load_text(text)
     lm = load_model(model, device, dtype)
     out.log(f"prefilling {tokens} tokens of '{text}' on {lm.fingerprint['id']} ...")
-    info = save_capture(lm, body, tokens, output, store_dtype, text_source=text)
+    with output_file(output) as target:
+        info = save_capture(lm, body, tokens, target, store_dtype, text_source=text)
+    info["path"] = str(output)
     table = out.table(
         None,
         ["artifact", "schema", "tokens", "bytes", "content digest"],

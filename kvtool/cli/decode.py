@@ -19,9 +19,19 @@ from kvtool.cli._options import (
     OverwriteOpt,
     QuietOpt,
     check_output,
+    output_file,
     output_for,
 )
-from kvtool.codecs.kvz import KvzFile, check_calibration, check_model_of, decode_kvz, load_cache, sorted_layers
+from kvtool.codecs.kvz import (
+    KvzFile,
+    check_calibration,
+    check_model_of,
+    check_tokenizer,
+    decode_kvz,
+    load_cache,
+    recorded_model_spec,
+    sorted_layers,
+)
 from kvtool.kv_capture import capture_artifact
 from kvtool.models import load_model, tokenize
 
@@ -54,12 +64,15 @@ def decode(
     quiet: QuietOpt = False,
 ) -> None:
     """Decode a .kvz (check it, write K/V tensors with -o, or continue generation with --generate)."""
-    out = output_for(json_mode, quiet)
+    out = output_for(json_mode, quiet, output)
     if output is not None:
-        check_output(output, overwrite)
+        check_output(output, overwrite, stdout_ok=True)
     kvz = KvzFile(path)
     cal = read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA) if calibration is not None else None
-    lm = load_model(model or kvz.model.get("id", ""), device, dtype)
+    lm = load_model(model or recorded_model_spec(kvz), device, dtype)
+    check_model_of(kvz, lm.fingerprint)
+    check_tokenizer(kvz, lm.tokenizer)
+    check_calibration(kvz, cal)
     result: dict = {"path": str(path), "tokens": kvz.tokens, "chunks": len(kvz.chunks), "mode": kvz.settings.mode}
     if generate is not None:
         cache, ids = load_cache(path, lm, cal, backend=backend)
@@ -73,8 +86,6 @@ def decode(
         out.log(f"continued {kvz.tokens} cached tokens + {new.numel()} new ones:")
         out.result(result, primary="generated")
         return
-    check_model_of(kvz, lm.fingerprint)
-    check_calibration(kvz, cal)
     with out.progress("decode", kvz.tokens) as advance:
         layers = sorted_layers(
             decode_kvz(kvz, lm.model, cal, progress=advance, keep_pre_rope=output is not None, backend=backend)
@@ -87,5 +98,6 @@ def decode(
             "float16", kvz.extra.get("cache_dtype", "float32"), extra={"decoded_from": str(path)},
         )  # fmt: skip
         result["output"] = str(output)
-        result["content_digest"] = write_artifact(output, art)
+        with output_file(output) as target:
+            result["content_digest"] = write_artifact(target, art)
     out.result(result, primary="output" if output is not None else "path")

@@ -18,6 +18,7 @@ from kvtool.cli._options import (
     OverwriteOpt,
     QuietOpt,
     check_output,
+    output_file,
     output_for,
 )
 from kvtool.codecs.kvz import CodecSettings, encode_prefix, pick_level
@@ -64,8 +65,8 @@ def encode(
     quiet: QuietOpt = False,
 ) -> None:
     """Prefill PROMPT and write its KV cache as a .kvz file (transform + entropy coding, or lossless)."""
-    out = output_for(json_mode, quiet)
-    check_output(output, overwrite)
+    out = output_for(json_mode, quiet, output)
+    check_output(output, overwrite, stdout_ok=True)
     if lossless and (calibration is not None or bits is not None or level is not None):
         raise UsageError("--lossless takes no --calibration, --bits or --level")
     if calibration is None and (bits is not None or level is not None):
@@ -84,12 +85,14 @@ def encode(
                              sink_tokens=sink_tokens, recent_tokens=recent_tokens)  # fmt: skip
     text = load_text(prompt)
     lm = load_model(model, device, dtype)
-    ids = tokenize(lm.tokenizer, text)
+    ids = tokenize(lm.tokenizer, text, prompt=True)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     out.log(f"prefilling {ids.numel()} tokens on {lm.fingerprint['id']} and coding ({mode}) ...")
     with out.progress("encode", int(ids.numel())) as advance:
-        info = encode_prefix(lm, ids, settings, output, cal, progress=advance, backend=backend)
+        with output_file(output) as target:
+            info = encode_prefix(lm, ids, settings, target, cal, progress=advance, backend=backend)
+    info["path"] = str(output)
     rows = [[info["path"], info["tokens"], info["bytes"], f"{info['bits_per_element']:.3f}",
              f"{info['compression_vs_fp16']:.1f}x", f"{info['overhead_pct']:.2f}%"]]  # fmt: skip
     table = out.table(None, ["file", "tokens", "bytes", "bits/element", "vs fp16", "overhead"], rows)

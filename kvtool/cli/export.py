@@ -17,7 +17,7 @@ from kvtool.arch import ArchInfo
 from kvtool.atomic import write_bytes_atomic
 from kvtool.calibration import load_calibration
 from kvtool.cli._errors import handle_errors
-from kvtool.cli._options import JsonOpt, OverwriteOpt, QuietOpt, check_output, output_for
+from kvtool.cli._options import JsonOpt, OverwriteOpt, QuietOpt, check_output, is_stdout, output_for
 from kvtool.errors import ArtifactError, UsageError
 from kvtool.exports import FORMATS
 from kvtool.exports import export as export_transform
@@ -53,6 +53,8 @@ def export(
     out = output_for(json_mode, quiet)
     if to not in FORMATS:
         raise UsageError(f"unknown export format '{to}' (expected one of: {', '.join(FORMATS)})")
+    if is_stdout(output):  # `-o -` is what no -o does already
+        output = None
     if output is not None:
         check_output(output, overwrite)
     art, transform = load_calibration(artifact)

@@ -17,6 +17,9 @@ from kvtool.artifacts import Artifact, describe, read_artifact, read_header
 from kvtool.calibration import transform_of
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import JsonOpt, QuietOpt, output_for
+from kvtool.codecs.kvz import SCHEMA as KVZ_SCHEMA
+from kvtool.codecs.kvz import KvzFile
+from kvtool.errors import ArtifactError
 from kvtool.models import model_fingerprint
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -100,12 +103,16 @@ def inspect(
         out.result(info | {"schema": None}, primary="kind", table=table)
         return
     art = read_artifact(path, model=model_fingerprint(model) if model else None)
+    if art.schema == KVZ_SCHEMA:
+        KvzFile(path)  # the .kvz schema's own checks (geometry, tensor dtypes and shapes), not just the container
     info = {"path": str(path), "kind": "kvtool", **describe(art)}
+    cols, rows = [], []
     if art.schema in LAYER_TABLES:
-        cols, rows = LAYER_TABLES[art.schema](art)
+        try:
+            cols, rows = LAYER_TABLES[art.schema](art)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise ArtifactError(f"{path}: malformed {art.schema} content ({type(e).__name__}: {e})") from None
         info["layers"] = [dict(zip(cols, r, strict=True)) for r in rows]
-    else:
-        cols, rows = [], []
     if out.mode == "human":
         m = art.model
         out.out.print(

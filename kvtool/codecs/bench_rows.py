@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kvtool.artifacts import Artifact, read_artifact
+from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_cache, pick_level, sorted_layers
 from kvtool.errors import UsageError
@@ -43,8 +44,6 @@ class CodecRow:
 
     def code_cache(self, cache: Any, ids: torch.Tensor) -> Any:
         """Encode ``cache`` (after ``ids``) to a temporary ``.kvz``, decode it, and return the decoded cache."""
-        from transformers import DynamicCache
-
         model = self.lm.model
         if self.cast_fp16:
             for layer in cache.layers:
@@ -61,11 +60,8 @@ class CodecRow:
         self.decode_s += t2 - t1
         self.elements += sum(d.values.numel() * 2 for d in layers)
         self.prefixes.append(int(ids.numel()))
-        out = DynamicCache(config=model.config)
         dtype, device = cache.layers[0].keys.dtype, cache.layers[0].keys.device
-        for i, d in enumerate(layers):
-            out.update(d.keys.to(device, dtype), d.values.to(device, dtype), i)
-        return out
+        return restore_cache(model, [(d.keys, d.values) for d in layers], int(ids.numel()), device, dtype)
 
     def speeds(self) -> dict[str, float]:
         """fp16-equivalent MB/s of encode and decode (2 bytes per element)."""
@@ -78,8 +74,6 @@ class CacheGenRow(CodecRow):
     """LMCache's CacheGen on the same prefix cache (post-RoPE keys, as LMCache stores them)."""
 
     def code_cache(self, cache: Any, ids: torch.Tensor) -> Any:
-        from transformers import DynamicCache
-
         from kvtool.codecs.cachegen_peer import cachegen_roundtrip
 
         keys = [layer.keys[0].float().cpu() for layer in cache.layers]
@@ -90,11 +84,9 @@ class CacheGenRow(CodecRow):
         self.decode_s += r["decode_s"]
         self.elements += sum(k.numel() + v.numel() for k, v in zip(keys, values, strict=True))
         self.prefixes.append(int(ids.numel()))
-        out = DynamicCache(config=self.lm.model.config)
         dtype, device = cache.layers[0].keys.dtype, cache.layers[0].keys.device
-        for i, (k, v) in enumerate(zip(r["keys"], r["values"], strict=True)):
-            out.update(k[None].to(device, dtype), v[None].to(device, dtype), i)
-        return out
+        kv = [(k[None], v[None]) for k, v in zip(r["keys"], r["values"], strict=True)]
+        return restore_cache(self.lm.model, kv, int(ids.numel()), device, dtype)
 
 
 def unavailable(name: str) -> str | None:

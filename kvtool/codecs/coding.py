@@ -191,7 +191,8 @@ class CalibratedCoder(_Coder):
     def _symbols(self, layer: int, kind: str, x: torch.Tensor, side: dict) -> tuple[torch.Tensor, torch.Tensor]:
         comps = self._coded(layer, kind, side)
         c = self.proj[kind][layer].coefficients(x[None])[0]  # (G, n, d)
-        c = c.permute(1, 0, 2).reshape(x.shape[1], -1)[:, comps - self._offset(layer, kind)]
+        # Explicit width: a layer with no tokens in this chunk (a sliding layer before its window) has n = 0.
+        c = c.permute(1, 0, 2).reshape(x.shape[1], self.per_slot)[:, comps - self._offset(layer, kind)]
         return quantize(c, self.level.step[comps], self.level.kmax[comps]), self.row[comps]
 
     def _values(self, layer: int, kind: str, sym: torch.Tensor, n: int, heads: int, head_dim: int, side: dict):

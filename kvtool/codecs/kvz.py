@@ -9,8 +9,11 @@ a CRC-32 per chunk. Chunks of ``chunk_tokens`` positions decode independently an
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
+import io
 import os
+import re
+import stat
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,14 +24,24 @@ import torch
 
 from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo, apply_rope, invert_rope
-from kvtool.artifacts import Artifact, read_header, register_schema, torch_dtype, write_artifact
+from kvtool.artifacts import (
+    Artifact,
+    kvtool_metadata,
+    read_header_with_offset,
+    register_schema,
+    torch_dtype,
+    write_artifact,
+)
+from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.calibration import transform_of
 from kvtool.calibrators.projection import codec_levels
 from kvtool.capture import rope_for_positions
-from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder, CodedChunk
-from kvtool.digests import sha256_json, token_digest
-from kvtool.errors import ArtifactError, UsageError
+from kvtool.codecs import rans
+from kvtool.codecs.coding import KINDS, AdaptiveCoder, CalibratedCoder, CodedChunk
+from kvtool.codecs.ecsq import MAX_K
+from kvtool.digests import canonical_json, sha256_json, token_digest
+from kvtool.errors import ArtifactError, KvtoolError, UsageError
 from kvtool.kernels import pick_backend
 from kvtool.quantizers.projection import ProjectionQuantizer
 
@@ -36,6 +49,11 @@ SCHEMA = "kvtool.kvz"
 register_schema(SCHEMA, 1)
 PREFILL_PIECE = 2048  #: tokens per prefill forward (bounds attention memory on long prompts)
 BATCH_CHUNKS = 8  #: chunks entropy-coded together (their lanes advance in one pass; memory stays a few chunks)
+MAX_TOKENS = 1 << 24  #: longest prefix a .kvz may hold (16.7M tokens), and the bound on every recorded count
+#: Cap on the decoded cache of one file, in bytes (a stated bound; ``KVTOOL_MAX_DECODE_BYTES`` overrides it).
+MAX_DECODE_BYTES = 1 << 37
+CACHE_DTYPES = ("float16", "bfloat16", "float32")  #: cache dtypes a file may record
+MAX_CHUNKS = 999_999  #: chunk names have six digits, so they sort in chunk order
 
 
 @kvconfig.register
@@ -55,16 +73,21 @@ class CodecSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in ("calibrated", "adaptive", "lossless"):
-            raise UsageError(f"codec mode must be calibrated, adaptive or lossless (got '{self.mode}')")
-        if (
-            self.chunk_tokens < 1
-            or self.sink_tokens < 0
-            or self.recent_tokens < 0
-            or not 1 <= self.lane_symbols < 65534
+            raise UsageError(f"codec mode must be calibrated, adaptive or lossless (got {self.mode!r})")
+        for name, lo, hi in (
+            ("level", -MAX_TOKENS, MAX_TOKENS),
+            ("chunk_tokens", 1, MAX_TOKENS),
+            ("sink_tokens", 0, MAX_TOKENS),
+            ("recent_tokens", 0, MAX_TOKENS),
+            ("lane_symbols", 1, 65533),
+            ("zstd_level", -7, 22),
         ):
-            raise UsageError("chunk size must be >= 1, sink and recent tokens >= 0")
-        if not 0 < self.quality <= 64:
-            raise UsageError(f"--quality must be in (0, 64] (got {self.quality})")
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+                raise UsageError(f"codec setting {name} must be an integer in {lo}..{hi} (got {v!r})")
+        q = self.quality
+        if isinstance(q, bool) or not isinstance(q, int | float) or not 0 < q <= 64:
+            raise UsageError(f"--quality must be in (0, 64] (got {q!r})")
 
 
 def _crc(tensors: dict[str, torch.Tensor]) -> int:
@@ -276,7 +299,17 @@ def encode_cache(
     coder = _on_backend(_coder(settings, calibration, arch), backend, next(lm.model.parameters()).device)
     if calibration is not None and settings.mode == "calibrated":
         _check_same_model(calibration.model, lm.fingerprint, "calibration artifact")
+        if not calibration.content_digest:
+            raise UsageError("the calibration artifact has no content digest: write it (write_artifact) first")
     geo = Geometry(arch, tokens, settings)
+    if geo.num_chunks > MAX_CHUNKS or tokens > MAX_TOKENS:
+        raise UsageError(f"{tokens} tokens in chunks of {settings.chunk_tokens} exceed the format's limits "
+                         f"({MAX_TOKENS} tokens, {MAX_CHUNKS} chunks)")  # fmt: skip
+    for i, layer in enumerate(cache.layers):  # what the file will claim each layer holds, checked on the cache
+        lo, hi = geo.layer_range(i)
+        if layer.keys.shape[-2] != hi - lo:
+            raise KvtoolError(f"layer {i} of the model's cache holds {layer.keys.shape[-2]} tokens, not the "
+                              f"{hi - lo} its attention type implies: unsupported cache layout")  # fmt: skip
     rope = [(c.cpu(), s.cpu()) for c, s in rope_for_positions(lm.model, arch.num_layers, torch.arange(tokens))]
     tensors: dict[str, torch.Tensor] = {"input_ids": ids.to(torch.int32).cpu()}
     chunks = []
@@ -353,43 +386,121 @@ def _check_same_model(recorded: dict[str, Any], fingerprint: dict[str, Any], wha
 
 
 class KvzFile:
-    """An opened ``.kvz``: the validated metadata, and chunk tensors read lazily with their CRC checked."""
+    """An opened ``.kvz``: the validated metadata, and chunk tensors read lazily with their CRC checked.
+
+    Opening checks everything the header states before any tensor data is read or any output is sized from it:
+    the safetensors structure, the kvtool JSON (strict: no duplicate keys, no non-finite numbers, bounded depth),
+    every recorded number against the geometry it implies and against explicit caps (:data:`MAX_TOKENS`,
+    :data:`MAX_DECODE_BYTES`), the recorded architecture against its own config digest, and the exact dtype and
+    shape of every tensor the schema requires (and that there are no others). Reading the chunks in order also
+    feeds the file's content digest, which :meth:`check_content_digest` compares once every byte has been seen.
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        header = read_header(self.path)
+        source = str(self.path)
+        header, self._data_start = read_header_with_offset(self.path)
+        meta = kvtool_metadata(header, source, expect_schema=SCHEMA)
         try:
-            meta = json.loads(header.get("__metadata__", {}).get("kvtool", "null"))
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise ArtifactError(f"{self.path}: not a .kvz file (no readable kvtool metadata)") from e
-        if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
-            got = meta.get("schema") if isinstance(meta, dict) else None
-            raise ArtifactError(f"{self.path}: not a .kvz file (schema {got!r})")
-        if not isinstance(meta.get("schema_version"), int) or meta["schema_version"] > 1:
-            raise ArtifactError(f"{self.path}: .kvz schema version {meta.get('schema_version')!r} is not supported")
-        try:
-            self.settings: CodecSettings = kvconfig.from_dict(meta["method"])
-            self.model: dict[str, Any] = meta["model"]
-            self.arch = ArchInfo.from_dict(self.model["arch"])
-            self.inputs: dict[str, Any] = meta["inputs"]
-            self.extra: dict[str, Any] = meta["extra"]
-            self.tokens = int(self.inputs["tokens"])
-            self.chunks: list[dict[str, Any]] = self.extra["chunks"]
-            self.geometry = Geometry(self.arch, self.tokens, self.settings)
-            if len(self.chunks) != self.geometry.num_chunks:
-                raise ValueError("chunk count does not match the token count")
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{self.path}: malformed .kvz metadata ({e})") from e
+            self._read_meta(meta)
+            self._expected = self._expected_tensors()
+            self._check_tensors(header)
+        except (KeyError, TypeError, ValueError, KvtoolError) as e:
+            raise ArtifactError(f"{source}: malformed .kvz metadata ({_one_line(e)})") from None
         recorded = self.extra.get("meta_digest")
         if recorded != _meta_digest(meta["schema"], meta["schema_version"], self.model, self.inputs, meta["method"],
                                     self.extra):  # fmt: skip
-            raise ArtifactError(f"{self.path}: the .kvz header is corrupted (metadata digest mismatch)")
-        self.content_digest = meta.get("content_digest")
+            raise ArtifactError(f"{source}: the .kvz header is corrupted (metadata digest mismatch)")
+        self.content_digest: str = meta["content_digest"]
         self._header = header
-        self._data_start = 8 + int.from_bytes(self.path.open("rb").read(8), "little")
-        names = {n.rsplit(".", 1)[0] for n in header if n.startswith("chunk.")}
-        if len(names) != len(self.chunks):
-            raise ArtifactError(f"{self.path}: {len(names)} chunk tensors groups for {len(self.chunks)} chunks")
+        self._hasher = hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != "content_digest"}).encode())
+        self._hashed_chunks = 0  #: chunks fed to the content digest so far (in order)
+        self._digest_ok = False
+
+    # -- metadata ----------------------------------------------------------------------------------------------
+
+    def _read_meta(self, meta: dict[str, Any]) -> None:
+        settings = kvconfig.from_dict(meta["method"])
+        if not isinstance(settings, CodecSettings):
+            raise ValueError(f"method is a {type(settings).__name__}, not CodecSettings")
+        self.settings: CodecSettings = settings
+        self.model: dict[str, Any] = meta["model"]
+        self.arch = ArchInfo.from_dict(self.model.get("arch"))
+        if self.arch.digest() != self.model["config_digest"]:
+            raise ValueError("model.arch does not match the recorded config_digest")
+        self.inputs: dict[str, Any] = meta["inputs"]
+        _exact_keys(self.inputs, "inputs", {"tokens", "token_ids_digest", "tokenizer_digest", "calibration"})
+        self.tokens = _int_in(self.inputs["tokens"], "inputs.tokens", 1, MAX_TOKENS)
+        for key in ("token_ids_digest", "tokenizer_digest"):
+            _digest_string(self.inputs[key], f"inputs.{key}")
+        cal = self.inputs["calibration"]
+        if cal is not None:
+            _exact_keys(cal, "inputs.calibration", {"content_digest"})
+            _digest_string(cal["content_digest"], "inputs.calibration.content_digest")
+        if (cal is not None) != (settings.mode == "calibrated"):
+            raise ValueError(f"a {settings.mode} file {'without' if cal is None else 'with'} a calibration digest")
+        self.extra: dict[str, Any] = meta["extra"]
+        _exact_keys(self.extra, "extra", {"cache_dtype", "chunks", "layers", "layout", "meta_digest"})
+        if self.extra["cache_dtype"] not in CACHE_DTYPES:
+            raise ValueError(f"extra.cache_dtype {self.extra['cache_dtype']!r} is not one of {CACHE_DTYPES}")
+        self.cache_dtype: torch.dtype = getattr(torch, self.extra["cache_dtype"])
+        self.geometry = Geometry(self.arch, self.tokens, settings)
+        geo = self.geometry
+        if geo.num_chunks > MAX_CHUNKS:
+            raise ValueError(f"{geo.num_chunks} chunks, more than {MAX_CHUNKS}")
+        self.chunks: list[dict[str, Any]] = self.extra["chunks"]
+        if not isinstance(self.chunks, list) or len(self.chunks) != geo.num_chunks:
+            raise ValueError(f"the chunk table does not list the {geo.num_chunks} chunks of {self.tokens} tokens")
+        for i, c in enumerate(self.chunks):
+            _exact_keys(c, f"extra.chunks[{i}]", {"index", "start", "stop", "crc32"})
+            start, stop = geo.chunk_span(i)
+            if [c["index"], c["start"], c["stop"]] != [i, start, stop] or not all(
+                _is_int(c[k]) for k in ("index", "start", "stop")
+            ):
+                raise ValueError(f"extra.chunks[{i}] does not cover positions [{start}, {stop})")
+            _int_in(c["crc32"], f"extra.chunks[{i}].crc32", 0, 0xFFFFFFFF)
+        ranges = [list(geo.layer_range(i)) for i in range(self.arch.num_layers)]
+        if self.extra["layers"] != ranges or not all(_is_int(x) for r in self.extra["layers"] for x in r):
+            raise ValueError("extra.layers does not match the positions the model's layers hold")
+        if self.decoded_bytes() > max_decode_bytes():
+            raise ValueError(f"the decoded cache would take {self.decoded_bytes()} bytes, over the cap of "
+                             f"{max_decode_bytes()} (KVTOOL_MAX_DECODE_BYTES)")  # fmt: skip
+
+    def decoded_bytes(self) -> int:
+        """Bytes of the decoded cache (keys, pre-RoPE keys and values, float32): what decoding allocates."""
+        held = sum(hi - lo for lo, hi in (self.geometry.layer_range(i) for i in range(self.arch.num_layers)))
+        return 3 * held * self.arch.num_kv_heads * self.arch.head_dim * 4
+
+    def _expected_tensors(self) -> dict[str, tuple[str, list[int] | None]]:
+        """Every tensor the file must hold: name → (dtype code, shape; ``None``: any 1-D length)."""
+        geo, arch, mode = self.geometry, self.arch, self.settings.mode
+        n_layers, slots, channels = arch.num_layers, 2 * arch.num_layers, arch.num_kv_heads * arch.head_dim
+        out: dict[str, tuple[str, list[int] | None]] = {"input_ids": ("I32", [self.tokens])}
+        for c in range(geo.num_chunks):
+            name = f"chunk.{c:06d}"
+            if mode == "lossless":
+                out |= {f"{name}.zstd": ("U8", None), f"{name}.layer_bytes": ("I64", [n_layers])}
+                continue
+            raw = sum(2 * channels * len(geo.split(i, c)[1]) for i in range(n_layers))
+            out |= {f"{name}.words": ("U16", None), f"{name}.lanes": ("U16", None),
+                    f"{name}.layer_lanes": ("I32", [n_layers]), f"{name}.raw": ("F16", [raw])}  # fmt: skip
+            if mode == "adaptive":
+                out |= {f"{name}.mean": ("F16", [slots, channels]), f"{name}.step": ("F16", [slots, channels]),
+                        f"{name}.freq": ("I16", [slots, 2 * MAX_K + 1])}  # fmt: skip
+        return out
+
+    def _check_tensors(self, header: dict[str, Any]) -> None:
+        names = set(header) - {"__metadata__"}
+        if names != set(self._expected):
+            missing, unexpected = sorted(set(self._expected) - names), sorted(names - set(self._expected))
+            raise ValueError(f"tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+        for name, (dtype, shape) in self._expected.items():
+            info = header[name]
+            if info["dtype"] != dtype or (info["shape"] != shape if shape is not None else len(info["shape"]) != 1):
+                raise ValueError(f"tensor {name} is {info['dtype']} {info['shape']}, the format needs {dtype} "
+                                 f"{shape if shape is not None else '(n,)'}")  # fmt: skip
+
+    # -- data --------------------------------------------------------------------------------------------------
 
     def _tensor(self, f: Any, name: str) -> torch.Tensor:
         info = self._header[name]
@@ -401,27 +512,112 @@ class KvzFile:
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
         return t.view(torch_dtype(info["dtype"])).reshape(info["shape"])
 
+    def _feed_digest(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name in sorted(tensors):
+            info = self._header[name]
+            self._hasher.update(f"{name}\0{info['dtype']}\0{canonical_json(list(info['shape']))}\0".encode())
+            self._hasher.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+
     def input_ids(self) -> torch.Tensor:
         with self.path.open("rb") as f:
             ids = self._tensor(f, "input_ids").to(torch.int64)
-        if token_digest(ids) != self.inputs.get("token_ids_digest"):
+        if token_digest(ids) != self.inputs["token_ids_digest"]:
             raise ArtifactError(f"{self.path}: the prefix token ids do not match their digest")
         return ids
 
     def read_chunk(self, chunk: int) -> dict[str, torch.Tensor]:
         """The tensors of ``chunk`` (keys without the ``chunk.NNNNNN.`` prefix), CRC-checked."""
         prefix = f"chunk.{chunk:06d}."
-        names = sorted(n for n in self._header if n.startswith(prefix))
+        names = sorted(n for n in self._expected if n.startswith(prefix))
         with self.path.open("rb") as f:
             tensors = {n: self._tensor(f, n) for n in names}
-        if _crc(tensors) != self.chunks[chunk].get("crc32"):
+        if _crc(tensors) != self.chunks[chunk]["crc32"]:
             raise ArtifactError(f"{self.path}: chunk {chunk} is corrupted (CRC-32 mismatch)")
+        if chunk == self._hashed_chunks:  # chunk names sort in chunk order, as the content digest takes them
+            self._feed_digest(tensors)
+            self._hashed_chunks += 1
         return {n[len(prefix) :]: t for n, t in tensors.items()}
+
+    def check_content_digest(self) -> None:
+        """Compare the content digest with every byte of the file (chunks not yet read in order are read now).
+        A decoder calls this before it hands anything out: a file edited anywhere, even consistently with its
+        CRCs and metadata digest, is refused."""
+        if self._digest_ok:
+            return
+        while self._hashed_chunks < len(self.chunks):
+            self.read_chunk(self._hashed_chunks)
+        with self.path.open("rb") as f:
+            self._feed_digest({"input_ids": self._tensor(f, "input_ids")})
+        if "sha256:" + self._hasher.hexdigest() != self.content_digest:
+            raise ArtifactError(f"{self.path}: content digest mismatch: the file is corrupted or was modified")
+        self._digest_ok = True
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int_in(x: Any, what: str, lo: int, hi: int) -> int:
+    if not (_is_int(x) and lo <= x <= hi):
+        raise ValueError(f"{what} must be an integer in {lo}..{hi} (got {x!r})")
+    return x
+
+
+def _exact_keys(d: Any, what: str, keys: set[str]) -> None:
+    if not isinstance(d, dict) or set(d) != keys:
+        got = sorted(d) if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"{what} must have exactly the fields {sorted(keys)} (got {got})")
+
+
+def _digest_string(x: Any, what: str) -> None:
+    if not (isinstance(x, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", x)):
+        raise ValueError(f"{what} is not a sha256 digest")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def max_decode_bytes() -> int:
+    """The cap on one file's decoded cache (``KVTOOL_MAX_DECODE_BYTES``, else :data:`MAX_DECODE_BYTES`)."""
+    try:
+        return int(os.environ.get("KVTOOL_MAX_DECODE_BYTES", MAX_DECODE_BYTES))
+    except ValueError:
+        return MAX_DECODE_BYTES
 
 
 def check_model_of(kvz: KvzFile, fingerprint: dict[str, Any]) -> None:
     """Refuse to decode ``kvz`` with another model (exit 3)."""
     _check_same_model(kvz.model, fingerprint, ".kvz file")
+
+
+def check_tokenizer(kvz: KvzFile, tokenizer: Any) -> None:
+    """Refuse a tokenizer other than the one the prefix ids came from (exit 3): continuing the cache with it
+    would feed ids that mean other words."""
+    if tokenizer_digest(tokenizer) != kvz.inputs["tokenizer_digest"]:
+        raise ArtifactError(f"{kvz.path}: the prefix was tokenized with another tokenizer (tokenizer digest differs)")
+
+
+def recorded_model_spec(kvz: KvzFile) -> str:
+    """The model id the file records, if it can name a local model (an alias, a hub id, a model folder or a
+    regular ``.gguf`` file); anything else is refused before it is opened (exit 3): the id comes from the file."""
+    from kvtool.models import ALIASES
+
+    spec = kvz.model["id"]
+    bad = not spec or len(spec) > 1024 or any(ch in spec for ch in "\0\n\r")
+    if not bad and spec not in ALIASES:
+        path = Path(spec).expanduser()
+        if os.path.lexists(path):
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                mode = 0
+            bad = not (stat.S_ISDIR(mode) or (path.suffix == ".gguf" and stat.S_ISREG(mode)))
+        else:
+            bad = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) is None
+    if bad:
+        raise ArtifactError(f"{kvz.path}: the recorded model id {spec[:80]!r} names no loadable model; pass --model")
+    return spec
 
 
 def check_calibration(kvz: KvzFile, calibration: Artifact | None) -> None:
@@ -467,16 +663,21 @@ def decode_kvz(
     coder = _coder(s, calibration, arch) if s.mode != "lossless" else None
     coder = _on_backend(coder, backend, next(model.parameters()).device)
     heads, dim = arch.num_kv_heads, arch.head_dim
-    dtype = getattr(torch, kvz.extra.get("cache_dtype", "float32"))
+    dtype = kvz.cache_dtype
     out_dtype = dtype if s.mode == "lossless" else torch.float32
+    if coder is not None:
+        _check_lane_counts(kvz, coder)  # before anything is allocated from the header's numbers
     ranges = [geo.layer_range(i) for i in range(arch.num_layers)]
-    keys = [torch.empty(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges]
-    values = [torch.empty(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges]
-    pre = [torch.empty(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges] if keep_pre_rope else None
+    # zeros, not empty: every slot is written below (the geometry is validated), and none may ever hold garbage
+    keys = [torch.zeros(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges]
+    values = [torch.zeros(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges]
+    pre = [torch.zeros(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges] if keep_pre_rope else None
+    lossless = s.mode == "lossless"
     for first in range(0, len(kvz.chunks), BATCH_CHUNKS):
         batch = list(range(first, min(first + BATCH_CHUNKS, len(kvz.chunks))))
         span = torch.arange(geo.chunk_span(batch[0])[0], geo.chunk_span(batch[-1])[1])
-        rope = rope_for_positions(model, arch.num_layers, span) if s.mode != "lossless" else None
+        # Lossless chunks hold the cached (post-RoPE) keys: RoPE is only needed to give pre-RoPE keys back.
+        rope = rope_for_positions(model, arch.num_layers, span) if not lossless or pre is not None else None
         for chunk, layers in zip(batch, _decode_batch(kvz, geo, batch, coder, heads, dim, dtype), strict=True):
             for i, (k, v, positions) in enumerate(layers):
                 if not positions:
@@ -484,25 +685,47 @@ def decode_kvz(
                 pos = torch.tensor(positions, dtype=torch.int64)
                 slot = pos - ranges[i][0]
                 values[i][0][:, slot] = v.to(out_dtype)
-                if rope is None:
+                if rope is not None:
+                    cos, sin = (t[:, pos - int(span[0])].cpu() for t in rope[i])
+                if lossless:
                     keys[i][0][:, slot] = k
+                    if pre is not None:
+                        pre[i][0][:, slot] = invert_rope(k[None], cos, sin)[0]
                     continue
-                cos, sin = (t[:, pos - int(span[0])].cpu() for t in rope[i])
                 keys[i][0][:, slot] = apply_rope(k[None], cos, sin)[0]
                 if pre is not None:
                     pre[i][0][:, slot] = k
             if progress:
                 a, b = geo.chunk_span(chunk)
                 progress(b - a)
+    kvz.check_content_digest()
     return [
         DecodedLayer(
             keys[i],
-            (pre[i] if pre is not None else keys[i] if s.mode == "lossless" else None),
+            pre[i] if pre is not None else None,
             values[i],
             torch.arange(*ranges[i]),
         )  # fmt: skip
         for i in range(arch.num_layers)
     ]
+
+
+def _check_lane_counts(kvz: KvzFile, coder: Any) -> None:
+    """Every chunk's lane index must have the length its layout implies (coded tokens × components per layer,
+    cut into lanes of ``lane_symbols``): so the output is sized only for files whose streams can fill it."""
+    geo, n_layers = kvz.geometry, kvz.arch.num_layers
+    channels = kvz.arch.num_kv_heads * kvz.arch.head_dim
+    for c in range(geo.num_chunks):
+        coded = [len(geo.split(i, c)[0]) for i in range(n_layers)]
+        if isinstance(coder, CalibratedCoder):
+            segments = [n * sum(int(coder._coded(i, k, {}).numel()) for k in KINDS) for i, n in enumerate(coded)]
+        else:  # adaptive: every channel of a layer with coded tokens has a positive step
+            segments = [2 * channels * n for n in coded]
+        lens, _ = rans.lane_lengths(segments, kvz.settings.lane_symbols)
+        got = kvz._header[f"chunk.{c:06d}.lanes"]["shape"][0]
+        if got != lens.numel():
+            raise ArtifactError(f"{kvz.path}: chunk {c} cannot be decoded ({got} lanes, its layout has "
+                                f"{lens.numel()})")  # fmt: skip
 
 
 def _decode_chunk(
@@ -517,6 +740,8 @@ def _decode_chunk(
 
         sizes = t["layer_bytes"].tolist()
         blob, at, out = t["zstd"].numpy().tobytes(), 0, []
+        if min(sizes) < 0 or sum(sizes) != len(blob):
+            raise ValueError(f"layer sizes {sizes} do not add up to the {len(blob)} compressed bytes")
         for i, (coded, raw) in enumerate(splits):
             positions = coded + raw
             shape = (2, heads, len(positions), dim)
@@ -525,8 +750,11 @@ def _decode_chunk(
                 out.append((torch.zeros(heads, 0, dim, dtype=dtype), torch.zeros(heads, 0, dim, dtype=dtype), []))
                 continue
             size = torch.empty(0, dtype=dtype).element_size()
+            # A streaming reader stops one byte past the size the geometry allows, whatever the frame declares
+            # (one-shot decompress trusts a frame's content size: a 32 KiB frame could claim 1 GiB).
             try:
-                planes = zstandard.ZstdDecompressor().decompress(blob[at : at + sizes[i]], max_output_size=n * size)
+                with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob[at : at + sizes[i]])) as r:
+                    planes = r.read(n * size + 1)
             except zstandard.ZstdError as e:
                 raise ValueError(f"layer {i}: {e}") from e
             at += sizes[i]
@@ -549,6 +777,8 @@ def _coded_part(
     coded = CodedChunk(t["words"].to(torch.int32), t["lanes"].to(torch.int32).to(torch.int64), t["layer_lanes"], side)
     if coded.layer_lanes.numel() != n_layers:
         raise ValueError("lane index of the wrong length")
+    if int(coded.lanes.sum()) != coded.words.numel() or bool((coded.lanes < 2).any()):
+        raise ValueError("the lane lengths do not match the words")  # every lane holds at least its 2-word state
     raw = t["raw"].float()
     need = sum(2 * heads * len(r) * dim for _, r in splits)
     if raw.numel() != need:
@@ -621,13 +851,12 @@ def load_cache(
     Returns ``(cache, prefix_ids)``: pass ``prefix_ids`` followed by the new tokens as ``input_ids`` with
     ``past_key_values=cache``. The file must be for ``model`` (its config and weights digests are compared) and,
     when it was coded with a calibration artifact, that artifact must be given (exit 3 otherwise)."""
-    from transformers import DynamicCache
-
     from kvtool.arch import arch_info
     from kvtool.artifacts import read_artifact
 
     kvz = KvzFile(path)
     if hasattr(model, "fingerprint") and hasattr(model, "model"):  # a kvtool LoadedModel
+        check_tokenizer(kvz, model.tokenizer)
         fingerprint, model = model.fingerprint, model.model
     else:  # a bare transformers model: its config is all we can check
         fingerprint = {
@@ -635,12 +864,8 @@ def load_cache(
             "config_digest": arch_info(model.config).digest(),
         }
     _check_same_model(kvz.model, fingerprint, ".kvz file")
-    cal = calibration if isinstance(calibration, Artifact) or calibration is None else read_artifact(calibration)
+    cal = (calibration if isinstance(calibration, Artifact) or calibration is None
+           else read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA))  # fmt: skip
     layers = sorted_layers(decode_kvz(kvz, model, cal, backend=backend))
     ids = kvz.input_ids()
-    cache = DynamicCache(config=model.config)
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    for i, d in enumerate(layers):
-        cache.update(d.keys.to(device, dtype), d.values.to(device, dtype), i)
-    return cache, ids
+    return restore_cache(model, [(d.keys, d.values) for d in layers], kvz.tokens), ids
