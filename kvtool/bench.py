@@ -51,6 +51,7 @@ class BenchRow:
     compression_vs_fp16: float | None = None
     encode_mb_s: float | None = None
     decode_mb_s: float | None = None
+    error: str | None = None  #: the row failed (the bench measured the others and reports it)
 
 
 def config_transform(name: str, lm: LoadedModel) -> KVTransform:
@@ -112,6 +113,9 @@ def run_bench(
             lm.model, ids, transforms, settings.prefix_len, settings.cont_len, settings.offsets, prefix
         )
         for row, c, t in zip(rows, conts, transforms, strict=True):
+            if c.error is not None:
+                row.error = c.error
+                continue
             row.cont_ppl, row.kl, row.top1 = c.ppl, c.kl, c.top1
             if isinstance(t, CodecRow):
                 row.nominal_bits = row.all_in_bits = t.bits_per_element

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from kvtool.attention import transformed_attention
 from kvtool.capture import prefill_with_rope
-from kvtool.errors import InputError
+from kvtool.errors import InputError, KvtoolError
 from kvtool.models import with_prefix
 from kvtool.transforms import KVTransform
 
@@ -122,6 +122,7 @@ class ContinuationResult:
     kl: float  #: mean KL(p_original || p_candidate), nats per position
     top1: float  #: fraction of positions where both caches give the same argmax
     num_predictions: int
+    error: str | None = None  #: why this row could not be measured (the others still are)
 
 
 @torch.no_grad()
@@ -164,16 +165,28 @@ def continuation_quality(
     if token_ids.numel() < need:
         raise InputError(f"the text has {token_ids.numel()} tokens; continuation at these offsets needs {need}")
     sums = [[0.0, 0.0, 0.0, 0] for _ in transforms]
+    errors: list[str | None] = [None] * len(transforms)
     for o in offsets:
         prefix = prefill(model, with_prefix(special_prefix, token_ids[o : o + text_len]))
         cont = token_ids[o + text_len : o + text_len + cont_len]
         targets = token_ids[o + text_len + 1 : o + text_len + cont_len + 1]
         ref = continuation_logprobs(model, transform_cache(prefix, None), cont)
         for j, t in enumerate(transforms):
-            r = compare_continuations(ref, continuation_logprobs(model, transform_cache(prefix, t), cont), targets)
+            if errors[j] is not None:
+                continue
+            try:
+                logp = continuation_logprobs(model, transform_cache(prefix, t), cont)
+            except (KvtoolError, RuntimeError, ValueError) as e:  # one failing codec must not cost the others
+                errors[j] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                continue
+            r = compare_continuations(ref, logp, targets)
             s = sums[j]
             s[0] += math.log(r.ppl) * r.num_predictions
             s[1] += r.kl * r.num_predictions
             s[2] += r.top1 * r.num_predictions
             s[3] += r.num_predictions
-    return [ContinuationResult(math.exp(a / n), b / n, c / n, n) for a, b, c, n in sums]
+    nan = float("nan")
+    return [
+        ContinuationResult(math.exp(a / n), b / n, c / n, n) if e is None else ContinuationResult(nan, nan, nan, 0, e)
+        for (a, b, c, n), e in zip(sums, errors, strict=True)
+    ]

@@ -149,3 +149,13 @@ def test_real_text_prefix(tiny_gemma3: Any, tmp_path: Path) -> None:
     encode_prefix(_LM(tiny_gemma3), ids, CodecSettings(mode="lossless", chunk_tokens=64), tmp_path / "x.kvz")
     cache, _ = load_cache(tmp_path / "x.kvz", tiny_gemma3.model)
     assert torch.equal(_greedy(tiny_gemma3.model, ids, cache), _greedy(tiny_gemma3.model, ids))
+
+
+def test_a_failing_codec_row_is_reported_and_the_others_measured(tiny_gemma3: Any, calibrations: dict) -> None:
+    """A codec row that cannot code this model's cache (a calibration made for another model) fails alone: the
+    harness records why and still measures the rows after it."""
+    bad = CodecRow("kvz-wrong-calibration", _LM(tiny_gemma3), CodecSettings(mode="calibrated"), calibrations["mistral"])
+    good = CodecRow("lossless", _LM(tiny_gemma3), CodecSettings(mode="lossless", chunk_tokens=32))
+    failed, ok = continuation_quality(tiny_gemma3.model, _ids(220, seed=5), [bad, good], prefix_len=150, cont_len=30)
+    assert failed.error is not None and "model" in failed.error and failed.num_predictions == 0
+    assert ok.error is None and ok.top1 == 1.0

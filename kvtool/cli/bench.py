@@ -20,7 +20,7 @@ from kvtool.cli._options import (
     check_output,
     output_for,
 )
-from kvtool.errors import UsageError
+from kvtool.errors import KvtoolError, UsageError
 from kvtool.models import load_model
 from kvtool.presets import BASELINES
 from kvtool.rd_plot import plot_rd
@@ -111,3 +111,8 @@ def bench(
         plot_rd(result, plot)
         out.log(f"rate–distortion picture: {plot}")
     out.result(result, table=table)
+    failed = [r for r in rows if r["error"] is not None]
+    for r in failed:
+        out.warning(f"row {r['name']} failed: {r['error']}")
+    if failed:  # every other row was measured and printed; the exit status still says the run is incomplete
+        raise KvtoolError(f"{len(failed)} of {len(rows)} bench rows failed (first: {failed[0]['name']})")
