@@ -59,7 +59,15 @@ def transform_of(art: Artifact) -> KVTransform:
     """The per-layer transform a calibration artifact prescribes."""
     if art.schema != SCHEMA or "transform" not in art.extra:
         raise ArtifactError(f"{art.schema} is not a calibration artifact with a KV transform")
-    return KVTransform.from_dict(art.extra["transform"]).bind(art.tensors)
+    try:
+        transform = KVTransform.from_dict(art.extra["transform"]).bind(art.tensors)
+        if "arch" in art.model and len(transform.keys) != ArchInfo.from_dict(art.model["arch"]).num_layers:
+            raise ValueError("the transform does not have one entry per layer of the recorded model")
+        return transform
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        # the artifact passed its digest, so it was written this way: a forged or foreign file, not a bug here
+        why = " ".join(str(e).split())
+        raise ArtifactError(f"malformed calibration transform ({type(e).__name__}: {why})") from None
 
 
 def load_calibration(path: str | Path, model: dict[str, str] | None = None) -> tuple[Artifact, KVTransform]:

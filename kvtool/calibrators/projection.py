@@ -33,7 +33,8 @@ from kvtool.artifacts import Artifact
 from kvtool.calibration import calibration_artifact
 from kvtool.calibrators.bit_allocation import allocate_bits
 from kvtool.calibrators.fisher import LayerStats, accumulate
-from kvtool.codecs.ecsq import Level, OptionTable, allocate_levels, measure_options
+from kvtool.codecs.ecsq import MAX_K, Level, OptionTable, allocate_levels, measure_options
+from kvtool.codecs.rans import PROB_SCALE
 from kvtool.errors import ArtifactError, UsageError
 from kvtool.quantizers.projection import FP16_COEFFICIENT, MAX_CODE_BITS, EntropyCodedProjection, ProjectionQuantizer
 from kvtool.transforms import FP16_BITS, KVTransform
@@ -142,22 +143,45 @@ class ProjectionTable:
 
 
 def codec_levels(tensors: dict[str, torch.Tensor]) -> list[Level]:
-    """The codec levels stored in an artifact's tensors (``codec<n>_*``), in order."""
+    """The codec levels stored in an artifact's tensors (``codec<n>_*``), in order, each checked for what the
+    coder relies on (an :class:`ArtifactError` names the first bad one: the tensors come from a file)."""
     levels, n = [], 0
     while f"codec{n}_step" in tensors:
-        bits, expected = tensors[f"codec{n}_bits"].tolist()
-        levels.append(
-            Level(
-                bits,
-                tensors[f"codec{n}_step"],
-                tensors[f"codec{n}_kmax"],
-                tensors[f"codec{n}_freq"],
-                expected,
-                tensors.get(f"codec{n}_rate"),
-            )  # fmt: skip
-        )
+        try:
+            bits, expected = (float(x) for x in tensors[f"codec{n}_bits"].reshape(-1).tolist())
+            level = Level(bits, tensors[f"codec{n}_step"], tensors[f"codec{n}_kmax"], tensors[f"codec{n}_freq"],
+                          expected, tensors.get(f"codec{n}_rate"))  # fmt: skip
+            problem = _level_problem(level)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            raise ArtifactError(f"projection artifact: codec level {n} is malformed ({problem})")
+        levels.append(level)
         n += 1
     return levels
+
+
+def _level_problem(lv: Level) -> str | None:
+    step, kmax, freq = lv.step, lv.kmax, lv.freq
+    if step.dim() != 1 or not step.is_floating_point() or not bool((torch.isfinite(step) & (step >= 0)).all()):
+        return "step must be a 1-D tensor of finite non-negative numbers"
+    if kmax.shape != step.shape:
+        return "kmax must have one entry per component"
+    k = kmax[step > 0]
+    if not bool(((k >= 1) & (k <= MAX_K) & (k == k.round())).all()):
+        return f"kmax of a coded component must be an integer in 1..{MAX_K}"
+    if freq.dim() != 2 or freq.shape[0] != step.numel() or freq.shape[1] > 2 * MAX_K + 1 or freq.is_floating_point():
+        return f"freq must be an integer table of {step.numel()} rows of at most {2 * MAX_K + 1} symbols"
+    if bool((2 * k + 1 > freq.shape[1]).any()):
+        return "a coded component's alphabet is wider than its table"
+    used = freq[step > 0].to(torch.int64)
+    if bool((used.sum(1) != PROB_SCALE).any()) or bool((used < 0).any()):
+        return f"the tables of coded components must be non-negative and sum to {PROB_SCALE}"
+    if bool(((used == 0) & (torch.arange(freq.shape[1])[None, :] <= 2 * k[:, None])).any()):
+        return "every symbol a coded component can take needs a non-zero frequency"
+    if not (math.isfinite(lv.bits) and math.isfinite(lv.expected_bits)):
+        return "bits must be finite"
+    return None
 
 
 # -- fitting ------------------------------------------------------------------------------------------------------
