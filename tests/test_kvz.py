@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from cli_helpers import assert_one_line_error
+from tiny_models import TinyLM
 from typer.testing import CliRunner
 
 from kvtool.artifacts import read_artifact
@@ -21,21 +22,6 @@ from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix,
 from kvtool.errors import ArtifactError, InputError
 
 runner = CliRunner()
-
-
-class _LM:
-    """The parts of a LoadedModel the codec uses, around a tiny model."""
-
-    def __init__(self, tiny: Any):
-        self.model, self.arch = tiny.model, tiny.info
-        self.fingerprint = {"id": f"tiny-{tiny.arch}", "config_digest": tiny.info.digest(),
-                            "weights_digest": "sha256:" + "1" * 64}  # fmt: skip
-
-        class _Tok:
-            def get_vocab(self) -> dict[str, int]:
-                return {"a": 0}
-
-        self.tokenizer = _Tok()
 
 
 IDS = torch.randint(0, 128, (150,), generator=torch.Generator().manual_seed(0))
@@ -55,7 +41,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     ids=["lossless", "adaptive-fine", "adaptive-coarse-one-chunk"],
 )
 def test_round_trip_every_architecture(tiny, settings: CodecSettings, tmp_path: Path) -> None:
-    lm = _LM(tiny)
+    lm = TinyLM(tiny)
     path = tmp_path / "x.kvz"
     info = encode_prefix(lm, IDS, settings, path)
     assert info["chunks"] == -(-150 // settings.chunk_tokens)
@@ -75,7 +61,7 @@ def test_round_trip_every_architecture(tiny, settings: CodecSettings, tmp_path: 
 
 
 def test_raw_tokens_are_fp16_exact(tiny_llama, tmp_path: Path) -> None:
-    lm = _LM(tiny_llama)
+    lm = TinyLM(tiny_llama)
     s = CodecSettings(mode="adaptive", quality=2.0, chunk_tokens=32, sink_tokens=3, recent_tokens=4)
     encode_prefix(lm, IDS, s, tmp_path / "x.kvz")
     cap = capture_kv(tiny_llama.model, IDS)
@@ -88,7 +74,7 @@ def test_raw_tokens_are_fp16_exact(tiny_llama, tmp_path: Path) -> None:
 
 def test_load_cache_continues_generation(tiny_llama, tmp_path: Path) -> None:
     """Greedy generation from a lossless .kvz equals generation after a fresh prefill."""
-    lm = _LM(tiny_llama)
+    lm = TinyLM(tiny_llama)
     encode_prefix(lm, IDS, CodecSettings(mode="lossless"), tmp_path / "x.kvz")
     cache, ids = load_cache(tmp_path / "x.kvz", tiny_llama.model)
     assert torch.equal(ids, IDS)
@@ -102,7 +88,7 @@ def test_load_cache_continues_generation(tiny_llama, tmp_path: Path) -> None:
 
 
 def test_other_model_is_refused(tiny_llama, tiny_qwen2, tmp_path: Path) -> None:
-    encode_prefix(_LM(tiny_llama), IDS, CodecSettings(chunk_tokens=64), tmp_path / "x.kvz")
+    encode_prefix(TinyLM(tiny_llama), IDS, CodecSettings(chunk_tokens=64), tmp_path / "x.kvz")
     with pytest.raises(ArtifactError, match="not"):
         load_cache(tmp_path / "x.kvz", tiny_qwen2.model)
 
@@ -113,7 +99,7 @@ def test_other_model_is_refused(tiny_llama, tiny_qwen2, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def small_kvz(tiny_llama, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("kvz") / "small.kvz"
-    encode_prefix(_LM(tiny_llama), IDS[:40], CodecSettings(chunk_tokens=16, quality=0.5, lane_symbols=64), path)
+    encode_prefix(TinyLM(tiny_llama), IDS[:40], CodecSettings(chunk_tokens=16, quality=0.5, lane_symbols=64), path)
     return path
 
 
@@ -283,9 +269,9 @@ def test_batched_chunks_give_the_same_bytes(tiny_llama, tmp_path: Path, monkeypa
     import kvtool.codecs.kvz as kvz_mod
 
     s = CodecSettings(mode="adaptive", quality=quality, chunk_tokens=16, lane_symbols=50)
-    encode_prefix(_LM(tiny_llama), IDS, s, tmp_path / "batched.kvz")
+    encode_prefix(TinyLM(tiny_llama), IDS, s, tmp_path / "batched.kvz")
     monkeypatch.setattr(kvz_mod, "BATCH_CHUNKS", 1)
-    encode_prefix(_LM(tiny_llama), IDS, s, tmp_path / "single.kvz")
+    encode_prefix(TinyLM(tiny_llama), IDS, s, tmp_path / "single.kvz")
     assert (tmp_path / "batched.kvz").read_bytes() == (tmp_path / "single.kvz").read_bytes()
     one = _decode(tmp_path / "batched.kvz", tiny_llama.model)
     monkeypatch.setattr(kvz_mod, "BATCH_CHUNKS", 8)
@@ -298,7 +284,7 @@ def test_cuda_backends_give_the_same_file(tiny_llama, tmp_path: Path) -> None:
     """On a CUDA model, the Triton coder writes the same .kvz as the torch reference and decodes it identically."""
     import copy
 
-    lm = _LM(tiny_llama)
+    lm = TinyLM(tiny_llama)
     lm.model = copy.deepcopy(tiny_llama.model).cuda()
     s = CodecSettings(mode="adaptive", quality=0.3, chunk_tokens=32, lane_symbols=100)
     encode_prefix(lm, IDS, s, tmp_path / "t.kvz", backend="torch")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import TinyLM
 
 from kvtool.artifacts import read_artifact, write_artifact
 from kvtool.cache_restore import restore_cache
@@ -26,21 +27,6 @@ from kvtool.harness import continuation_quality
 from kvtool.texts import book
 
 SLIDING = ("gemma3", "mistral")
-
-
-class _LM:
-    """The parts of a LoadedModel the codec uses, around a tiny model."""
-
-    def __init__(self, tiny: Any):
-        self.model, self.arch = tiny.model, tiny.info
-        self.fingerprint = {"id": f"tiny-{tiny.arch}", "config_digest": tiny.info.digest(),
-                            "weights_digest": "sha256:" + "2" * 64}  # fmt: skip
-
-        class _Tok:
-            def get_vocab(self) -> dict[str, int]:
-                return {"a": 0}
-
-        self.tokenizer = _Tok()
 
 
 def _ids(n: int, seed: int = 1) -> torch.Tensor:
@@ -86,7 +72,7 @@ def test_window_is_shorter_than_the_prefix(sliding: Any) -> None:
 @pytest.mark.parametrize("tokens", [40, 150])
 def test_lossless_load_cache_generates_like_a_fresh_prefill(sliding: Any, tokens: int, tmp_path: Path) -> None:
     ids = _ids(tokens)
-    encode_prefix(_LM(sliding), ids, CodecSettings(mode="lossless", chunk_tokens=16), tmp_path / "x.kvz")
+    encode_prefix(TinyLM(sliding, "2"), ids, CodecSettings(mode="lossless", chunk_tokens=16), tmp_path / "x.kvz")
     cache, got_ids = load_cache(tmp_path / "x.kvz", sliding.model)
     assert torch.equal(got_ids, ids)
     assert cache.get_seq_length() == tokens
@@ -112,13 +98,13 @@ def test_lossy_files_restore_the_right_geometry(sliding: Any, mode: str, calibra
     ids = _ids(150)
     cal = calibrations[sliding.arch] if mode == "calibrated" else None
     settings = CodecSettings(mode=mode, level=-1, quality=0.05, chunk_tokens=32)
-    encode_prefix(_LM(sliding), ids, settings, tmp_path / "x.kvz", cal)
+    encode_prefix(TinyLM(sliding, "2"), ids, settings, tmp_path / "x.kvz", cal)
     cache, _ = load_cache(tmp_path / "x.kvz", sliding.model, cal)
     ref = capture_kv(sliding.model, ids).cache
     for a, b in zip(cache.layers, ref.layers, strict=True):
         assert a.get_seq_length() == 150 and a.keys.shape == b.keys.shape
         assert a.get_mask_sizes(3) == b.get_mask_sizes(3)
-    row = CodecRow(f"kvz-{mode}", _LM(sliding), settings, cal)
+    row = CodecRow(f"kvz-{mode}", TinyLM(sliding, "2"), settings, cal)
     (res,) = continuation_quality(sliding.model, _ids(200, seed=3), [row], prefix_len=150, cont_len=20)
     assert res.kl < 0.05 and res.top1 > 0.8, res
 
@@ -126,7 +112,7 @@ def test_lossy_files_restore_the_right_geometry(sliding: Any, mode: str, calibra
 def test_lossless_pre_rope_keys_are_the_captured_ones(sliding: Any, tmp_path: Path) -> None:
     """decode with keep_pre_rope on a lossless file gives the pre-RoPE keys (RoPE inverted), deterministically."""
     ids = _ids(40)
-    encode_prefix(_LM(sliding), ids, CodecSettings(mode="lossless", chunk_tokens=16), tmp_path / "x.kvz")
+    encode_prefix(TinyLM(sliding, "2"), ids, CodecSettings(mode="lossless", chunk_tokens=16), tmp_path / "x.kvz")
     first = sorted_layers(decode_kvz(KvzFile(tmp_path / "x.kvz"), sliding.model, keep_pre_rope=True))
     second = sorted_layers(decode_kvz(KvzFile(tmp_path / "x.kvz"), sliding.model, keep_pre_rope=True))
     cap = capture_kv(sliding.model, ids)
@@ -138,7 +124,7 @@ def test_lossless_pre_rope_keys_are_the_captured_ones(sliding: Any, tmp_path: Pa
 def test_bench_rows_on_a_sliding_model(sliding: Any) -> None:
     """The bench's lossless-equivalent row (fp16 cast, then lossless) continues like the fp16 cache itself."""
     text_ids = _ids(220, seed=5)
-    row = CodecRow("lossless", _LM(sliding), CodecSettings(mode="lossless", chunk_tokens=32))
+    row = CodecRow("lossless", TinyLM(sliding, "2"), CodecSettings(mode="lossless", chunk_tokens=32))
     (res,) = continuation_quality(sliding.model, text_ids, [row], prefix_len=150, cont_len=30)
     assert res.kl < 1e-6 and res.top1 == 1.0, res
 
@@ -146,7 +132,7 @@ def test_bench_rows_on_a_sliding_model(sliding: Any) -> None:
 def test_real_text_prefix(tiny_gemma3: Any, tmp_path: Path) -> None:
     """Book text through the tiny model's vocabulary: the same holds for a non-random prefix."""
     ids = torch.tensor([ord(c) % 128 for c in book("persuasion")[:300]])
-    encode_prefix(_LM(tiny_gemma3), ids, CodecSettings(mode="lossless", chunk_tokens=64), tmp_path / "x.kvz")
+    encode_prefix(TinyLM(tiny_gemma3, "2"), ids, CodecSettings(mode="lossless", chunk_tokens=64), tmp_path / "x.kvz")
     cache, _ = load_cache(tmp_path / "x.kvz", tiny_gemma3.model)
     assert torch.equal(_greedy(tiny_gemma3.model, ids, cache), _greedy(tiny_gemma3.model, ids))
 
@@ -154,8 +140,9 @@ def test_real_text_prefix(tiny_gemma3: Any, tmp_path: Path) -> None:
 def test_a_failing_codec_row_is_reported_and_the_others_measured(tiny_gemma3: Any, calibrations: dict) -> None:
     """A codec row that cannot code this model's cache (a calibration made for another model) fails alone: the
     harness records why and still measures the rows after it."""
-    bad = CodecRow("kvz-wrong-calibration", _LM(tiny_gemma3), CodecSettings(mode="calibrated"), calibrations["mistral"])
-    good = CodecRow("lossless", _LM(tiny_gemma3), CodecSettings(mode="lossless", chunk_tokens=32))
+    lm = TinyLM(tiny_gemma3, "2")
+    bad = CodecRow("kvz-wrong-calibration", lm, CodecSettings(mode="calibrated"), calibrations["mistral"])
+    good = CodecRow("lossless", lm, CodecSettings(mode="lossless", chunk_tokens=32))
     failed, ok = continuation_quality(tiny_gemma3.model, _ids(220, seed=5), [bad, good], prefix_len=150, cont_len=30)
     assert failed.error is not None and "model" in failed.error and failed.num_predictions == 0
     assert ok.error is None and ok.top1 == 1.0

@@ -154,3 +154,19 @@ def save_model_folder(folder: Path, text_file: Path, head_dim: int | None = None
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).to(torch.float32).eval().save_pretrained(folder)
     return folder
+
+
+class TinyLM:
+    """The parts of a :class:`~kvtool.models.LoadedModel` the codec uses, around a tiny model (``tiny``: a
+    conftest ``Tiny``): the model, its architecture, a fingerprint, and a one-word tokenizer."""
+
+    def __init__(self, tiny: Any, weights: str = "1"):
+        self.model, self.arch = tiny.model, tiny.info
+        self.fingerprint = {"id": f"tiny-{tiny.arch}", "config_digest": tiny.info.digest(),
+                            "weights_digest": "sha256:" + weights * 64}  # fmt: skip
+        self.tokenizer = _OneWordTokenizer()
+
+
+class _OneWordTokenizer:
+    def get_vocab(self) -> dict[str, int]:
+        return {"a": 0}

@@ -33,7 +33,7 @@ from kvtool.codecs.kvz import (
     sorted_layers,
 )
 from kvtool.kv_capture import capture_artifact
-from kvtool.models import load_model, tokenize
+from kvtool.models import load_model, special_prefix, tokenize
 
 EXAMPLES = """Examples:
   kvtool decode ctx.kvz -o kv.safetensors                       # plain fp16 K/V (kvtool.kv_capture layout)
@@ -95,7 +95,8 @@ def decode(
         art = capture_artifact(
             lm.fingerprint, lm.arch, ids,
             [(d.keys_pre_rope[0], d.keys[0], d.values[0], d.positions) for d in layers],
-            "float16", kvz.extra.get("cache_dtype", "float32"), extra={"decoded_from": str(path)},
+            "float16", kvz.extra["cache_dtype"], extra={"decoded_from": str(path)},
+            special_prefix=special_prefix(lm.tokenizer),
         )  # fmt: skip
         result["output"] = str(output)
         with output_file(output) as target:
