@@ -79,6 +79,55 @@ def _rope_case(device: str, big: bool) -> None:
         assert bool(((got - want).abs() <= want.abs() * 2**-10 + 2**-14).all()), f"rope differs {heads}x{dim}"
 
 
+def _device_decode_case(device: str) -> None:
+    """The fused whole-file decode kernel against the CPU pipeline, on tiny llama (per-layer PCA) and gemma3
+    (sliding window shorter than the prefix, per-head PCA): adaptive and calibrated files, bit-identical K/V."""
+    from pathlib import Path
+    from tempfile import TemporaryDirectory
+
+    from tiny_models import TinyLM, tiny_model
+
+    from kvtool.arch import arch_info
+    from kvtool.artifacts import read_artifact, write_artifact
+    from kvtool.calibrators.projection import Budget, ProjectionCalibration, fit_projection, projection_artifact
+    from kvtool.codecs.kvz import CodecSettings, KvzFile, _coder, _decode_streaming, encode_prefix
+
+    class _Tiny:
+        def __init__(self, arch: str):
+            self.arch, self.model = arch, tiny_model(arch)
+            self.info = arch_info(self.model.config)
+
+    from kvtool.codecs.device_decode import decode_file
+
+    gen = torch.Generator().manual_seed(0)
+    with TemporaryDirectory() as tmp:
+        for arch, granularity in (("llama", "layer"), ("gemma3", "head")):
+            tiny = _Tiny(arch)
+            lm = TinyLM(tiny)
+            cfg = ProjectionCalibration(method="pca", num_seqs=2, seq_len=48, granularity=granularity)
+            table = fit_projection(tiny.model, tiny.info, torch.randint(0, 128, (200,), generator=gen), cfg)
+            art, _ = projection_artifact({**lm.fingerprint, "arch": tiny.info.to_dict()}, cfg, {}, table,
+                                         Budget(bits=3.0))  # fmt: skip
+            write_artifact(Path(tmp) / "cal.safetensors", art)
+            cal = read_artifact(Path(tmp) / "cal.safetensors")
+            ids = torch.randint(0, 128, (150,), generator=gen)
+            for settings, c in ((CodecSettings(mode="adaptive", chunk_tokens=32, sink_tokens=2, recent_tokens=3), None),
+                                (CodecSettings(mode="adaptive", chunk_tokens=64, lane_symbols=100), None),
+                                (CodecSettings(mode="calibrated", level=2, chunk_tokens=32), cal)):  # fmt: skip
+                path = Path(tmp) / "x.kvz"
+                encode_prefix(lm, ids, settings, path, c)
+                ref = _decode_streaming(KvzFile(path), tiny.model, _coder(settings, c, tiny.info), None, True)
+                coder = _coder(settings, c, tiny.info)
+                got = decode_file(KvzFile(path), tiny.model, coder, torch.device(device), torch.float32, "triton", True)
+                for a, b in zip(got, ref, strict=True):
+                    for x, y in ((a.keys, b.keys), (a.keys_pre_rope, b.keys_pre_rope), (a.values, b.values)):
+                        x = x.cpu()
+                        if device == "cpu":  # the interpreter runs the very fp32 operations of the reference
+                            assert torch.equal(x, y), (arch, settings.mode, float((x - y).abs().max()))
+                        else:  # on a GPU: FMA contraction and matmul order, a few fp32 roundings per element
+                            assert torch.allclose(x, y, rtol=1e-5, atol=1e-5 * float(y.abs().max())), (arch,)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
@@ -93,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for heads, dim, tokens in shapes:
         _kv_case(heads, dim, tokens, 2, args.device)
     _rope_case(args.device, big=args.big)
+    _device_decode_case(args.device)
     print("kernel checks: all equal")
     return 0
 

@@ -88,7 +88,8 @@ def decode(
         return
     with out.progress("decode", kvz.tokens) as advance:
         layers = sorted_layers(
-            decode_kvz(kvz, lm.model, cal, progress=advance, keep_pre_rope=output is not None, backend=backend)
+            decode_kvz(kvz, lm.model, cal, progress=advance, keep_pre_rope=output is not None, backend=backend,
+                       device=lm.device)  # fmt: skip
         )
     if output is not None:
         ids = kvz.input_ids()

@@ -48,19 +48,21 @@ class CodecRow:
         if self.cast_fp16:
             for layer in cache.layers:
                 layer.keys, layer.values = (t.half().to(t.dtype) for t in (layer.keys, layer.values))
+        dtype, device = cache.layers[0].keys.dtype, cache.layers[0].keys.device
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "bench.kvz"
             t0 = time.perf_counter()
             encode_cache(self.lm, ids, cache, self.settings, path, self.calibration)
             t1 = time.perf_counter()
-            layers = sorted_layers(decode_kvz(KvzFile(path), model, self.calibration))
+            layers = sorted_layers(decode_kvz(KvzFile(path), model, self.calibration, device=device, dtype=dtype))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             t2 = time.perf_counter()
             self.bytes += path.stat().st_size
         self.encode_s += t1 - t0
         self.decode_s += t2 - t1
         self.elements += sum(d.values.numel() * 2 for d in layers)
         self.prefixes.append(int(ids.numel()))
-        dtype, device = cache.layers[0].keys.dtype, cache.layers[0].keys.device
         return restore_cache(model, [(d.keys, d.values) for d in layers], int(ids.numel()), device, dtype)
 
     def speeds(self) -> dict[str, float]:

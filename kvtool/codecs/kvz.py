@@ -412,6 +412,7 @@ class KvzFile:
                                     self.extra):  # fmt: skip
             raise ArtifactError(f"{source}: the .kvz header is corrupted (metadata digest mismatch)")
         self.content_digest: str = meta["content_digest"]
+        self._meta = meta
         self._header = header
         self._hasher = hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != "content_digest"}).encode())
         self._hashed_chunks = 0  #: chunks fed to the content digest so far (in order)
@@ -653,15 +654,43 @@ def decode_kvz(
     progress: Callable[[int], None] | None = None,
     keep_pre_rope: bool = False,
     backend: str = "auto",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[DecodedLayer]:
     """Decode every chunk of ``kvz`` (RoPE re-applied with ``model``'s own rotation) into per-layer tensors, in
-    position order. Streaming: chunks are read, checked and decoded ``BATCH_CHUNKS`` at a time and written straight
-    into the output tensors, so memory beyond the output cache is a few chunks. ``keep_pre_rope`` also returns the
-    pre-RoPE keys (otherwise ``keys_pre_rope`` is ``None``)."""
-    s, geo, arch = kvz.settings, kvz.geometry, kvz.arch
+    position order, on ``device`` (default: the CPU) in ``dtype`` (default: float32; lossless: the cache dtype).
+    ``keep_pre_rope`` also returns the pre-RoPE keys (otherwise ``keys_pre_rope`` is ``None``).
+
+    Two pipelines, the same values: with the Triton backend (``auto`` on a CUDA ``device``) the whole file is
+    decoded on the device (:mod:`kvtool.codecs.device_decode`: one read, one transfer, one kernel launch for every
+    lane); otherwise chunks are read, checked and decoded ``BATCH_CHUNKS`` at a time on the CPU and written
+    straight into the output tensors (memory beyond the output is a few chunks)."""
+    s, arch = kvz.settings, kvz.arch
     check_calibration(kvz, calibration)
+    target = torch.device(device) if device is not None else torch.device("cpu")
     coder = _coder(s, calibration, arch) if s.mode != "lossless" else None
-    coder = _on_backend(coder, backend, next(model.parameters()).device)
+    coder = _on_backend(coder, backend, target)
+    if coder is not None and coder.backend == "triton":
+        from kvtool.codecs.device_decode import decode_file
+
+        _check_lane_counts(kvz, coder)
+        layers = decode_file(kvz, model, coder, target, dtype or torch.float32, "triton", keep_pre_rope)
+        if progress:
+            progress(kvz.tokens)
+        return [DecodedLayer(d.keys, d.keys_pre_rope, d.values, d.positions) for d in layers]
+    out = _decode_streaming(kvz, model, coder, progress, keep_pre_rope)
+    if device is None and dtype is None:
+        return out
+    cast = dtype or out[0].values.dtype
+    return [DecodedLayer(d.keys.to(target, cast), None if d.keys_pre_rope is None else d.keys_pre_rope.to(target, cast),
+                         d.values.to(target, cast), d.positions) for d in out]  # fmt: skip
+
+
+def _decode_streaming(
+    kvz: KvzFile, model: Any, coder: Any, progress: Callable[[int], None] | None, keep_pre_rope: bool
+) -> list[DecodedLayer]:
+    """The CPU pipeline of :func:`decode_kvz` (the reference the device pipeline is tested against)."""
+    s, geo, arch = kvz.settings, kvz.geometry, kvz.arch
     heads, dim = arch.num_kv_heads, arch.head_dim
     dtype = kvz.cache_dtype
     out_dtype = dtype if s.mode == "lossless" else torch.float32
@@ -866,6 +895,7 @@ def load_cache(
     _check_same_model(kvz.model, fingerprint, ".kvz file")
     cal = (calibration if isinstance(calibration, Artifact) or calibration is None
            else read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA))  # fmt: skip
-    layers = sorted_layers(decode_kvz(kvz, model, cal, backend=backend))
+    param = next(model.parameters())
+    layers = sorted_layers(decode_kvz(kvz, model, cal, backend=backend, device=param.device, dtype=param.dtype))
     ids = kvz.input_ids()
     return restore_cache(model, [(d.keys, d.values) for d in layers], kvz.tokens), ids

@@ -1,0 +1,397 @@
+"""Whole-file, device-resident ``.kvz`` decode: file → bytes on the device → a cache in the model's dtype.
+
+The straight pipeline an engine (or ``kvtool.load_cache`` on a CUDA model) runs:
+
+1. read the data section of the file once (into pinned memory when the target is CUDA) and move it to the device
+   in one transfer; the chunk CRC-32s and the content digest are checked on the host **while** the device decodes
+   (both release the GIL), and nothing is handed out before they pass;
+2. build a small per-segment layout (a segment = one chunk's symbols of one layer; counts are arithmetic on the
+   geometry, no per-token lists) and decode **every lane of every chunk in one kernel launch**
+   (:mod:`kvtool.kernels.kvz_triton`; :func:`decode_symbols_reference` on CPU), dequantization fused, coefficients
+   written component-major per K/V slot;
+3. per layer on the device: the inverse transform (calibrated: the artifact's basis; adaptive: mean and step per
+   chunk are already applied), the fp16 raw tokens merged in, RoPE at the layer's positions with the model's own
+   rotation, and the cast to the model's dtype.
+
+Layer-by-layer consumption stays possible: :func:`decode_file` returns one :class:`DecodedLayer` per layer and the
+per-layer step 3 is :func:`finish_layer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvtool.arch import apply_rope
+from kvtool.capture import rope_for_positions
+from kvtool.codecs import rans
+from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder
+from kvtool.codecs.ecsq import MAX_K
+from kvtool.digests import canonical_json
+from kvtool.errors import ArtifactError
+
+
+@dataclass
+class Segments:
+    """Per chunk ``c`` and layer ``l`` (row-major ``c · L + l``): coded and raw token counts, the row of the chunk's
+    first coded token in the layer's coded matrix, and the raw tokens before this chunk in the layer."""
+
+    coded: torch.Tensor  #: (C·L,) int64
+    raw: torch.Tensor  #: (C·L,) int64
+    row: torch.Tensor  #: (C·L,) int64
+    raw_before: torch.Tensor  #: (C·L,) int64
+
+
+def segments(geo: Any) -> Segments:
+    """:class:`Segments` of a :class:`~kvtool.codecs.kvz.Geometry`, computed from interval arithmetic (the same
+    positions as ``Geometry.split``: coded = not sink and not recent)."""
+    n_layers, n_chunks, t = geo.arch.num_layers, geo.num_chunks, geo.tokens
+    s = geo.settings
+    lo = torch.tensor([geo.layer_range(i)[0] for i in range(n_layers)], dtype=torch.int64)
+    a = torch.arange(n_chunks, dtype=torch.int64) * s.chunk_tokens
+    b = (a + s.chunk_tokens).clamp_max(t)
+    start = torch.maximum(a[:, None], lo[None, :])  # (C, L)
+    stop = b[:, None].expand(-1, n_layers)
+    total = (stop - start).clamp_min(0)
+    sink_end = min(s.sink_tokens, t)
+    recent_start = max(t - s.recent_tokens, sink_end)
+
+    def overlap(x0: int, x1: int) -> torch.Tensor:
+        return (torch.minimum(stop, torch.tensor(x1)) - torch.maximum(start, torch.tensor(x0))).clamp_min(0)
+
+    raw = overlap(0, sink_end) + overlap(recent_start, t)
+    coded = total - raw
+    row = coded.cumsum(0) - coded
+    raw_before = raw.cumsum(0) - raw
+    return Segments(coded.reshape(-1), raw.reshape(-1), row.reshape(-1), raw_before.reshape(-1))
+
+
+# -- host side: one read, checks in the background ------------------------------------------------------------------
+
+
+def read_data(kvz: Any, pin: bool) -> torch.Tensor:
+    """The file's data section as one uint8 tensor (pinned when ``pin``), read with one ``readinto``."""
+    size = kvz.path.stat().st_size - kvz._data_start
+    buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    with kvz.path.open("rb") as f:
+        f.seek(kvz._data_start)
+        got = f.readinto(memoryview(buf.numpy()))
+    if got != size:
+        raise ArtifactError(f"{kvz.path}: truncated while reading the chunks")
+    return buf
+
+
+class HostChecks(threading.Thread):
+    """The chunk CRC-32s and the content digest over the data already in host memory, on a thread (zlib and
+    hashlib release the GIL on large buffers): the device decodes meanwhile. :meth:`result` raises what failed."""
+
+    def __init__(self, kvz: Any, data: torch.Tensor):
+        super().__init__(daemon=True)
+        self.kvz, self.view, self.error = kvz, memoryview(data.numpy()), None
+
+    def _bytes(self, name: str) -> memoryview:
+        begin, end = self.kvz._header[name]["data_offsets"]
+        return self.view[begin:end]
+
+    def run(self) -> None:
+        try:
+            kvz, header = self.kvz, self.kvz._header
+            h = hashlib.sha256(canonical_json({k: v for k, v in kvz._meta.items() if k != "content_digest"}).encode())
+            names = sorted(kvz._expected)
+            by_chunk: dict[int, list[str]] = {}
+            for name in names:
+                if name.startswith("chunk."):
+                    by_chunk.setdefault(int(name[6:12]), []).append(name)
+            for c, group in sorted(by_chunk.items()):
+                crc = 0
+                for name in group:  # as kvz._crc: full names, in name order
+                    crc = zlib.crc32(name.encode() + b"\0", crc)
+                    crc = zlib.crc32(self._bytes(name), crc)
+                if crc != kvz.chunks[c]["crc32"]:
+                    raise ArtifactError(f"{kvz.path}: chunk {c} is corrupted (CRC-32 mismatch)")
+            for name in names:
+                info = header[name]
+                h.update(f"{name}\0{info['dtype']}\0{canonical_json(list(info['shape']))}\0".encode())
+                h.update(self._bytes(name))
+            if "sha256:" + h.hexdigest() != kvz.content_digest:
+                raise ArtifactError(f"{kvz.path}: content digest mismatch: the file is corrupted or was modified")
+        except BaseException as e:  # noqa: BLE001 - handed to the caller in result()
+            self.error = e
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+# -- the layout the kernel decodes ----------------------------------------------------------------------------------
+
+
+def _tensor_view(data: torch.Tensor, kvz: Any, name: str) -> torch.Tensor:
+    from kvtool.artifacts import torch_dtype
+
+    info = kvz._header[name]
+    begin, end = info["data_offsets"]
+    return data[begin:end].view(torch_dtype(info["dtype"])).reshape(info["shape"])
+
+
+def build_layout(kvz: Any, coder: Any, data: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Every argument of the fused decode kernel, on ``device``: per lane its words and symbols, per segment its
+    counts, per component (calibrated) or per chunk and channel (adaptive) the table, step and mean."""
+    geo, arch = kvz.geometry, kvz.arch
+    n_layers, n_chunks = arch.num_layers, geo.num_chunks
+    n_slots, channels = 2 * n_layers, arch.num_kv_heads * arch.head_dim
+    seg = segments(geo)
+    adaptive = isinstance(coder, AdaptiveCoder)
+    # coded components per slot (kind · L + layer)
+    if adaptive:
+        ck = torch.full((n_layers,), channels, dtype=torch.int64)
+        cv = ck.clone()
+        comps = [torch.arange(channels)] * n_slots
+    else:
+        comps = [coder._coded(i % n_layers, "kv"[i // n_layers], {}) - coder._offset(i % n_layers, "kv"[i // n_layers])
+                 for i in range(n_slots)]  # fmt: skip
+        ck = torch.tensor([comps[i].numel() for i in range(n_layers)], dtype=torch.int64)
+        cv = torch.tensor([comps[n_layers + i].numel() for i in range(n_layers)], dtype=torch.int64)
+    layer_of = torch.arange(n_layers).repeat(n_chunks)
+    chunk_of = torch.arange(n_chunks).repeat_interleave(n_layers)
+    sym = seg.coded * (ck[layer_of] + cv[layer_of])  # symbols per segment
+    lane_len = kvz.settings.lane_symbols
+    lanes_per_seg = (sym + lane_len - 1) // lane_len
+    n_lanes = int(lanes_per_seg.sum())
+    lane_seg = torch.repeat_interleave(torch.arange(sym.numel()), lanes_per_seg)
+    lane_idx = torch.arange(n_lanes) - (lanes_per_seg.cumsum(0) - lanes_per_seg)[lane_seg]
+    lane_off = lane_idx * lane_len
+    lane_len_t = torch.minimum(sym[lane_seg] - lane_off, torch.tensor(lane_len))
+    # words: the data section as 16-bit words; each chunk's lanes start at its `words` tensor
+    per_lane = torch.cat([_tensor_view(data, kvz, f"chunk.{c:06d}.lanes").to(torch.int64) for c in range(n_chunks)])
+    layer_lanes = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.layer_lanes") for c in range(n_chunks)])
+    if per_lane.numel() != n_lanes or not torch.equal(layer_lanes.reshape(-1).to(torch.int64), lanes_per_seg):
+        raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
+    word_base = torch.tensor([kvz._header[f"chunk.{c:06d}.words"]["data_offsets"][0] // 2 for c in range(n_chunks)])
+    lanes_of_chunk = lanes_per_seg.reshape(n_chunks, n_layers).sum(1)
+    lane_chunk = torch.repeat_interleave(torch.arange(n_chunks), lanes_of_chunk)
+    within = per_lane.cumsum(0) - per_lane
+    chunk_first = (lanes_of_chunk.cumsum(0) - lanes_of_chunk)
+    within = within - within[chunk_first.clamp_max(max(n_lanes - 1, 0))][lane_chunk] if n_lanes else within
+    lane_word = word_base[lane_chunk] + within
+    # per slot: where its coefficient matrix starts in the output and how many rows it has
+    coded_rows = seg.coded.reshape(n_chunks, n_layers).sum(0)
+    widths = torch.cat([ck, cv])
+    rows = coded_rows.repeat(2)
+    sizes = widths * rows
+    slot_base = sizes.cumsum(0) - sizes
+    host = {"slot_base": slot_base.tolist(), "slot_rows": rows.tolist(), "widths": widths.tolist()}
+    if any(kvz._header[f"chunk.{c:06d}.words"]["data_offsets"][0] % 2 for c in range(n_chunks)):
+        raise ArtifactError(f"{kvz.path}: coded words are not 2-byte aligned in the file")
+    out = {"host": host, "n_lanes": n_lanes, "max_len": int(lane_len_t.max()) if n_lanes else 0, "n_slots": n_slots,
+           "channels": channels, "prob_bits": rans.PROB_BITS, "adaptive": adaptive,
+           "lane_word": lane_word, "lane_words": per_lane, "lane_len": lane_len_t, "lane_seg": lane_seg,
+           "lane_off": lane_off, "seg_n": seg.coded, "seg_ck": ck[layer_of], "seg_slot": layer_of,
+           "seg_chunk": chunk_of, "seg_row": seg.row, "slot_base": slot_base, "slot_rows": rows,
+           "out_size": int(sizes.sum()), "comps": comps, "widths": widths}  # fmt: skip
+    if adaptive:
+        step = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.step") for c in range(n_chunks)])
+        mean = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.mean") for c in range(n_chunks)])
+        freq = torch.cat([_tensor_view(data, kvz, f"chunk.{c:06d}.freq") for c in range(n_chunks)])
+        live = seg.coded.reshape(n_chunks, n_layers).repeat(1, 2) > 0  # (C, 2L): slots with coded tokens
+        if bool((step.float()[live] <= 0).any()):
+            raise ArtifactError(f"{kvz.path}: a coded channel has no positive step")
+        out |= {"comp_step": step.float().reshape(-1), "comp_mean": mean.float().reshape(-1),
+                "comp_base": torch.zeros(1, dtype=torch.int64), "comp_tid": torch.zeros(1, dtype=torch.int64),
+                "comp_kmax": torch.zeros(1)}  # fmt: skip
+        try:
+            tables = rans.build_tables(freq.to(torch.int64))
+        except ValueError as e:
+            raise ArtifactError(f"{kvz.path}: a chunk's rANS table is malformed ({e})") from None
+    else:
+        level = coder.level
+        glob = [comps[i] + coder._offset(i % n_layers, "kv"[i // n_layers]) for i in range(n_slots)]
+        flat = torch.cat(glob) if glob else torch.zeros(0, dtype=torch.int64)
+        counts = torch.tensor([g.numel() for g in glob], dtype=torch.int64)
+        out |= {"comp_base": counts.cumsum(0) - counts, "comp_tid": coder.row[flat],
+                "comp_step": level.step[flat].float(), "comp_kmax": level.kmax[flat].float(),
+                "comp_mean": torch.zeros(1)}  # fmt: skip
+        tables = coder._tables({})
+    out["alphabet"] = tables.freq.shape[1]
+    out["lut"] = tables.lut
+    out["fc"] = (tables.freq | (tables.cum[:, :-1] << 16)).to(torch.int32)
+    for k, v in list(out.items()):
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+    return out
+
+
+def decode_symbols_reference(args: dict[str, Any], out: torch.Tensor, bad: torch.Tensor) -> None:
+    """Torch reference of :func:`kvtool.kernels.kvz_triton.decode_file_triton` (same arguments, same values):
+    the lanes are decoded by :func:`kvtool.codecs.rans.decode_reference` with table ids derived from the layout,
+    then each symbol is dequantized and stored at its component-major place."""
+    n_lanes = int(args["n_lanes"])
+    if n_lanes == 0:
+        return
+    dev = out.device
+    lane_len = args["lane_len"].cpu()
+    seg = args["lane_seg"].cpu()
+    j = torch.repeat_interleave(args["lane_off"].cpu(), lane_len)
+    j = j + torch.arange(j.numel()) - torch.repeat_interleave(lane_len.cumsum(0) - lane_len, lane_len)
+    s_of = torch.repeat_interleave(seg, lane_len)
+    n = args["seg_n"].cpu()[s_of].clamp_min(1)
+    ck = args["seg_ck"].cpu()[s_of]
+    is_v = j >= n * ck
+    jj = j - torch.where(is_v, n * ck, 0)
+    comp = jj // n
+    tok = jj - comp * n
+    slot = args["seg_slot"].cpu()[s_of] + torch.where(is_v, args["n_slots"] // 2, 0)
+    if args["adaptive"]:
+        t = args["seg_chunk"].cpu()[s_of] * args["n_slots"] + slot
+        cidx = t * args["channels"] + comp
+    else:
+        cidx = args["comp_base"].cpu()[slot] + comp
+        t = args["comp_tid"].cpu()[cidx]
+    fc = args["fc"].cpu().to(torch.int64)
+    tables = rans.Tables(fc & 0xFFFF, torch.cat([fc >> 16, torch.full((fc.shape[0], 1), rans.PROB_SCALE)], 1),
+                         args["lut"].cpu())  # fmt: skip
+    word_idx = torch.repeat_interleave(args["lane_word"].cpu(), args["lane_words"].cpu())
+    word_idx = word_idx + torch.arange(word_idx.numel()) - torch.repeat_interleave(
+        args["lane_words"].cpu().cumsum(0) - args["lane_words"].cpu(), args["lane_words"].cpu()
+    )
+    words = args["words"].cpu().to(torch.int64)[word_idx] & 0xFFFF
+    try:
+        sym = rans.decode_reference(words, args["lane_words"].cpu(), t, tables, lane_len)
+        bad.zero_()
+    except ValueError:
+        bad.fill_(1)
+        return
+    step = args["comp_step"].cpu()[cidx]
+    if args["adaptive"]:
+        value = (sym.to(torch.float32) - float(MAX_K)) * step + args["comp_mean"].cpu()[cidx]
+    else:
+        value = (sym.to(torch.float32) - args["comp_kmax"].cpu()[cidx]) * step
+    where = args["slot_base"].cpu()[slot] + comp * args["slot_rows"].cpu()[slot] + args["seg_row"].cpu()[s_of] + tok
+    out.view(-1)[where.to(dev)] = value.to(dev)
+
+
+# -- per layer: transform back, raw tokens, RoPE ----------------------------------------------------------------
+
+
+@dataclass
+class DecodedLayer:
+    """One layer of a decoded prefix (see :class:`kvtool.codecs.kvz.DecodedLayer`)."""
+
+    keys: torch.Tensor
+    keys_pre_rope: torch.Tensor | None
+    values: torch.Tensor
+    positions: torch.Tensor
+
+
+def raw_tokens(kvz: Any, data: torch.Tensor, seg: Segments) -> list[torch.Tensor]:
+    """Per layer its fp16 raw tokens, ``(2, heads, n_raw, head_dim)`` in position order, gathered from the chunks
+    (only the first and last chunks hold any: sinks and recent tokens)."""
+    n_layers, heads, dim = kvz.arch.num_layers, kvz.arch.num_kv_heads, kvz.arch.head_dim
+    counts = seg.raw.reshape(-1, n_layers).tolist()
+    parts: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    for c, r in enumerate(counts):
+        if not any(r):
+            continue
+        raw = _tensor_view(data, kvz, f"chunk.{c:06d}.raw")
+        at = 0
+        for layer, n in enumerate(r):
+            parts[layer].append(raw[at : at + 2 * heads * n * dim].reshape(2, heads, n, dim))
+            at += 2 * heads * n * dim
+    return [torch.cat(p, dim=2) if p else torch.zeros(2, heads, 0, dim, dtype=torch.float16) for p in parts]
+
+
+def finish_layer(
+    kvz: Any, coder: Any, layout: dict[str, Any], coef: torch.Tensor, raw: torch.Tensor, layer: int,
+    rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype, keep_pre_rope: bool,
+) -> DecodedLayer:  # fmt: skip
+    """Layer ``layer``'s keys and values from its coefficient matrices (``coef``: the kernel output) and raw tokens,
+    RoPE applied, in ``dtype`` on the coefficients' device."""
+    arch, geo, host = kvz.arch, kvz.geometry, layout["host"]
+    heads, dim, n_layers = arch.num_kv_heads, arch.head_dim, arch.num_layers
+    lo, hi = geo.layer_range(layer)
+    s = kvz.settings
+    # raw positions are sinks and recent tokens, so the coded ones are one contiguous run [a, b) of [lo, hi)
+    a = min(max(lo, s.sink_tokens), hi)
+    b = max(a, min(hi, kvz.tokens - s.recent_tokens))
+    pair = []
+    for kind in range(2):
+        slot = kind * n_layers + layer
+        base, rows, width = host["slot_base"][slot], host["slot_rows"][slot], host["widths"][slot]
+        m = coef[base : base + width * rows].view(width, rows)  # component-major
+        if isinstance(coder, CalibratedCoder):
+            q = coder.proj["kv"[kind]][layer]
+            g, d = q.blocks
+            full = torch.zeros(rows, g * d, device=coef.device)
+            full[:, layout["comps"][slot].to(coef.device)] = m.T
+            q_dev = _on_device(q, coef.device)
+            x = q_dev.reconstruct(full.reshape(rows, g, d).permute(1, 0, 2)[None], torch.float32)[0]
+        else:
+            x = m.T.reshape(rows, heads, dim).permute(1, 0, 2)
+        pair.append(x)
+    if pair[0].shape[1] != b - a or raw.shape[2] != (hi - lo) - (b - a):
+        raise ArtifactError(f"{kvz.path}: layer {layer} decodes to {pair[0].shape[1]} coded tokens, not {b - a}")
+    head = a - lo  # raw tokens before the coded run (sinks), then the coded run, then the rest (recent)
+    r = raw.to(coef.device, torch.float32)
+    keys = torch.cat([r[0][:, :head], pair[0], r[0][:, head:]], dim=1)
+    values = torch.cat([r[1][:, :head], pair[1], r[1][:, head:]], dim=1)
+    cos, sin = rope
+    post = apply_rope(keys[None], cos, sin)[0]
+    pre = keys.to(dtype)[None] if keep_pre_rope else None
+    return DecodedLayer(post.to(dtype)[None], pre, values.to(dtype)[None], torch.arange(lo, hi))
+
+
+_ON_DEVICE: dict[tuple[int, str], Any] = {}
+
+
+def _on_device(q: Any, device: torch.device) -> Any:
+    """A copy of the projection ``q`` with its tensors on ``device`` (cached per quantizer and device)."""
+    import dataclasses
+
+    key = (id(q), str(device))
+    if key not in _ON_DEVICE or _ON_DEVICE[key][0] is not q:
+        moved = {f.name: getattr(q, f.name).to(device) for f in dataclasses.fields(q)
+                 if isinstance(getattr(q, f.name), torch.Tensor)}  # fmt: skip
+        _ON_DEVICE[key] = (q, dataclasses.replace(q, **moved))
+    return _ON_DEVICE[key][1]
+
+
+def decode_file(
+    kvz: Any, model: Any, coder: Any, device: torch.device, dtype: torch.dtype, backend: str,
+    keep_pre_rope: bool = False,
+) -> list[DecodedLayer]:  # fmt: skip
+    """Decode all of ``kvz`` onto ``device`` in ``dtype`` (see module docstring); ``backend`` ``triton`` runs the
+    fused kernel, ``torch`` its reference."""
+    data = read_data(kvz, pin=device.type == "cuda")
+    checks = HostChecks(kvz, data)
+    checks.start()
+    try:
+        dev_data = data.to(device, non_blocking=True)
+        layout = build_layout(kvz, coder, data, device)
+        layout["words"] = dev_data[: dev_data.numel() // 2 * 2].view(torch.int16)
+        coef = torch.zeros(layout["out_size"], dtype=torch.float32, device=device)
+        bad = torch.zeros(max(layout["n_lanes"], 1), dtype=torch.int32, device=device)
+        if backend == "triton":
+            from kvtool.kernels.kvz_triton import decode_file_triton
+
+            decode_file_triton(layout, coef, bad)
+        else:
+            decode_symbols_reference(layout, coef, bad)
+        raws = raw_tokens(kvz, data, segments(kvz.geometry))
+        ropes = rope_for_positions(model, kvz.arch.num_layers, torch.arange(kvz.tokens))
+        out = []
+        for i in range(kvz.arch.num_layers):
+            lo, hi = kvz.geometry.layer_range(i)
+            cos, sin = (t[:, lo:hi].to(device) for t in ropes[i])
+            out.append(finish_layer(kvz, coder, layout, coef, raws[i], i, (cos, sin), dtype, keep_pre_rope))
+        if bool(bad.any()):
+            raise ArtifactError(f"{kvz.path}: a coded stream is corrupted (a lane does not end where its length says)")
+    finally:
+        checks.join()
+    checks.result()
+    return out
