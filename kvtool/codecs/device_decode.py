@@ -20,8 +20,11 @@ per-layer step 3 is :func:`finish_layer`.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,13 +77,41 @@ def segments(geo: Any) -> Segments:
 # -- host side: one read, checks in the background ------------------------------------------------------------------
 
 
+_STAGING: dict[str, torch.Tensor] = {}
+READ_PIECE = 32 << 20  #: bytes per parallel read
+
+
+def _workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 1)))
+
+
+def staging_buffer(size: int, pin: bool) -> torch.Tensor:
+    """A host buffer of ``size`` bytes; pinned ones are kept and reused (grow-only), as an engine keeps its staging
+    memory: pinning hundreds of megabytes costs more than the transfer itself."""
+    if not pin:
+        return torch.empty(size, dtype=torch.uint8)
+    buf = _STAGING.get("pinned")
+    if buf is None or buf.numel() < size:
+        buf = torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=True)
+        _STAGING["pinned"] = buf
+    return buf[:size]
+
+
 def read_data(kvz: Any, pin: bool) -> torch.Tensor:
-    """The file's data section as one uint8 tensor (pinned when ``pin``), read with one ``readinto``."""
+    """The file's data section as one uint8 tensor (in the pinned staging buffer when ``pin``), read by parallel
+    ``preadv`` calls (a page-cache copy is a memory copy: several threads move more bytes per second)."""
     size = kvz.path.stat().st_size - kvz._data_start
-    buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-    with kvz.path.open("rb") as f:
-        f.seek(kvz._data_start)
-        got = f.readinto(memoryview(buf.numpy()))
+    buf = staging_buffer(size, pin)
+    view = memoryview(buf.numpy())
+    fd = os.open(kvz.path, os.O_RDONLY)
+    try:
+        def piece(at: int) -> int:
+            return os.preadv(fd, [view[at : at + READ_PIECE]], kvz._data_start + at)
+
+        with ThreadPoolExecutor(_workers()) as pool:
+            got = sum(pool.map(piece, range(0, size, READ_PIECE)))
+    finally:
+        os.close(fd)
     if got != size:
         raise ArtifactError(f"{kvz.path}: truncated while reading the chunks")
     return buf
@@ -98,30 +129,40 @@ class HostChecks(threading.Thread):
         begin, end = self.kvz._header[name]["data_offsets"]
         return self.view[begin:end]
 
+    def _chunk_crc(self, group: list[str]) -> int:
+        crc = 0
+        for name in group:  # as kvz._crc: full names, in name order
+            crc = zlib.crc32(name.encode() + b"\0", crc)
+            crc = zlib.crc32(self._bytes(name), crc)
+        return crc
+
     def run(self) -> None:
         try:
-            kvz, header = self.kvz, self.kvz._header
-            h = hashlib.sha256(canonical_json({k: v for k, v in kvz._meta.items() if k != "content_digest"}).encode())
+            kvz = self.kvz
             names = sorted(kvz._expected)
             by_chunk: dict[int, list[str]] = {}
             for name in names:
                 if name.startswith("chunk."):
                     by_chunk.setdefault(int(name[6:12]), []).append(name)
-            for c, group in sorted(by_chunk.items()):
-                crc = 0
-                for name in group:  # as kvz._crc: full names, in name order
-                    crc = zlib.crc32(name.encode() + b"\0", crc)
-                    crc = zlib.crc32(self._bytes(name), crc)
-                if crc != kvz.chunks[c]["crc32"]:
-                    raise ArtifactError(f"{kvz.path}: chunk {c} is corrupted (CRC-32 mismatch)")
-            for name in names:
-                info = header[name]
-                h.update(f"{name}\0{info['dtype']}\0{canonical_json(list(info['shape']))}\0".encode())
-                h.update(self._bytes(name))
-            if "sha256:" + h.hexdigest() != kvz.content_digest:
-                raise ArtifactError(f"{kvz.path}: content digest mismatch: the file is corrupted or was modified")
+            with ThreadPoolExecutor(_workers()) as pool:
+                digest = pool.submit(self._digest, names)
+                crcs = list(pool.map(self._chunk_crc, [by_chunk[c] for c in sorted(by_chunk)]))
+                for c, crc in enumerate(crcs):
+                    if crc != kvz.chunks[c]["crc32"]:
+                        raise ArtifactError(f"{kvz.path}: chunk {c} is corrupted (CRC-32 mismatch)")
+                digest.result()
         except BaseException as e:  # noqa: BLE001 - handed to the caller in result()
             self.error = e
+
+    def _digest(self, names: list[str]) -> None:
+        kvz, header = self.kvz, self.kvz._header
+        h = hashlib.sha256(canonical_json({k: v for k, v in kvz._meta.items() if k != "content_digest"}).encode())
+        for name in names:
+            info = header[name]
+            h.update(f"{name}\0{info['dtype']}\0{canonical_json(list(info['shape']))}\0".encode())
+            h.update(self._bytes(name))
+        if "sha256:" + h.hexdigest() != kvz.content_digest:
+            raise ArtifactError(f"{kvz.path}: content digest mismatch: the file is corrupted or was modified")
 
     def result(self) -> None:
         self.join()
@@ -361,27 +402,50 @@ def _on_device(q: Any, device: torch.device) -> Any:
     return _ON_DEVICE[key][1]
 
 
+class _Stages:
+    """Wall time per stage when asked for (the device is synchronised at each mark, so only when profiling)."""
+
+    def __init__(self, into: dict[str, float] | None, device: torch.device):
+        self.into, self.device = into, device
+        self.t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.into is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.into[name] = self.into.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 def decode_file(
     kvz: Any, model: Any, coder: Any, device: torch.device, dtype: torch.dtype, backend: str,
-    keep_pre_rope: bool = False,
+    keep_pre_rope: bool = False, timings: dict[str, float] | None = None,
 ) -> list[DecodedLayer]:  # fmt: skip
     """Decode all of ``kvz`` onto ``device`` in ``dtype`` (see module docstring); ``backend`` ``triton`` runs the
-    fused kernel, ``torch`` its reference."""
+    fused kernel, ``torch`` its reference. ``timings``: filled with seconds per stage (read, transfer, layout,
+    decode, finish, checks), the device synchronised between stages."""
+    stages = _Stages(timings, device)
     data = read_data(kvz, pin=device.type == "cuda")
+    stages.mark("read")
     checks = HostChecks(kvz, data)
     checks.start()
     try:
         dev_data = data.to(device, non_blocking=True)
+        stages.mark("transfer")
         layout = build_layout(kvz, coder, data, device)
         layout["words"] = dev_data[: dev_data.numel() // 2 * 2].view(torch.int16)
         coef = torch.zeros(layout["out_size"], dtype=torch.float32, device=device)
         bad = torch.zeros(max(layout["n_lanes"], 1), dtype=torch.int32, device=device)
+        stages.mark("layout")
         if backend == "triton":
             from kvtool.kernels.kvz_triton import decode_file_triton
 
             decode_file_triton(layout, coef, bad)
         else:
             decode_symbols_reference(layout, coef, bad)
+        stages.mark("decode")
         raws = raw_tokens(kvz, data, segments(kvz.geometry))
         ropes = rope_for_positions(model, kvz.arch.num_layers, torch.arange(kvz.tokens))
         out = []
@@ -391,7 +455,9 @@ def decode_file(
             out.append(finish_layer(kvz, coder, layout, coef, raws[i], i, (cos, sin), dtype, keep_pre_rope))
         if bool(bad.any()):
             raise ArtifactError(f"{kvz.path}: a coded stream is corrupted (a lane does not end where its length says)")
+        stages.mark("finish")
     finally:
         checks.join()
     checks.result()
+    stages.mark("checks")
     return out
