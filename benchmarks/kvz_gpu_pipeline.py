@@ -134,8 +134,8 @@ def run(shape: str, tokens: list[int], settings: Any, repeats: int) -> list[dict
             load_s, (restored, _) = timed(lambda path=path: kvtool.load_cache(path, model), repeats)
             err_k = max(rel(a.keys, b.keys) for a, b in zip(restored.layers, cache.layers, strict=True))
             err_v = max(rel(a.values, b.values) for a, b in zip(restored.layers, cache.layers, strict=True))
-            stages: dict[str, float] = {}
-            kvz = KvzFile(path)
+            open_s, kvz = timed(lambda path=path: KvzFile(path), repeats)
+            stages: dict[str, float] = {"open": open_s}
             coder = _on_backend(_coder(kvz.settings, None, kvz.arch), "auto", torch.device("cuda"))
             decode_file(kvz, model, coder, torch.device("cuda"), torch.bfloat16, "triton", timings=stages)
             fp16_bytes = 2 * sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)

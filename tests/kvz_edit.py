@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kvtool.artifacts import content_digest, torch_dtype
-from kvtool.codecs.kvz import _crc, _meta_digest
+from kvtool.codecs.kvz import _crc, _meta_digest, crc_seed
 from kvtool.digests import canonical_json
 
 SEALS = ("stale", "crc", "meta", "content", "all")
@@ -73,9 +73,13 @@ class KvzEdit:
         meta = copy.deepcopy(self.meta)
         extra = meta.get("extra")
         if seal in ("crc", "all") and isinstance(extra, dict) and isinstance(extra.get("chunks"), list):
-            for c in extra["chunks"]:
+            try:
+                seed = crc_seed(meta)
+            except (KeyError, TypeError, ValueError):  # metadata too broken to seed from: leave the CRCs
+                seed = None
+            for c in extra["chunks"] if seed is not None else []:
                 if isinstance(c, dict) and isinstance(c.get("index"), int):
-                    c["crc32"] = _crc(self._chunk_tensors(c["index"]))
+                    c["crc32"] = _crc(self._chunk_tensors(c["index"]), seed)
         if seal in ("meta", "all") and isinstance(extra, dict):
             extra["meta_digest"] = _meta_digest(meta.get("schema"), meta.get("schema_version"), meta.get("model"),
                                                 meta.get("inputs"), meta.get("method"), extra)  # fmt: skip

@@ -119,7 +119,7 @@ FORGED = [
     ("lossless", "extra.layers.0", [1, 150]),
     ("lossless", "schema_version", 0),
     ("lossless", "schema_version", -1),
-    ("lossless", "schema_version", 2),
+    ("lossless", "schema_version", 3),
     ("lossless", "method._data.chunk_tokens", 64.0),
     ("lossless", "method._data.chunk_tokens", 1_000_000),
     ("lossless", "inputs.tokens", 3_000_000),
@@ -322,3 +322,26 @@ def test_decode_to_stdout(files, tiny_model_dir, tmp_path, text_file) -> None:
     assert runner.invoke(app, ["decode", str(kvz), "-o", str(tmp_path / "kv.safetensors")]).exit_code == 0
     assert out.stdout_bytes == (tmp_path / "kv.safetensors").read_bytes()
     assert_one_line_error(runner.invoke(app, ["decode", str(kvz), "-o", "-", "--json"]), 2, "--json")
+
+
+def test_version_1_files_are_still_read(tiny_llama, tmp_path, monkeypatch) -> None:
+    """Files written before the seeded CRCs (schema version 1) decode to the same tensors; there the whole-file
+    content digest binds the metadata, so a metadata edit with the chunk CRCs and metadata digest redone is
+    still refused."""
+    import kvtool.codecs.kvz as kvz_module
+
+    for mode in ("adaptive", "lossless"):
+        settings = CodecSettings(mode=mode, chunk_tokens=64)
+        encode_prefix(TinyLM(tiny_llama), IDS, settings, tmp_path / f"v2-{mode}.kvz")
+        with monkeypatch.context() as m:
+            m.setattr(kvz_module, "SCHEMA_VERSION", 1)
+            encode_prefix(TinyLM(tiny_llama), IDS, settings, tmp_path / f"v1-{mode}.kvz")
+        assert KvzEdit.read(tmp_path / f"v1-{mode}.kvz").meta["schema_version"] == 1
+        old, new = (_decode(tmp_path / f"v{v}-{mode}.kvz", tiny_llama.model) for v in (1, 2))
+        for a, b in zip(old, new, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    # lossless sink_tokens leaves every tensor shape as it is: only the content digest can tell
+    e = _meta_edit(tmp_path / "v1-lossless.kvz", "method._data.sink_tokens", 2)
+    path = tmp_path / "edited.kvz"
+    path.write_bytes(KvzEdit(e.to_bytes("crc")).to_bytes("meta"))
+    _refused(path, tiny_llama.model)

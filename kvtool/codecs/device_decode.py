@@ -38,42 +38,6 @@ from kvtool.codecs.ecsq import MAX_K
 from kvtool.digests import canonical_json
 from kvtool.errors import ArtifactError
 
-
-@dataclass
-class Segments:
-    """Per chunk ``c`` and layer ``l`` (row-major ``c · L + l``): coded and raw token counts, the row of the chunk's
-    first coded token in the layer's coded matrix, and the raw tokens before this chunk in the layer."""
-
-    coded: torch.Tensor  #: (C·L,) int64
-    raw: torch.Tensor  #: (C·L,) int64
-    row: torch.Tensor  #: (C·L,) int64
-    raw_before: torch.Tensor  #: (C·L,) int64
-
-
-def segments(geo: Any) -> Segments:
-    """:class:`Segments` of a :class:`~kvtool.codecs.kvz.Geometry`, computed from interval arithmetic (the same
-    positions as ``Geometry.split``: coded = not sink and not recent)."""
-    n_layers, n_chunks, t = geo.arch.num_layers, geo.num_chunks, geo.tokens
-    s = geo.settings
-    lo = torch.tensor([geo.layer_range(i)[0] for i in range(n_layers)], dtype=torch.int64)
-    a = torch.arange(n_chunks, dtype=torch.int64) * s.chunk_tokens
-    b = (a + s.chunk_tokens).clamp_max(t)
-    start = torch.maximum(a[:, None], lo[None, :])  # (C, L)
-    stop = b[:, None].expand(-1, n_layers)
-    total = (stop - start).clamp_min(0)
-    sink_end = min(s.sink_tokens, t)
-    recent_start = max(t - s.recent_tokens, sink_end)
-
-    def overlap(x0: int, x1: int) -> torch.Tensor:
-        return (torch.minimum(stop, torch.tensor(x1)) - torch.maximum(start, torch.tensor(x0))).clamp_min(0)
-
-    raw = overlap(0, sink_end) + overlap(recent_start, t)
-    coded = total - raw
-    row = coded.cumsum(0) - coded
-    raw_before = raw.cumsum(0) - raw
-    return Segments(coded.reshape(-1), raw.reshape(-1), row.reshape(-1), raw_before.reshape(-1))
-
-
 # -- host side: one read, checks in the background ------------------------------------------------------------------
 
 
@@ -130,7 +94,8 @@ class HostChecks(threading.Thread):
         return self.view[begin:end]
 
     def _chunk_crc(self, group: list[str]) -> int:
-        crc = 0
+        seed = self.kvz._crc_seed
+        crc = zlib.crc32(seed) if seed else 0
         for name in group:  # as kvz._crc: full names, in name order
             crc = zlib.crc32(name.encode() + b"\0", crc)
             crc = zlib.crc32(self._bytes(name), crc)
@@ -145,12 +110,14 @@ class HostChecks(threading.Thread):
                 if name.startswith("chunk."):
                     by_chunk.setdefault(int(name[6:12]), []).append(name)
             with ThreadPoolExecutor(_workers()) as pool:
-                digest = pool.submit(self._digest, names)
+                # version 1 files need the whole-file digest; version 2 chunk CRCs are seeded by the metadata
+                digest = pool.submit(self._digest, names) if not kvz._crc_seed else None
                 crcs = list(pool.map(self._chunk_crc, [by_chunk[c] for c in sorted(by_chunk)]))
                 for c, crc in enumerate(crcs):
                     if crc != kvz.chunks[c]["crc32"]:
                         raise ArtifactError(f"{kvz.path}: chunk {c} is corrupted (CRC-32 mismatch)")
-                digest.result()
+                if digest is not None:
+                    digest.result()
         except BaseException as e:  # noqa: BLE001 - handed to the caller in result()
             self.error = e
 
@@ -181,13 +148,16 @@ def _tensor_view(data: torch.Tensor, kvz: Any, name: str) -> torch.Tensor:
     return data[begin:end].view(torch_dtype(info["dtype"])).reshape(info["shape"])
 
 
-def build_layout(kvz: Any, coder: Any, data: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    """Every argument of the fused decode kernel, on ``device``: per lane its words and symbols, per segment its
-    counts, per component (calibrated) or per chunk and channel (adaptive) the table, step and mean."""
+def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
+    """Every argument of the fused decode kernel, on ``data``'s device (``data``: the file's data section there):
+    per lane its words and symbols, per segment its counts, per component (calibrated) or per chunk and channel
+    (adaptive) the table, step and mean. The geometry is arithmetic on the header's numbers (host); whatever comes
+    from the file's bytes is read where the bytes are."""
+    device = data.device
     geo, arch = kvz.geometry, kvz.arch
     n_layers, n_chunks = arch.num_layers, geo.num_chunks
     n_slots, channels = 2 * n_layers, arch.num_kv_heads * arch.head_dim
-    seg = segments(geo)
+    seg = geo.segments()
     adaptive = isinstance(coder, AdaptiveCoder)
     # coded components per slot (kind · L + layer)
     if adaptive:
@@ -202,6 +172,8 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, device: torch.device)
     layer_of = torch.arange(n_layers).repeat(n_chunks)
     chunk_of = torch.arange(n_chunks).repeat_interleave(n_layers)
     sym = seg.coded * (ck[layer_of] + cv[layer_of])  # symbols per segment
+    if sym.numel() and int(sym.max()) >= 1 << 31:
+        raise ArtifactError(f"{kvz.path}: a chunk holds more than 2^31 symbols of one layer: use smaller chunks")
     lane_len = kvz.settings.lane_symbols
     lanes_per_seg = (sym + lane_len - 1) // lane_len
     n_lanes = int(lanes_per_seg.sum())
@@ -210,17 +182,20 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, device: torch.device)
     lane_off = lane_idx * lane_len
     lane_len_t = torch.minimum(sym[lane_seg] - lane_off, torch.tensor(lane_len))
     # words: the data section as 16-bit words; each chunk's lanes start at its `words` tensor
-    per_lane = torch.cat([_tensor_view(data, kvz, f"chunk.{c:06d}.lanes").to(torch.int64) for c in range(n_chunks)])
+    if sum(kvz._header[f"chunk.{c:06d}.lanes"]["shape"][0] for c in range(n_chunks)) != n_lanes:
+        raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
+    per_lane = torch.cat([_tensor_view(data, kvz, f"chunk.{c:06d}.lanes") for c in range(n_chunks)]).to(torch.int64)
     layer_lanes = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.layer_lanes") for c in range(n_chunks)])
-    if per_lane.numel() != n_lanes or not torch.equal(layer_lanes.reshape(-1).to(torch.int64), lanes_per_seg):
+    if not torch.equal(layer_lanes.reshape(-1).to(torch.int64), lanes_per_seg.to(device)):
         raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
     word_base = torch.tensor([kvz._header[f"chunk.{c:06d}.words"]["data_offsets"][0] // 2 for c in range(n_chunks)])
     lanes_of_chunk = lanes_per_seg.reshape(n_chunks, n_layers).sum(1)
     lane_chunk = torch.repeat_interleave(torch.arange(n_chunks), lanes_of_chunk)
-    within = per_lane.cumsum(0) - per_lane
-    chunk_first = (lanes_of_chunk.cumsum(0) - lanes_of_chunk)
-    within = within - within[chunk_first.clamp_max(max(n_lanes - 1, 0))][lane_chunk] if n_lanes else within
-    lane_word = word_base[lane_chunk] + within
+    chunk_first = lanes_of_chunk.cumsum(0) - lanes_of_chunk
+    within = per_lane.cumsum(0) - per_lane  # on the device: words before each lane, from the file's lane index
+    if n_lanes:
+        within = within - within[chunk_first.clamp_max(n_lanes - 1).to(device)][lane_chunk.to(device)]
+    lane_word = word_base.to(device)[lane_chunk.to(device)] + within
     # per slot: where its coefficient matrix starts in the output and how many rows it has
     coded_rows = seg.coded.reshape(n_chunks, n_layers).sum(0)
     widths = torch.cat([ck, cv])
@@ -240,7 +215,7 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, device: torch.device)
         step = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.step") for c in range(n_chunks)])
         mean = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.mean") for c in range(n_chunks)])
         freq = torch.cat([_tensor_view(data, kvz, f"chunk.{c:06d}.freq") for c in range(n_chunks)])
-        live = seg.coded.reshape(n_chunks, n_layers).repeat(1, 2) > 0  # (C, 2L): slots with coded tokens
+        live = (seg.coded.reshape(n_chunks, n_layers).repeat(1, 2) > 0).to(device)  # (C, 2L): slots with tokens
         if bool((step.float()[live] <= 0).any()):
             raise ArtifactError(f"{kvz.path}: a coded channel has no positive step")
         out |= {"comp_step": step.float().reshape(-1), "comp_mean": mean.float().reshape(-1),
@@ -330,7 +305,7 @@ class DecodedLayer:
     positions: torch.Tensor
 
 
-def raw_tokens(kvz: Any, data: torch.Tensor, seg: Segments) -> list[torch.Tensor]:
+def raw_tokens(kvz: Any, data: torch.Tensor, seg: Any) -> list[torch.Tensor]:
     """Per layer its fp16 raw tokens, ``(2, heads, n_raw, head_dim)`` in position order, gathered from the chunks
     (only the first and last chunks hold any: sinks and recent tokens)."""
     n_layers, heads, dim = kvz.arch.num_layers, kvz.arch.num_kv_heads, kvz.arch.head_dim
@@ -434,7 +409,7 @@ def decode_file(
     try:
         dev_data = data.to(device, non_blocking=True)
         stages.mark("transfer")
-        layout = build_layout(kvz, coder, data, device)
+        layout = build_layout(kvz, coder, dev_data)
         layout["words"] = dev_data[: dev_data.numel() // 2 * 2].view(torch.int16)
         coef = torch.zeros(layout["out_size"], dtype=torch.float32, device=device)
         bad = torch.zeros(max(layout["n_lanes"], 1), dtype=torch.int32, device=device)
@@ -446,7 +421,7 @@ def decode_file(
         else:
             decode_symbols_reference(layout, coef, bad)
         stages.mark("decode")
-        raws = raw_tokens(kvz, data, segments(kvz.geometry))
+        raws = raw_tokens(kvz, data, kvz.geometry.segments())
         ropes = rope_for_positions(model, kvz.arch.num_layers, torch.arange(kvz.tokens))
         out = []
         for i in range(kvz.arch.num_layers):

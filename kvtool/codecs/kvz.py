@@ -37,7 +37,6 @@ from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.calibration import transform_of
 from kvtool.calibrators.projection import codec_levels
 from kvtool.capture import rope_for_positions
-from kvtool.codecs import rans
 from kvtool.codecs.coding import KINDS, AdaptiveCoder, CalibratedCoder, CodedChunk
 from kvtool.codecs.ecsq import MAX_K
 from kvtool.digests import canonical_json, sha256_json, token_digest
@@ -46,7 +45,10 @@ from kvtool.kernels import pick_backend
 from kvtool.quantizers.projection import ProjectionQuantizer
 
 SCHEMA = "kvtool.kvz"
-register_schema(SCHEMA, 1)
+#: Version 2: every chunk's CRC-32 starts from a digest of the metadata it is decoded with (:func:`crc_seed`),
+#: so the chunk CRCs and the metadata digest together bind every byte, and a decoder needs no whole-file digest.
+SCHEMA_VERSION = 2
+register_schema(SCHEMA, SCHEMA_VERSION)
 PREFILL_PIECE = 2048  #: tokens per prefill forward (bounds attention memory on long prompts)
 BATCH_CHUNKS = 8  #: chunks entropy-coded together (their lanes advance in one pass; memory stays a few chunks)
 MAX_TOKENS = 1 << 24  #: longest prefix a .kvz may hold (16.7M tokens), and the bound on every recorded count
@@ -90,8 +92,23 @@ class CodecSettings:
             raise UsageError(f"--quality must be in (0, 64] (got {q!r})")
 
 
-def _crc(tensors: dict[str, torch.Tensor]) -> int:
-    crc = 0
+def crc_seed(meta: dict[str, Any]) -> bytes:
+    """What a version-2 chunk CRC starts from: the sha256 of the metadata the chunk is decoded with (schema,
+    version, model, inputs, settings, and the extra facts with the chunk table's own CRCs and the metadata digest
+    left out). Version 1 files: nothing (their metadata is bound by the whole-file content digest instead)."""
+    if meta.get("schema_version", 1) < 2:
+        return b""
+    extra = dict(meta["extra"])
+    extra.pop("meta_digest", None)
+    extra["chunks"] = [{k: v for k, v in c.items() if k != "crc32"} if isinstance(c, dict) else c
+                       for c in extra.get("chunks", [])]  # fmt: skip
+    parts = [meta["schema"], meta["schema_version"], meta["model"], meta["inputs"], meta["method"], extra]
+    return sha256_json(parts).encode()
+
+
+def _crc(tensors: dict[str, torch.Tensor], seed: bytes = b"") -> int:
+    """CRC-32 of a chunk's tensors (name, NUL, bytes, in name order), started from ``seed``."""
+    crc = zlib.crc32(seed) if seed else 0
     for name in sorted(tensors):
         crc = zlib.crc32(name.encode() + b"\0", crc)
         crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy().tobytes(), crc)
@@ -126,12 +143,51 @@ class Geometry:
         s = self.settings
         return position < s.sink_tokens or position >= self.tokens - s.recent_tokens
 
+    def segments(self) -> Segments:
+        """Coded and raw token counts of every (chunk, layer), by interval arithmetic (see :class:`Segments`)."""
+        return _segments(self)
+
     def split(self, layer: int, chunk: int) -> tuple[list[int], list[int]]:
         """Positions of ``layer`` in ``chunk``: (coded, raw fp16)."""
         lo, hi = self.layer_range(layer)
         a, b = self.chunk_span(chunk)
         pos = range(max(a, lo), min(b, hi))
         return [p for p in pos if not self.raw(p)], [p for p in pos if self.raw(p)]
+
+
+@dataclass
+class Segments:
+    """Per chunk ``c`` and layer ``l`` (row-major ``c · L + l``): coded and raw token counts, the row of the chunk's
+    first coded token in the layer's coded matrix, and the raw tokens before this chunk in the layer."""
+
+    coded: torch.Tensor  #: (C·L,) int64
+    raw: torch.Tensor  #: (C·L,) int64
+    row: torch.Tensor  #: (C·L,) int64
+    raw_before: torch.Tensor  #: (C·L,) int64
+
+
+def _segments(geo: Geometry) -> Segments:
+    """:class:`Segments` of ``geo``, computed from interval arithmetic (the same
+    positions as ``Geometry.split``: coded = not sink and not recent)."""
+    n_layers, n_chunks, t = geo.arch.num_layers, geo.num_chunks, geo.tokens
+    s = geo.settings
+    lo = torch.tensor([geo.layer_range(i)[0] for i in range(n_layers)], dtype=torch.int64)
+    a = torch.arange(n_chunks, dtype=torch.int64) * s.chunk_tokens
+    b = (a + s.chunk_tokens).clamp_max(t)
+    start = torch.maximum(a[:, None], lo[None, :])  # (C, L)
+    stop = b[:, None].expand(-1, n_layers)
+    total = (stop - start).clamp_min(0)
+    sink_end = min(s.sink_tokens, t)
+    recent_start = max(t - s.recent_tokens, sink_end)
+
+    def overlap(x0: int, x1: int) -> torch.Tensor:
+        return (torch.minimum(stop, torch.tensor(x1)) - torch.maximum(start, torch.tensor(x0))).clamp_min(0)
+
+    raw = overlap(0, sink_end) + overlap(recent_start, t)
+    coded = total - raw
+    row = coded.cumsum(0) - coded
+    raw_before = raw.cumsum(0) - raw
+    return Segments(coded.reshape(-1), raw.reshape(-1), row.reshape(-1), raw_before.reshape(-1))
 
 
 def _on_backend(coder: Any, backend: str, device: torch.device) -> Any:
@@ -312,19 +368,12 @@ def encode_cache(
                               f"{hi - lo} its attention type implies: unsupported cache layout")  # fmt: skip
     rope = [(c.cpu(), s.cpu()) for c, s in rope_for_positions(lm.model, arch.num_layers, torch.arange(tokens))]
     tensors: dict[str, torch.Tensor] = {"input_ids": ids.to(torch.int32).cpu()}
-    chunks = []
-    for first in range(0, geo.num_chunks, BATCH_CHUNKS):
-        batch = list(range(first, min(first + BATCH_CHUNKS, geo.num_chunks)))
-        for chunk, part in zip(batch, _batch_tensors(geo, cache, rope, batch, coder), strict=True):
-            a, b = geo.chunk_span(chunk)
-            chunks.append({"index": chunk, "start": a, "stop": b, "crc32": _crc(part)})
-            tensors |= part
-            if progress:
-                progress(b - a)
+    spans = [geo.chunk_span(c) for c in range(geo.num_chunks)]
+    chunks: list[dict[str, int]] = [{"index": c, "start": a, "stop": b} for c, (a, b) in enumerate(spans)]
     dtype = str(cache.layers[0].keys.dtype).removeprefix("torch.")
     art = Artifact(
         schema=SCHEMA,
-        schema_version=1,
+        schema_version=SCHEMA_VERSION,
         model={**lm.fingerprint, "arch": arch.to_dict()},
         inputs={
             "tokens": tokens,
@@ -343,6 +392,15 @@ def encode_cache(
         },
         tensors=tensors,
     )
+    seed = crc_seed({"schema": art.schema, "schema_version": art.schema_version, "model": art.model,
+                     "inputs": art.inputs, "method": art.method, "extra": art.extra})  # fmt: skip
+    for first in range(0, geo.num_chunks, BATCH_CHUNKS):
+        batch = list(range(first, min(first + BATCH_CHUNKS, geo.num_chunks)))
+        for chunk, part in zip(batch, _batch_tensors(geo, cache, rope, batch, coder), strict=True):
+            chunks[chunk]["crc32"] = _crc(part, seed)
+            tensors |= part
+            if progress:
+                progress(geo.chunk_span(chunk)[1] - geo.chunk_span(chunk)[0])
     art.extra["meta_digest"] = _meta_digest(
         art.schema, art.schema_version, art.model, art.inputs, art.method, art.extra
     )
@@ -413,6 +471,7 @@ class KvzFile:
             raise ArtifactError(f"{source}: the .kvz header is corrupted (metadata digest mismatch)")
         self.content_digest: str = meta["content_digest"]
         self._meta = meta
+        self._crc_seed = crc_seed(meta)
         self._header = header
         self._hasher = hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != "content_digest"}).encode())
         self._hashed_chunks = 0  #: chunks fed to the content digest so far (in order)
@@ -477,12 +536,13 @@ class KvzFile:
         geo, arch, mode = self.geometry, self.arch, self.settings.mode
         n_layers, slots, channels = arch.num_layers, 2 * arch.num_layers, arch.num_kv_heads * arch.head_dim
         out: dict[str, tuple[str, list[int] | None]] = {"input_ids": ("I32", [self.tokens])}
+        raw_per_chunk = (geo.segments().raw.reshape(-1, n_layers).sum(1) * 2 * channels).tolist()
         for c in range(geo.num_chunks):
             name = f"chunk.{c:06d}"
             if mode == "lossless":
                 out |= {f"{name}.zstd": ("U8", None), f"{name}.layer_bytes": ("I64", [n_layers])}
                 continue
-            raw = sum(2 * channels * len(geo.split(i, c)[1]) for i in range(n_layers))
+            raw = raw_per_chunk[c]
             out |= {f"{name}.words": ("U16", None), f"{name}.lanes": ("U16", None),
                     f"{name}.layer_lanes": ("I32", [n_layers]), f"{name}.raw": ("F16", [raw])}  # fmt: skip
             if mode == "adaptive":
@@ -532,9 +592,9 @@ class KvzFile:
         names = sorted(n for n in self._expected if n.startswith(prefix))
         with self.path.open("rb") as f:
             tensors = {n: self._tensor(f, n) for n in names}
-        if _crc(tensors) != self.chunks[chunk]["crc32"]:
+        if _crc(tensors, self._crc_seed) != self.chunks[chunk]["crc32"]:
             raise ArtifactError(f"{self.path}: chunk {chunk} is corrupted (CRC-32 mismatch)")
-        if chunk == self._hashed_chunks:  # chunk names sort in chunk order, as the content digest takes them
+        if not self._crc_seed and chunk == self._hashed_chunks:  # v1: names sort in chunk order, as the digest
             self._feed_digest(tensors)
             self._hashed_chunks += 1
         return {n[len(prefix) :]: t for n, t in tensors.items()}
@@ -544,6 +604,9 @@ class KvzFile:
         A decoder calls this before it hands anything out: a file edited anywhere, even consistently with its
         CRCs and metadata digest, is refused."""
         if self._digest_ok:
+            return
+        if self._crc_seed:  # version 2: the seeded chunk CRCs and the metadata digest already bind every byte
+            self._digest_ok = True
             return
         while self._hashed_chunks < len(self.chunks):
             self.read_chunk(self._hashed_chunks)
@@ -744,17 +807,18 @@ def _check_lane_counts(kvz: KvzFile, coder: Any) -> None:
     cut into lanes of ``lane_symbols``): so the output is sized only for files whose streams can fill it."""
     geo, n_layers = kvz.geometry, kvz.arch.num_layers
     channels = kvz.arch.num_kv_heads * kvz.arch.head_dim
-    for c in range(geo.num_chunks):
-        coded = [len(geo.split(i, c)[0]) for i in range(n_layers)]
-        if isinstance(coder, CalibratedCoder):
-            segments = [n * sum(int(coder._coded(i, k, {}).numel()) for k in KINDS) for i, n in enumerate(coded)]
-        else:  # adaptive: every channel of a layer with coded tokens has a positive step
-            segments = [2 * channels * n for n in coded]
-        lens, _ = rans.lane_lengths(segments, kvz.settings.lane_symbols)
+    coded = geo.segments().coded.reshape(-1, n_layers)  # (C, L)
+    if isinstance(coder, CalibratedCoder):
+        per_token = torch.tensor([sum(int(coder._coded(i, k, {}).numel()) for k in KINDS) for i in range(n_layers)])
+    else:  # adaptive: every channel of a layer with coded tokens has a positive step
+        per_token = torch.full((n_layers,), 2 * channels)
+    symbols = coded * per_token[None, :]
+    lane = kvz.settings.lane_symbols
+    expected = ((symbols + lane - 1) // lane).sum(1).tolist()
+    for c, want in enumerate(expected):
         got = kvz._header[f"chunk.{c:06d}.lanes"]["shape"][0]
-        if got != lens.numel():
-            raise ArtifactError(f"{kvz.path}: chunk {c} cannot be decoded ({got} lanes, its layout has "
-                                f"{lens.numel()})")  # fmt: skip
+        if got != want:
+            raise ArtifactError(f"{kvz.path}: chunk {c} cannot be decoded ({got} lanes, its layout has {want})")
 
 
 def _decode_chunk(

@@ -78,9 +78,9 @@ def build_tables(freq: torch.Tensor) -> Tables:
     freq = freq.to(torch.int64)
     if bool((freq.sum(1) != PROB_SCALE).any()) or bool((freq < 0).any()):
         raise ValueError(f"every frequency row must be non-negative and sum to {PROB_SCALE}")
-    cum = torch.zeros(freq.shape[0], freq.shape[1] + 1, dtype=torch.int64)
+    cum = torch.zeros(freq.shape[0], freq.shape[1] + 1, dtype=torch.int64, device=freq.device)
     cum[:, 1:] = freq.cumsum(1)
-    slots = torch.arange(PROB_SCALE)
+    slots = torch.arange(PROB_SCALE, device=freq.device)
     lut = torch.searchsorted(cum[:, 1:].contiguous(), slots.expand(freq.shape[0], -1).contiguous(), right=True)
     return Tables(freq=freq, cum=cum, lut=lut.to(torch.uint8))
 

@@ -38,11 +38,23 @@ def _decode_file_kernel(
     length = tl.load(lane_len_ptr + lanes, mask=live, other=0).to(tl.int64)
     seg = tl.load(lane_seg_ptr + lanes, mask=live, other=0).to(tl.int64)
     off = tl.load(lane_off_ptr + lanes, mask=live, other=0).to(tl.int64)
-    n = tl.maximum(tl.load(seg_n_ptr + seg, mask=live, other=1).to(tl.int64), 1)
-    ck = tl.load(seg_ck_ptr + seg, mask=live, other=0).to(tl.int64)
-    kslot = tl.load(seg_slot_ptr + seg, mask=live, other=0).to(tl.int64)  # the layer's key slot; values: + L
+    # per lane, once: its segment's counts (int32: a segment holds < 2^31 symbols, checked by the caller) and
+    # where its key and value slots start in the output; the loop then only divides by n
+    n = tl.maximum(tl.load(seg_n_ptr + seg, mask=live, other=1), 1).to(tl.int32)
+    ck = tl.load(seg_ck_ptr + seg, mask=live, other=0).to(tl.int32)
+    kslot = tl.load(seg_slot_ptr + seg, mask=live, other=0).to(tl.int32)  # the layer's key slot; values: + L
+    vslot = kslot + n_slots // 2
     chunk = tl.load(seg_chunk_ptr + seg, mask=live, other=0).to(tl.int64)
     row = tl.load(seg_row_ptr + seg, mask=live, other=0).to(tl.int64)
+    kbase = tl.load(slot_base_ptr + kslot, mask=live, other=0).to(tl.int64)
+    vbase = tl.load(slot_base_ptr + vslot, mask=live, other=0).to(tl.int64)
+    krows = tl.load(slot_rows_ptr + kslot, mask=live, other=0).to(tl.int64)
+    vrows = tl.load(slot_rows_ptr + vslot, mask=live, other=0).to(tl.int64)
+    if not ADAPTIVE:
+        kcomp = tl.load(comp_base_ptr + kslot, mask=live, other=0).to(tl.int32)
+        vcomp = tl.load(comp_base_ptr + vslot, mask=live, other=0).to(tl.int32)
+    nck = n * ck
+    off32 = off.to(tl.int32)
     end = wstart + nwords
     lo = tl.load(words_ptr + wstart, mask=live & (wstart < total_words), other=0).to(tl.int64) & 0xFFFF
     hi = tl.load(words_ptr + wstart + 1, mask=live & (wstart + 1 < total_words), other=0).to(tl.int64) & 0xFFFF
@@ -50,17 +62,16 @@ def _decode_file_kernel(
     ptr = wstart + 2
     for k in range(0, max_len):
         active = live & (k < length)
-        j = off + k
-        is_v = j >= n * ck
-        jj = j - tl.where(is_v, n * ck, 0)
+        j = off32 + k
+        is_v = j >= nck
+        jj = j - tl.where(is_v, nck, 0)
         comp = jj // n
         tok = jj - comp * n
-        slot = kslot + tl.where(is_v, n_slots // 2, 0)
         if ADAPTIVE:  # per chunk and K/V slot: one table; per channel: step and mean
-            t = chunk * n_slots + slot
+            t = chunk * n_slots + tl.where(is_v, vslot, kslot)
             cidx = t * channels + comp
         else:  # calibrated: per coded component of the slot: its table, step and kmax
-            cidx = tl.load(comp_base_ptr + slot, mask=active, other=0).to(tl.int64) + comp
+            cidx = tl.where(is_v, vcomp, kcomp) + comp
             t = tl.load(comp_tid_ptr + cidx, mask=active, other=0).to(tl.int64)
         xslot = x & ((1 << PROB_BITS_) - 1)
         s = tl.load(lut_ptr + t * (1 << PROB_BITS_) + xslot, mask=active, other=0).to(tl.int64)
@@ -78,9 +89,8 @@ def _decode_file_kernel(
             value = (s.to(tl.float32) - 63.0) * step + tl.load(comp_mean_ptr + cidx, mask=active, other=0.0)
         else:
             value = (s.to(tl.float32) - tl.load(comp_kmax_ptr + cidx, mask=active, other=0.0)) * step
-        base = tl.load(slot_base_ptr + slot, mask=active, other=0).to(tl.int64)
-        rows = tl.load(slot_rows_ptr + slot, mask=active, other=0).to(tl.int64)
-        tl.store(out_ptr + base + comp * rows + row + tok, value, mask=active)
+        addr = tl.where(is_v, vbase, kbase) + comp.to(tl.int64) * tl.where(is_v, vrows, krows) + row + tok
+        tl.store(out_ptr + addr, value, mask=active)
     # A lane is sound when it consumed exactly its words and came back to the initial state.
     tl.store(bad_ptr + lanes, ((ptr != end) | (x != 65536)).to(tl.int32), mask=live)
 
