@@ -108,7 +108,7 @@ def copy_bandwidth() -> float:
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm((a.float() - b.float())) / torch.linalg.vector_norm(b.float()))
+    return float(torch.linalg.vector_norm(a.float() - b.float()) / torch.linalg.vector_norm(b.float()))
 
 
 def run(shape: str, tokens: list[int], settings: Any, repeats: int) -> list[dict[str, Any]]:
@@ -123,7 +123,7 @@ def run(shape: str, tokens: list[int], settings: Any, repeats: int) -> list[dict
         for t in tokens:
             ids = text_ids(t, lm.arch.vocab_size)
             with torch.no_grad():
-                prefill_s, _ = timed(lambda ids=ids: model(input_ids=ids[None].cuda(), use_cache=True,
+                prefill_s, _ = timed(lambda ids=ids, model=model: model(input_ids=ids[None].cuda(), use_cache=True,
                                                             logits_to_keep=1), repeats)  # fmt: skip
                 cache = prefill_cache(model, ids)
             path = Path(tmp) / f"{shape}-{t}.kvz"
@@ -131,7 +131,7 @@ def run(shape: str, tokens: list[int], settings: Any, repeats: int) -> list[dict
             info = encode_cache(lm, ids, cache, settings, path)
             torch.cuda.synchronize()
             encode_s = time.perf_counter() - t0
-            load_s, (restored, _) = timed(lambda path=path: kvtool.load_cache(path, model), repeats)
+            load_s, (restored, _) = timed(lambda path=path, model=model: kvtool.load_cache(path, model), repeats)
             err_k = max(rel(a.keys, b.keys) for a, b in zip(restored.layers, cache.layers, strict=True))
             err_v = max(rel(a.values, b.values) for a, b in zip(restored.layers, cache.layers, strict=True))
             open_s, kvz = timed(lambda path=path: KvzFile(path), repeats)
