@@ -177,25 +177,29 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
     lane_len = kvz.settings.lane_symbols
     lanes_per_seg = (sym + lane_len - 1) // lane_len
     n_lanes = int(lanes_per_seg.sum())
-    lane_seg = torch.repeat_interleave(torch.arange(sym.numel()), lanes_per_seg)
-    lane_idx = torch.arange(n_lanes) - (lanes_per_seg.cumsum(0) - lanes_per_seg)[lane_seg]
+    # per lane (hundreds of thousands): expanded from the per-segment counts on the device itself
+    seg_dev, lps_dev = sym.to(device), lanes_per_seg.to(device)
+    lane_seg = torch.repeat_interleave(torch.arange(sym.numel(), device=device), lps_dev, output_size=n_lanes)
+    lane_idx = torch.arange(n_lanes, device=device) - (lps_dev.cumsum(0) - lps_dev)[lane_seg]
     lane_off = lane_idx * lane_len
-    lane_len_t = torch.minimum(sym[lane_seg] - lane_off, torch.tensor(lane_len))
+    lane_len_t = torch.minimum(seg_dev[lane_seg] - lane_off, torch.tensor(lane_len, device=device))
+    max_len = min(lane_len, int(sym.max())) if n_lanes else 0
     # words: the data section as 16-bit words; each chunk's lanes start at its `words` tensor
     if sum(kvz._header[f"chunk.{c:06d}.lanes"]["shape"][0] for c in range(n_chunks)) != n_lanes:
         raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
     per_lane = torch.cat([_tensor_view(data, kvz, f"chunk.{c:06d}.lanes") for c in range(n_chunks)]).to(torch.int64)
     layer_lanes = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.layer_lanes") for c in range(n_chunks)])
-    if not torch.equal(layer_lanes.reshape(-1).to(torch.int64), lanes_per_seg.to(device)):
+    if not torch.equal(layer_lanes.reshape(-1).to(torch.int64), lps_dev):
         raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
     word_base = torch.tensor([kvz._header[f"chunk.{c:06d}.words"]["data_offsets"][0] // 2 for c in range(n_chunks)])
     lanes_of_chunk = lanes_per_seg.reshape(n_chunks, n_layers).sum(1)
-    lane_chunk = torch.repeat_interleave(torch.arange(n_chunks), lanes_of_chunk)
-    chunk_first = lanes_of_chunk.cumsum(0) - lanes_of_chunk
+    lane_chunk = torch.repeat_interleave(torch.arange(n_chunks, device=device), lanes_of_chunk.to(device),
+                                         output_size=n_lanes)  # fmt: skip
+    chunk_first = (lanes_of_chunk.cumsum(0) - lanes_of_chunk).to(device)
     within = per_lane.cumsum(0) - per_lane  # on the device: words before each lane, from the file's lane index
     if n_lanes:
-        within = within - within[chunk_first.clamp_max(n_lanes - 1).to(device)][lane_chunk.to(device)]
-    lane_word = word_base.to(device)[lane_chunk.to(device)] + within
+        within = within - within[chunk_first.clamp_max(n_lanes - 1)][lane_chunk]
+    lane_word = word_base.to(device)[lane_chunk] + within
     # per slot: where its coefficient matrix starts in the output and how many rows it has
     coded_rows = seg.coded.reshape(n_chunks, n_layers).sum(0)
     widths = torch.cat([ck, cv])
@@ -205,7 +209,7 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
     host = {"slot_base": slot_base.tolist(), "slot_rows": rows.tolist(), "widths": widths.tolist()}
     if any(kvz._header[f"chunk.{c:06d}.words"]["data_offsets"][0] % 2 for c in range(n_chunks)):
         raise ArtifactError(f"{kvz.path}: coded words are not 2-byte aligned in the file")
-    out = {"host": host, "n_lanes": n_lanes, "max_len": int(lane_len_t.max()) if n_lanes else 0, "n_slots": n_slots,
+    out = {"host": host, "n_lanes": n_lanes, "max_len": max_len, "n_slots": n_slots,
            "channels": channels, "prob_bits": rans.PROB_BITS, "adaptive": adaptive,
            "lane_word": lane_word, "lane_words": per_lane, "lane_len": lane_len_t, "lane_seg": lane_seg,
            "lane_off": lane_off, "seg_n": seg.coded, "seg_ck": ck[layer_of], "seg_slot": layer_of,
@@ -216,7 +220,7 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
         mean = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.mean") for c in range(n_chunks)])
         freq = torch.cat([_tensor_view(data, kvz, f"chunk.{c:06d}.freq") for c in range(n_chunks)])
         live = (seg.coded.reshape(n_chunks, n_layers).repeat(1, 2) > 0).to(device)  # (C, 2L): slots with tokens
-        if bool((step.float()[live] <= 0).any()):
+        if bool(((step <= 0) & live[:, :, None]).any()):
             raise ArtifactError(f"{kvz.path}: a coded channel has no positive step")
         out |= {"comp_step": step.float().reshape(-1), "comp_mean": mean.float().reshape(-1),
                 "comp_base": torch.zeros(1, dtype=torch.int64), "comp_tid": torch.zeros(1, dtype=torch.int64),
