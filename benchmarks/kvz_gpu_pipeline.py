@@ -111,7 +111,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a.float() - b.float()) / torch.linalg.vector_norm(b.float()))
 
 
-def run(shape: str, tokens: list[int], settings: Any, repeats: int) -> list[dict[str, Any]]:
+def run(shape: str, tokens: list[int], settings: Any, repeats: int, profile: bool) -> list[dict[str, Any]]:
     import kvtool
     from kvtool.codecs.device_decode import decode_file
     from kvtool.codecs.kvz import KvzFile, _coder, _on_backend, encode_cache, prefill_cache
@@ -138,6 +138,13 @@ def run(shape: str, tokens: list[int], settings: Any, repeats: int) -> list[dict
             stages: dict[str, float] = {"open": open_s}
             coder = _on_backend(_coder(kvz.settings, None, kvz.arch), "auto", torch.device("cuda"))
             decode_file(kvz, model, coder, torch.device("cuda"), torch.bfloat16, "triton", timings=stages)
+            if profile and t == max(tokens):  # where the host time of one decode goes (sync waits included)
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                prof.runcall(decode_file, kvz, model, coder, torch.device("cuda"), torch.bfloat16, "triton")
+                pstats.Stats(prof).sort_stats("tottime").print_stats(14)
             fp16_bytes = 2 * sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
             row = {"shape": shape, "tokens": t, "mode": settings.mode, "bytes": info["bytes"],
                    "bits_per_element": info["bits_per_element"], "prefill_s": prefill_s, "encode_s": encode_s,
@@ -161,6 +168,7 @@ def main() -> int:
     ap.add_argument("--quality", type=float, default=1.5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", action="store_true", help="cProfile one decode at the longest prefix")
     args = ap.parse_args()
     from kvtool.codecs.kvz import CodecSettings
 
@@ -169,7 +177,7 @@ def main() -> int:
            "rows": []}  # fmt: skip
     print(f"copy bandwidth {out['copy_gb_s']:.0f} GB/s (read + write)", flush=True)
     for shape in args.shapes.split(","):
-        out["rows"] += run(shape, [int(x) for x in args.tokens.split(",")], settings, args.repeats)
+        out["rows"] += run(shape, [int(x) for x in args.tokens.split(",")], settings, args.repeats, args.profile)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     print(f"{'shape':14} {'T':>6} {'bits':>5} {'prefill':>8} {'load':>8} {'x':>6} {'GB/s':>6} {'encode':>7} stages")

@@ -8,6 +8,7 @@ key, and per-layer-type RoPE (Gemma3's local/global theta) is handled without na
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,19 +159,32 @@ def rope_for_positions(model: Any, num_layers: int, positions: torch.Tensor) -> 
     The model's rotary modules are evaluated at ``positions``; which one each layer uses is decided by comparing
     them with what every layer actually receives in a 4-token forward (:class:`RopeRecorder`), so per-layer-type
     RoPE (Gemma3) is matched, not assumed."""
+    key = (num_layers, str(next(model.parameters()).device))
+    matched = _ROPE_MATCH.get(model, {}).get(key)
+    if matched is None:
+        matched = _match_rotary(model, num_layers)
+        _ROPE_MATCH.setdefault(model, {})[key] = matched
+    dtype, which = matched
+    full = _rotary_candidates(model, positions, dtype)
+    return [full[j] for j in which]
+
+
+#: per model (weakly held): which rotary candidate each layer uses, found once by a 4-token forward
+_ROPE_MATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _match_rotary(model: Any, num_layers: int) -> tuple[torch.dtype, list[int]]:
     device = next(model.parameters()).device
-    probe = torch.arange(4)
     with RopeRecorder(model) as rec:
         model(input_ids=torch.zeros(1, 4, dtype=torch.int64, device=device), use_cache=False, logits_to_keep=1)
     dtype = rec.cos_sin(0)[0].dtype
-    probes = _rotary_candidates(model, probe, dtype)
-    full = _rotary_candidates(model, positions, dtype)
-    out = []
+    probes = _rotary_candidates(model, torch.arange(4), dtype)
+    which = []
     for i in range(num_layers):
         cos, sin = (t.float() for t in rec.cos_sin(i))
         match = [j for j, (c, s) in enumerate(probes) if c.shape == cos.shape and torch.allclose(c, cos, atol=1e-5)
                  and torch.allclose(s, sin, atol=1e-5)]  # fmt: skip
         if not match:
             raise RuntimeError(f"layer {i}: no rotary-embedding module of the model reproduces its RoPE")
-        out.append(full[match[0]])
-    return out
+        which.append(match[0])
+    return dtype, which

@@ -425,7 +425,7 @@ def decode_file(
         else:
             decode_symbols_reference(layout, coef, bad)
         stages.mark("decode")
-        raws = raw_tokens(kvz, data, kvz.geometry.segments())
+        raws = raw_tokens(kvz, dev_data, kvz.geometry.segments())
         ropes = rope_for_positions(model, kvz.arch.num_layers, torch.arange(kvz.tokens))
         out = []
         for i in range(kvz.arch.num_layers):
