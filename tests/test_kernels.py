@@ -34,7 +34,7 @@ def test_kernels_match_reference_cuda() -> None:
 
 
 def test_backend_switch() -> None:
-    assert pick_backend("auto", torch.device("cpu")) == "torch"
+    assert pick_backend("auto", torch.device("cpu")) in ("numba", "torch")  # numba where it imports
     assert pick_backend("torch", torch.device("cpu")) == "torch"
     with pytest.raises(UsageError):
         pick_backend("cuda", torch.device("cpu"))

@@ -24,7 +24,11 @@ ModelArg = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 BackendOpt = Annotated[
-    str, typer.Option("--backend", help="Entropy coder: auto (Triton on CUDA), torch or triton; the same bytes.")
+    str,
+    typer.Option(
+        "--backend",
+        help="Entropy coder: auto (Triton on CUDA, else numba on CPU), torch, numba or triton; the same bytes.",
+    ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]

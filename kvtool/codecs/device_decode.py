@@ -38,6 +38,8 @@ from kvtool.codecs.ecsq import MAX_K
 from kvtool.digests import canonical_json
 from kvtool.errors import ArtifactError
 
+TILE = 8  #: symbols per lane the fused kernel stores together; each segment's output is padded to it
+
 # -- host side: one read, checks in the background ------------------------------------------------------------------
 
 
@@ -200,21 +202,20 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
     if n_lanes:
         within = within - within[chunk_first.clamp_max(n_lanes - 1)][lane_chunk]
     lane_word = word_base.to(device)[lane_chunk] + within
-    # per slot: where its coefficient matrix starts in the output and how many rows it has
-    coded_rows = seg.coded.reshape(n_chunks, n_layers).sum(0)
+    # where each segment's symbols land in the output: in segment order, each padded to the kernel's store tile
+    padded = (sym + TILE - 1) // TILE * TILE
+    seg_out = padded.cumsum(0) - padded
     widths = torch.cat([ck, cv])
-    rows = coded_rows.repeat(2)
-    sizes = widths * rows
-    slot_base = sizes.cumsum(0) - sizes
-    host = {"slot_base": slot_base.tolist(), "slot_rows": rows.tolist(), "widths": widths.tolist()}
+    host = {"seg_out": seg_out.tolist(), "coded": seg.coded.tolist(), "widths": widths.tolist(),
+            "ck": ck.tolist()}  # fmt: skip
     if any(kvz._header[f"chunk.{c:06d}.words"]["data_offsets"][0] % 2 for c in range(n_chunks)):
         raise ArtifactError(f"{kvz.path}: coded words are not 2-byte aligned in the file")
     out = {"host": host, "n_lanes": n_lanes, "max_len": max_len, "n_slots": n_slots,
            "channels": channels, "prob_bits": rans.PROB_BITS, "adaptive": adaptive,
            "lane_word": lane_word, "lane_words": per_lane, "lane_len": lane_len_t, "lane_seg": lane_seg,
            "lane_off": lane_off, "seg_n": seg.coded, "seg_ck": ck[layer_of], "seg_slot": layer_of,
-           "seg_chunk": chunk_of, "seg_row": seg.row, "slot_base": slot_base, "slot_rows": rows,
-           "out_size": int(sizes.sum()), "comps": comps, "widths": widths}  # fmt: skip
+           "seg_chunk": chunk_of, "seg_out": seg_out, "out_size": int(padded.sum()), "comps": comps,
+           "tile": TILE}  # fmt: skip
     if adaptive:
         step = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.step") for c in range(n_chunks)])
         mean = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.mean") for c in range(n_chunks)])
@@ -265,7 +266,6 @@ def decode_symbols_reference(args: dict[str, Any], out: torch.Tensor, bad: torch
     is_v = j >= n * ck
     jj = j - torch.where(is_v, n * ck, 0)
     comp = jj // n
-    tok = jj - comp * n
     slot = args["seg_slot"].cpu()[s_of] + torch.where(is_v, args["n_slots"] // 2, 0)
     if args["adaptive"]:
         t = args["seg_chunk"].cpu()[s_of] * args["n_slots"] + slot
@@ -292,7 +292,7 @@ def decode_symbols_reference(args: dict[str, Any], out: torch.Tensor, bad: torch
         value = (sym.to(torch.float32) - float(MAX_K)) * step + args["comp_mean"].cpu()[cidx]
     else:
         value = (sym.to(torch.float32) - args["comp_kmax"].cpu()[cidx]) * step
-    where = args["slot_base"].cpu()[slot] + comp * args["slot_rows"].cpu()[slot] + args["seg_row"].cpu()[s_of] + tok
+    where = args["seg_out"].cpu()[s_of] + j
     out.view(-1)[where.to(dev)] = value.to(dev)
 
 
@@ -342,8 +342,8 @@ def finish_layer(
     pair = []
     for kind in range(2):
         slot = kind * n_layers + layer
-        base, rows, width = host["slot_base"][slot], host["slot_rows"][slot], host["widths"][slot]
-        m = coef[base : base + width * rows].view(width, rows)  # component-major
+        m = _slot_matrix(coef, host, layer, kind, n_layers, kvz.geometry.num_chunks)  # (width, rows)
+        rows = m.shape[1]
         if isinstance(coder, CalibratedCoder):
             q = coder.proj["kv"[kind]][layer]
             g, d = q.blocks
@@ -364,6 +364,32 @@ def finish_layer(
     post = apply_rope(keys[None], cos, sin)[0]
     pre = keys.to(dtype)[None] if keep_pre_rope else None
     return DecodedLayer(post.to(dtype)[None], pre, values.to(dtype)[None], torch.arange(lo, hi))
+
+
+def _slot_matrix(coef: torch.Tensor, host: dict[str, Any], layer: int, kind: int, n_layers: int,
+                 n_chunks: int) -> torch.Tensor:  # fmt: skip
+    """One K/V slot's coefficients ``(width, rows)``: its block ``(width, n_c)`` of every chunk side by side. Runs
+    of chunks with the same token count sit at a fixed stride in the output, so each run is one strided view
+    (one copy for the whole slot, not one per chunk)."""
+    width, ck = host["widths"][kind * n_layers + layer], host["ck"][layer]
+    runs: list[list[int]] = []  # [first chunk, chunks, n, stride]
+    for c in range(n_chunks):
+        g = c * n_layers + layer
+        n = host["coded"][g]
+        if not n:
+            continue
+        start = host["seg_out"][g] + kind * ck * n
+        last = runs[-1] if runs else None
+        if last and last[2] == n and (last[1] == 1 or start - last[0] == last[1] * last[3]):
+            if last[1] == 1:
+                last[3] = start - last[0]
+            if start - last[0] == last[1] * last[3]:
+                last[1] += 1
+                continue
+        runs.append([start, 1, n, 0])
+    parts = [coef.as_strided((count, width, n), (stride, n, 1), start).permute(1, 0, 2).reshape(width, count * n)
+             for start, count, n, stride in runs]  # fmt: skip
+    return torch.cat(parts, dim=1) if parts else coef.new_zeros(width, 0)
 
 
 _ON_DEVICE: dict[tuple[int, str], Any] = {}

@@ -3,8 +3,8 @@
 Where :func:`kvtool.kernels.rans_triton.decode_interleaved` needs a table id per symbol (a tensor as large as the
 output), this kernel derives each symbol's component, token and table from a small per-segment layout (a segment is
 one chunk's symbols of one layer: keys, then values, component-major; ``docs/kvz.md``), so the only large inputs
-are the coded words and the only large output is the dequantized coefficients, written component-major per K/V
-slot (``out[slot_base + comp · slot_rows + row]``, float32).
+are the coded words and the only large output is the dequantized coefficients, float32, in segment order (each
+segment's keys then values, component-major, at ``seg_out[segment]``; segments padded to the store tile).
 
 :func:`kvtool.codecs.device_decode.decode_symbols_reference` is its torch reference (same arguments, same
 values: integer decoding, and one fp32 multiply-add per symbol in the same order).
@@ -25,79 +25,77 @@ NUM_WARPS = int(os.environ.get("KVTOOL_KVZ_WARPS", "2"))
 @triton.jit
 def _decode_file_kernel(
     words_ptr, total_words, lane_word_ptr, lane_words_ptr, lane_len_ptr, lane_seg_ptr, lane_off_ptr,
-    seg_n_ptr, seg_ck_ptr, seg_slot_ptr, seg_chunk_ptr, seg_row_ptr,
+    seg_n_ptr, seg_ck_ptr, seg_slot_ptr, seg_chunk_ptr, seg_out_ptr,
     comp_base_ptr, comp_tid_ptr, comp_step_ptr, comp_kmax_ptr, comp_mean_ptr,
-    lut_ptr, fc_ptr, out_ptr, slot_base_ptr, slot_rows_ptr, bad_ptr,
-    n_lanes, max_len, n_slots, channels,
-    A: tl.constexpr, PROB_BITS_: tl.constexpr, BLOCK: tl.constexpr, ADAPTIVE: tl.constexpr,
+    lut_ptr, fc_ptr, out_ptr, bad_ptr, n_lanes, max_len, n_slots, channels,
+    A: tl.constexpr, PROB_BITS_: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, ADAPTIVE: tl.constexpr,
 ):  # fmt: skip
     lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = lanes < n_lanes
     wstart = tl.load(lane_word_ptr + lanes, mask=live, other=0).to(tl.int64)
     nwords = tl.load(lane_words_ptr + lanes, mask=live, other=2).to(tl.int64)
-    length = tl.load(lane_len_ptr + lanes, mask=live, other=0).to(tl.int64)
+    length = tl.load(lane_len_ptr + lanes, mask=live, other=0).to(tl.int32)
     seg = tl.load(lane_seg_ptr + lanes, mask=live, other=0).to(tl.int64)
-    off = tl.load(lane_off_ptr + lanes, mask=live, other=0).to(tl.int64)
-    # per lane, once: its segment's counts (int32: a segment holds < 2^31 symbols, checked by the caller) and
-    # where its key and value slots start in the output; the loop then only divides by n
+    off = tl.load(lane_off_ptr + lanes, mask=live, other=0).to(tl.int32)
+    # per lane, once: its segment's counts (int32: a segment holds < 2^31 symbols, checked by the caller)
     n = tl.maximum(tl.load(seg_n_ptr + seg, mask=live, other=1), 1).to(tl.int32)
     ck = tl.load(seg_ck_ptr + seg, mask=live, other=0).to(tl.int32)
     kslot = tl.load(seg_slot_ptr + seg, mask=live, other=0).to(tl.int32)  # the layer's key slot; values: + L
     vslot = kslot + n_slots // 2
     chunk = tl.load(seg_chunk_ptr + seg, mask=live, other=0).to(tl.int64)
-    row = tl.load(seg_row_ptr + seg, mask=live, other=0).to(tl.int64)
-    kbase = tl.load(slot_base_ptr + kslot, mask=live, other=0).to(tl.int64)
-    vbase = tl.load(slot_base_ptr + vslot, mask=live, other=0).to(tl.int64)
-    krows = tl.load(slot_rows_ptr + kslot, mask=live, other=0).to(tl.int64)
-    vrows = tl.load(slot_rows_ptr + vslot, mask=live, other=0).to(tl.int64)
+    # the lane's symbols land contiguously (segment order): TILE of them are kept in registers and stored
+    # together, so a thread writes whole sectors instead of one scattered word per step
+    dst = tl.load(seg_out_ptr + seg, mask=live, other=0).to(tl.int64) + off
     if not ADAPTIVE:
         kcomp = tl.load(comp_base_ptr + kslot, mask=live, other=0).to(tl.int32)
         vcomp = tl.load(comp_base_ptr + vslot, mask=live, other=0).to(tl.int32)
     nck = n * ck
-    off32 = off.to(tl.int32)
     end = wstart + nwords
     lo = tl.load(words_ptr + wstart, mask=live & (wstart < total_words), other=0).to(tl.int64) & 0xFFFF
     hi = tl.load(words_ptr + wstart + 1, mask=live & (wstart + 1 < total_words), other=0).to(tl.int64) & 0xFFFF
     x = lo | (hi << 16)
     ptr = wstart + 2
-    for k in range(0, max_len):
-        active = live & (k < length)
-        j = off32 + k
-        is_v = j >= nck
-        jj = j - tl.where(is_v, nck, 0)
-        comp = jj // n
-        tok = jj - comp * n
-        if ADAPTIVE:  # per chunk and K/V slot: one table; per channel: step and mean
-            t = chunk * n_slots + tl.where(is_v, vslot, kslot)
-            cidx = t * channels + comp
-        else:  # calibrated: per coded component of the slot: its table, step and kmax
-            cidx = tl.where(is_v, vcomp, kcomp) + comp
-            t = tl.load(comp_tid_ptr + cidx, mask=active, other=0).to(tl.int64)
-        xslot = x & ((1 << PROB_BITS_) - 1)
-        s = tl.load(lut_ptr + t * (1 << PROB_BITS_) + xslot, mask=active, other=0).to(tl.int64)
-        fc = tl.load(fc_ptr + t * A + s, mask=active, other=1).to(tl.int64)  # freq | cum << 16
-        f = fc & 0xFFFF
-        c = fc >> 16
-        nxt = f * (x >> PROB_BITS_) + xslot - c
-        read = active & (nxt < 65536)
-        w = tl.load(words_ptr + ptr, mask=read & (ptr < end), other=0).to(tl.int64) & 0xFFFF
-        nxt = tl.where(read, (nxt << 16) | w, nxt)
-        ptr += read.to(tl.int64)
-        x = tl.where(active, nxt, x)
-        step = tl.load(comp_step_ptr + cidx, mask=active, other=0.0)
-        if ADAPTIVE:
-            value = (s.to(tl.float32) - 63.0) * step + tl.load(comp_mean_ptr + cidx, mask=active, other=0.0)
-        else:
-            value = (s.to(tl.float32) - tl.load(comp_kmax_ptr + cidx, mask=active, other=0.0)) * step
-        addr = tl.where(is_v, vbase, kbase) + comp.to(tl.int64) * tl.where(is_v, vrows, krows) + row + tok
-        tl.store(out_ptr + addr, value, mask=active)
+    cols = tl.arange(0, TILE)
+    for k0 in range(0, max_len, TILE):
+        tile = tl.zeros((BLOCK, TILE), dtype=tl.float32)
+        for kk in tl.static_range(TILE):
+            k = k0 + kk
+            active = live & (k < length)
+            j = off + k
+            is_v = j >= nck
+            comp = (j - tl.where(is_v, nck, 0)) // n
+            if ADAPTIVE:  # per chunk and K/V slot: one table; per channel: step and mean
+                t = chunk * n_slots + tl.where(is_v, vslot, kslot)
+                cidx = t * channels + comp
+            else:  # calibrated: per coded component of the slot: its table, step and kmax
+                cidx = tl.where(is_v, vcomp, kcomp) + comp
+                t = tl.load(comp_tid_ptr + cidx, mask=active, other=0).to(tl.int64)
+            xslot = x & ((1 << PROB_BITS_) - 1)
+            s = tl.load(lut_ptr + t * (1 << PROB_BITS_) + xslot, mask=active, other=0).to(tl.int64)
+            fc = tl.load(fc_ptr + t * A + s, mask=active, other=1).to(tl.int64)  # freq | cum << 16
+            f = fc & 0xFFFF
+            c = fc >> 16
+            nxt = f * (x >> PROB_BITS_) + xslot - c
+            read = active & (nxt < 65536)
+            w = tl.load(words_ptr + ptr, mask=read & (ptr < end), other=0).to(tl.int64) & 0xFFFF
+            nxt = tl.where(read, (nxt << 16) | w, nxt)
+            ptr += read.to(tl.int64)
+            x = tl.where(active, nxt, x)
+            step = tl.load(comp_step_ptr + cidx, mask=active, other=0.0)
+            if ADAPTIVE:
+                value = (s.to(tl.float32) - 63.0) * step + tl.load(comp_mean_ptr + cidx, mask=active, other=0.0)
+            else:
+                value = (s.to(tl.float32) - tl.load(comp_kmax_ptr + cidx, mask=active, other=0.0)) * step
+            tile = tl.where(cols[None, :] == kk, value[:, None], tile)
+        keep = live[:, None] & ((k0 + cols)[None, :] < length[:, None])
+        tl.store(out_ptr + (dst + k0)[:, None] + cols[None, :], tile, mask=keep)
     # A lane is sound when it consumed exactly its words and came back to the initial state.
     tl.store(bad_ptr + lanes, ((ptr != end) | (x != 65536)).to(tl.int32), mask=live)
 
 
 def decode_file_triton(args: dict[str, torch.Tensor | int], out: torch.Tensor, bad: torch.Tensor) -> None:
     """Launch the kernel on the layout ``args`` (see :func:`kvtool.codecs.device_decode.decode_symbols_reference`
-    for every entry); ``out`` (float32) and ``bad`` (int32, one per lane) are written in place."""
+    for every entry); ``out`` (float32, segment order) and ``bad`` (int32, one per lane) are written in place."""
     n_lanes = int(args["n_lanes"])
     if n_lanes == 0:
         return
@@ -105,9 +103,8 @@ def decode_file_triton(args: dict[str, torch.Tensor | int], out: torch.Tensor, b
     _decode_file_kernel[grid](
         args["words"], args["words"].numel(), args["lane_word"], args["lane_words"], args["lane_len"],
         args["lane_seg"], args["lane_off"], args["seg_n"], args["seg_ck"], args["seg_slot"], args["seg_chunk"],
-        args["seg_row"], args["comp_base"], args["comp_tid"], args["comp_step"], args["comp_kmax"], args["comp_mean"],
-        args["lut"], args["fc"], out, args["slot_base"], args["slot_rows"], bad,
-        n_lanes, int(args["max_len"]), int(args["n_slots"]), int(args["channels"]),
-        A=int(args["alphabet"]), PROB_BITS_=int(args["prob_bits"]), BLOCK=BLOCK_LANES,
+        args["seg_out"], args["comp_base"], args["comp_tid"], args["comp_step"], args["comp_kmax"], args["comp_mean"],
+        args["lut"], args["fc"], out, bad, n_lanes, int(args["max_len"]), int(args["n_slots"]), int(args["channels"]),
+        A=int(args["alphabet"]), PROB_BITS_=int(args["prob_bits"]), BLOCK=BLOCK_LANES, TILE=int(args["tile"]),
         ADAPTIVE=bool(args["adaptive"]), num_warps=NUM_WARPS,
     )  # fmt: skip
