@@ -291,7 +291,7 @@ def _header_problem(header: Any, data_len: int) -> str | None:
         if not isinstance(info, dict):
             return f"tensor {name!r}: entry is not a JSON object"
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
             return f"tensor {name!r}: unknown dtype {dtype!r}"
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             return f"tensor {name!r}: invalid shape {shape!r}"

@@ -33,8 +33,8 @@ def _first_line(text: str) -> str:
 
 def message_for(exc: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for an exception."""
-    if isinstance(exc, KvtoolError):
-        return exc.exit_code, _first_line(str(exc))
+    if isinstance(exc, KvtoolError):  # one line by design; a newline can only come from a name (a path): keep it
+        return exc.exit_code, str(exc).strip().replace("\r", "\\r").replace("\n", "\\n")
     for etype, code, build in ERROR_MAP:
         if isinstance(exc, etype):
             return code, _first_line(build(exc))

@@ -55,6 +55,9 @@ MAX_TOKENS = 1 << 24  #: longest prefix a .kvz may hold (16.7M tokens), and the 
 #: Cap on the decoded cache of one file, in bytes (a stated bound; ``KVTOOL_MAX_DECODE_BYTES`` overrides it).
 MAX_DECODE_BYTES = 1 << 37
 CACHE_DTYPES = ("float16", "bfloat16", "float32")  #: cache dtypes a file may record
+#: A lossless chunk may decompress to at most this many times its compressed size (real caches: under 2:1; the cap
+#: keeps a forged token count from sizing an output the file cannot fill).
+MAX_LOSSLESS_RATIO = 1024
 MAX_CHUNKS = 999_999  #: chunk names have six digits, so they sort in chunk order
 
 
@@ -560,6 +563,18 @@ class KvzFile:
             if info["dtype"] != dtype or (info["shape"] != shape if shape is not None else len(info["shape"]) != 1):
                 raise ValueError(f"tensor {name} is {info['dtype']} {info['shape']}, the format needs {dtype} "
                                  f"{shape if shape is not None else '(n,)'}")  # fmt: skip
+        # what the output is sized from must be backed by bytes in the file, within stated ratios
+        geo, arch = self.geometry, self.arch
+        per_token = 2 * arch.num_kv_heads * arch.head_dim * torch.empty(0, dtype=self.cache_dtype).element_size()
+        held = geo.segments().coded + geo.segments().raw
+        for c, tokens in enumerate(held.reshape(-1, arch.num_layers).sum(1).tolist()):
+            name = f"chunk.{c:06d}"
+            if self.settings.mode == "lossless":
+                if header[f"{name}.zstd"]["shape"][0] * MAX_LOSSLESS_RATIO < tokens * per_token:
+                    raise ValueError(f"chunk {c}: {header[f'{name}.zstd']['shape'][0]} compressed bytes cannot hold "
+                                     f"{tokens * per_token} (more than {MAX_LOSSLESS_RATIO}:1)")  # fmt: skip
+            elif header[f"{name}.words"]["shape"][0] < 2 * header[f"{name}.lanes"]["shape"][0]:
+                raise ValueError(f"chunk {c}: fewer words than its lanes' states")
 
     # -- data --------------------------------------------------------------------------------------------------
 
@@ -731,7 +746,10 @@ def decode_kvz(
     s, arch = kvz.settings, kvz.arch
     check_calibration(kvz, calibration)
     target = torch.device(device) if device is not None else torch.device("cpu")
-    coder = _coder(s, calibration, arch) if s.mode != "lossless" else None
+    try:
+        coder = _coder(s, calibration, arch) if s.mode != "lossless" else None
+    except UsageError as e:  # the settings come from the file here, not from a flag
+        raise ArtifactError(f"{kvz.path}: {e}") from None
     coder = _on_backend(coder, backend, target)
     if coder is not None and coder.backend == "triton":
         from kvtool.codecs.device_decode import decode_file
