@@ -293,3 +293,25 @@ def test_cuda_backends_give_the_same_file(tiny_llama, tmp_path: Path) -> None:
     a = decode_kvz(KvzFile(tmp_path / "g.kvz"), lm.model, backend="triton")
     b = decode_kvz(KvzFile(tmp_path / "g.kvz"), lm.model, backend="torch")
     assert all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) for x, y in zip(a, b, strict=True))
+
+
+def test_geometry_split_and_segments_follow_the_definition() -> None:
+    """``split`` (coded / raw positions of a layer in a chunk) and ``segments`` (their counts, by interval
+    arithmetic) agree with the definition: raw = sink or recent position, over every small geometry."""
+    import itertools
+
+    from kvtool.arch import ArchInfo
+    from kvtool.codecs.kvz import Geometry
+
+    arch = ArchInfo("llama", 2, 1, 1, 4, 4, 10, ("full_attention", "sliding_attention"), 5, {})
+    for t, ct, s, r in itertools.product([1, 3, 7, 20], [1, 3, 8], [0, 1, 4, 30], [0, 2, 9, 30]):
+        g = Geometry(arch, t, CodecSettings(chunk_tokens=ct, sink_tokens=s, recent_tokens=r))
+        seg = g.segments()
+        for c in range(g.num_chunks):
+            for layer in range(2):
+                lo, hi = g.layer_range(layer)
+                a, b = g.chunk_span(c)
+                pos = range(max(a, lo), min(b, hi))
+                want = ([p for p in pos if not g.raw(p)], [p for p in pos if g.raw(p)])
+                assert g.split(layer, c) == want
+                assert (int(seg.coded[c * 2 + layer]), int(seg.raw[c * 2 + layer])) == tuple(map(len, want))

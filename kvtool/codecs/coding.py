@@ -119,7 +119,7 @@ class _Coder:
     ) -> list[list[tuple[torch.Tensor, ...]]]:
         """:meth:`decode` of several chunks in one pass of the entropy decoder."""
         tables, offsets = self._batch_tables([c.side for c in chunks])
-        layouts, tids, lengths, sizes = [], [], [], []
+        layouts, small_ids, small_reps, lengths, sizes = [], [], [], [], []
         for chunk, cnt, off in zip(chunks, counts, offsets, strict=True):
             layout = [[self._coded(i, kind, chunk.side) for kind in KINDS] for i in range(len(cnt))]
             segments = [sum(int(c.numel()) * n for c in comps) for comps, n in zip(layout, cnt, strict=True)]
@@ -128,13 +128,18 @@ class _Coder:
                 raise ValueError("the lane index does not match the chunk's layout")
             if chunk.lanes.numel() != lens.numel():
                 raise ValueError("the lane lengths do not match the chunk's layout")
-            tid = [t.repeat_interleave(n) for comps, n in zip(layout, cnt, strict=True) for t in self._tids(comps)]
-            tids.append(torch.cat(tid or [torch.zeros(0, dtype=torch.int64)]) + off)
+            for comps, n in zip(layout, cnt, strict=True):  # each component's table id, repeated for its n tokens
+                for t in self._tids(comps):
+                    small_ids.append(t + off)
+                    small_reps.append(torch.full((t.numel(),), n, dtype=torch.int64))
             layouts.append(layout)
             lengths.append(lens)
             sizes.append(sum(segments))
+        none = torch.zeros(0, dtype=torch.int64)
+        # one expansion of (table id, count) pairs instead of one per component: a batch holds millions of symbols
+        tids = torch.repeat_interleave(torch.cat(small_ids or [none]), torch.cat(small_reps or [none]))
         flat = rans_decode(torch.cat([c.words for c in chunks]).to(self.device), torch.cat([c.lanes for c in chunks]),
-                           torch.cat(tids), tables, torch.cat(lengths), backend=self.backend).cpu()  # fmt: skip
+                           tids, tables, torch.cat(lengths), backend=self.backend).cpu()  # fmt: skip
         results, at = [], 0
         for chunk, cnt, layout in zip(chunks, counts, layouts, strict=True):
             out = []

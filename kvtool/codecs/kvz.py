@@ -154,8 +154,15 @@ class Geometry:
         """Positions of ``layer`` in ``chunk``: (coded, raw fp16)."""
         lo, hi = self.layer_range(layer)
         a, b = self.chunk_span(chunk)
-        pos = range(max(a, lo), min(b, hi))
-        return [p for p in pos if not self.raw(p)], [p for p in pos if self.raw(p)]
+        start, stop = max(a, lo), min(b, hi)
+        if stop <= start:
+            return [], []
+        # raw positions are the sinks [0, s) and the recent ones [T - r, T): the coded ones are one run between
+        s = self.settings
+        sink_end = min(s.sink_tokens, self.tokens)
+        recent_start = max(self.tokens - s.recent_tokens, sink_end)
+        c0, c1 = min(max(start, sink_end), stop), max(min(stop, recent_start), min(max(start, sink_end), stop))
+        return list(range(c0, c1)), [*range(start, c0), *range(c1, stop)]
 
 
 @dataclass
