@@ -8,6 +8,7 @@ key, and per-layer-type RoPE (Gemma3's local/global theta) is handled without na
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -132,10 +133,12 @@ def capture_kv(model: Any, input_ids: torch.Tensor) -> KVCapture:
 
 def _rotary_candidates(model: Any, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
     """``(cos, sin)`` of ``positions`` from every rotary-embedding module of the model, for every layer type it
-    takes (transformers calls them ``rotary_emb(x, position_ids[, layer_type])``)."""
-    device = next(model.parameters()).device
-    pos = positions.to(device)[None]
-    x = torch.zeros(1, 1, device=device, dtype=dtype)
+    takes (transformers calls them ``rotary_emb(x, position_ids[, layer_type])``). Evaluated on CPU copies of the
+    modules, whatever the model's device: a GPU's ``cos``/``sin`` differ from the CPU's in the last bits, and the
+    encoder inverts RoPE with these values, so a file must not depend on where the model ran (same bytes from every
+    device); the results are float32 on the CPU."""
+    pos = positions.cpu()[None]
+    x = torch.zeros(1, 1, dtype=dtype)
     layer_types = sorted(set(getattr(getattr(model, "config", None), "layer_types", None) or []))
     text_cfg = getattr(model.config, "get_text_config", lambda: model.config)()
     layer_types = layer_types or sorted(set(getattr(text_cfg, "layer_types", None) or []))
@@ -143,12 +146,23 @@ def _rotary_candidates(model: Any, positions: torch.Tensor, dtype: torch.dtype) 
     for module in model.modules():
         if not type(module).__name__.endswith("RotaryEmbedding"):
             continue
+        module = _cpu_copy(module)
         for args in [(), *[(t,) for t in layer_types]]:
             try:
                 found.append(tuple(t.float() for t in module(x, pos, *args)))
             except (TypeError, KeyError, AttributeError, ValueError):
                 continue
     return found
+
+
+_CPU_ROTARY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cpu_copy(module: Any) -> Any:
+    """A CPU copy of a (small) rotary-embedding module, made once per module."""
+    if module not in _CPU_ROTARY:
+        _CPU_ROTARY[module] = copy.deepcopy(module).cpu()
+    return _CPU_ROTARY[module]
 
 
 @torch.no_grad()
@@ -181,7 +195,7 @@ def _match_rotary(model: Any, num_layers: int) -> tuple[torch.dtype, list[int]]:
     probes = _rotary_candidates(model, torch.arange(4), dtype)
     which = []
     for i in range(num_layers):
-        cos, sin = (t.float() for t in rec.cos_sin(i))
+        cos, sin = (t.float().cpu() for t in rec.cos_sin(i))
         match = [j for j, (c, s) in enumerate(probes) if c.shape == cos.shape and torch.allclose(c, cos, atol=1e-5)
                  and torch.allclose(s, sin, atol=1e-5)]  # fmt: skip
         if not match:
