@@ -129,6 +129,8 @@ FORGED = [
     ("lossless", "model.arch.sliding_window", 8),
     ("lossless", "model.arch.layer_types", ["sliding_attention", "full_attention"]),
     ("lossless", "inputs.calibration", {"content_digest": "sha256:" + "0" * 64}),
+    ("lossless", "method._data.sink_tokens", 1),  # v2 lossless holds positions in order: no sinks to record
+    ("lossless", "method._data.recent_tokens", 4),
     ("adaptive", "method._data.mode", "calibrated"),
     ("adaptive", "method._data.level", 10**9),
     ("adaptive", "method._data.sink_tokens", 3),

@@ -362,6 +362,10 @@ def encode_cache(
     the entropy coder's (``auto``: Triton when the model is on CUDA)."""
     arch: ArchInfo = lm.arch
     tokens = int(ids.numel())
+    if settings.mode == "lossless" and SCHEMA_VERSION >= 2:
+        # lossless chunks keep every position exactly: fp16 sinks and recent tokens mean nothing there, and with
+        # none the chunks hold their positions in order, so no setting of the file can reorder them
+        settings = dataclasses.replace(settings, sink_tokens=0, recent_tokens=0)
     coder = _on_backend(_coder(settings, calibration, arch), backend, next(lm.model.parameters()).device)
     if calibration is not None and settings.mode == "calibrated":
         _check_same_model(calibration.model, lm.fingerprint, "calibration artifact")
@@ -507,6 +511,9 @@ class KvzFile:
         if cal is not None:
             _exact_keys(cal, "inputs.calibration", {"content_digest"})
             _digest_string(cal["content_digest"], "inputs.calibration.content_digest")
+        lossless_v2 = settings.mode == "lossless" and meta["schema_version"] >= 2
+        if lossless_v2 and (settings.sink_tokens or settings.recent_tokens):
+            raise ValueError("a version-2 lossless file records no sink or recent tokens")
         if (cal is not None) != (settings.mode == "calibrated"):
             raise ValueError(f"a {settings.mode} file {'without' if cal is None else 'with'} a calibration digest")
         self.extra: dict[str, Any] = meta["extra"]
