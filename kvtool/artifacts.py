@@ -37,6 +37,9 @@ from kvtool.errors import ArtifactError, InputError
 #: Known schemas and the newest ``schema_version`` of each that this kvtool reads and writes.
 SCHEMAS: dict[str, int] = {"kvtool.kv_capture": 1, "kvtool.kv_calibration": 1}
 
+#: Largest size of one tensor dimension (2^40: far beyond any real tensor; larger ones overflow stride arithmetic).
+MAX_DIM = 1 << 40
+
 #: The same cap on the JSON header as safetensors' ``MAX_HEADER_SIZE``.
 MAX_HEADER_SIZE = 100_000_000
 
@@ -293,7 +296,7 @@ def _header_problem(header: Any, data_len: int) -> str | None:
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
             return f"tensor {name!r}: unknown dtype {dtype!r}"
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
             return f"tensor {name!r}: invalid shape {shape!r}"
         if (
             not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets))
@@ -442,7 +445,7 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
         if not isinstance(meta[key], dict):
             return f"{key} is not an object"
     producer = meta["producer"]
-    if not (isinstance(producer.get("name"), str) and isinstance(producer.get("version"), str)):
+    if set(producer) != {"name", "version"} or not all(isinstance(v, str) for v in producer.values()):
         return "producer needs string 'name' and 'version'"
     model = meta["model"]
     for key in ("id", "config_digest", "weights_digest"):
@@ -675,6 +678,8 @@ def kvtool_metadata(header: dict[str, Any], source: str, expect_schema: str | No
     problem = _meta_problem(meta)
     if problem:
         raise ArtifactError(f"{source}: malformed kvtool metadata: {problem}")
+    if not _DIGEST_RE.fullmatch(meta["content_digest"]):  # only a writer leaves it empty, before it computes it
+        raise ArtifactError(f"{source}: malformed kvtool metadata: no content digest")
     return meta
 
 

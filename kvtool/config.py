@@ -35,10 +35,9 @@ def from_dict(d: dict[str, Any]) -> Any:
         cls = _REGISTRY[d["_type"]]
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"unknown method type {d.get('_type') if isinstance(d, dict) else d!r}") from e
-    try:
-        version = int(d.get("_version", 0))
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{d['_type']}: bad _version {d.get('_version')!r}") from e
+    version = d.get("_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ArtifactError(f"{d['_type']}: bad _version {d.get('_version')!r}")
     if version > cls.version:
         raise ArtifactError(
             f"{d['_type']} version {d['_version']} is newer than this kvtool supports ({cls.version}); upgrade kvtool"

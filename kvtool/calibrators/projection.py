@@ -163,6 +163,8 @@ def codec_levels(tensors: dict[str, torch.Tensor]) -> list[Level]:
 
 def _level_problem(lv: Level) -> str | None:
     step, kmax, freq = lv.step, lv.kmax, lv.freq
+    if (step.dtype, kmax.dtype, freq.dtype) != (torch.float32, torch.float32, torch.int16):
+        return f"step, kmax, freq must be float32, float32, int16 (got {step.dtype}, {kmax.dtype}, {freq.dtype})"
     if step.dim() != 1 or not step.is_floating_point() or not bool((torch.isfinite(step) & (step >= 0)).all()):
         return "step must be a 1-D tensor of finite non-negative numbers"
     if kmax.shape != step.shape:

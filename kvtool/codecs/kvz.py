@@ -58,7 +58,9 @@ CACHE_DTYPES = ("float16", "bfloat16", "float32")  #: cache dtypes a file may re
 #: A lossless chunk may decompress to at most this many times its compressed size (real caches: under 2:1; the cap
 #: keeps a forged token count from sizing an output the file cannot fill).
 MAX_LOSSLESS_RATIO = 1024
-MAX_CHUNKS = 999_999  #: chunk names have six digits, so they sort in chunk order
+MAX_CHUNKS = 999_999
+#: ``extra.layout``: the chunk layout this kvtool writes and reads
+LAYOUT = "see docs/kvz.md"  #: chunk names have six digits, so they sort in chunk order
 
 
 @kvconfig.register
@@ -402,7 +404,7 @@ def encode_cache(
             "cache_dtype": dtype,
             "chunks": chunks,
             "layers": [list(geo.layer_range(i)) for i in range(arch.num_layers)],
-            "layout": "see docs/kvz.md",
+            "layout": LAYOUT,
         },
         tensors=tensors,
     )
@@ -475,6 +477,10 @@ class KvzFile:
         meta = kvtool_metadata(header, source, expect_schema=SCHEMA)
         try:
             self._read_meta(meta)
+            per_chunk = {"lossless": 2, "calibrated": 4, "adaptive": 7}[self.settings.mode]
+            want = 1 + per_chunk * self.geometry.num_chunks  # counted before any per-tensor table is built
+            if len(header) - ("__metadata__" in header) != want:
+                raise ValueError(f"{len(header) - ('__metadata__' in header)} tensors, the format has {want}")
             self._expected = self._expected_tensors()
             self._check_tensors(header)
         except (KeyError, TypeError, ValueError, KvtoolError) as e:
@@ -497,8 +503,13 @@ class KvzFile:
         settings = kvconfig.from_dict(meta["method"])
         if not isinstance(settings, CodecSettings):
             raise ValueError(f"method is a {type(settings).__name__}, not CodecSettings")
+        _exact_keys(meta["method"], "method", {"_type", "_version", "_data"})
+        _exact_keys(meta["method"]["_data"], "method._data", {f.name for f in dataclasses.fields(CodecSettings)})
         self.settings: CodecSettings = settings
         self.model: dict[str, Any] = meta["model"]
+        _exact_keys(self.model, "model", {"id", "config_digest", "weights_digest", "arch"})
+        if not self.model["id"]:
+            raise ValueError("model.id is empty")
         self.arch = ArchInfo.from_dict(self.model.get("arch"))
         if self.arch.digest() != self.model["config_digest"]:
             raise ValueError("model.arch does not match the recorded config_digest")
@@ -518,6 +529,8 @@ class KvzFile:
             raise ValueError(f"a {settings.mode} file {'without' if cal is None else 'with'} a calibration digest")
         self.extra: dict[str, Any] = meta["extra"]
         _exact_keys(self.extra, "extra", {"cache_dtype", "chunks", "layers", "layout", "meta_digest"})
+        if self.extra["layout"] != LAYOUT:
+            raise ValueError(f"extra.layout is {self.extra['layout']!r}, not {LAYOUT!r}")
         if self.extra["cache_dtype"] not in CACHE_DTYPES:
             raise ValueError(f"extra.cache_dtype {self.extra['cache_dtype']!r} is not one of {CACHE_DTYPES}")
         self.cache_dtype: torch.dtype = getattr(torch, self.extra["cache_dtype"])
@@ -613,6 +626,8 @@ class KvzFile:
             ids = self._tensor(f, "input_ids").to(torch.int64)
         if token_digest(ids) != self.inputs["token_ids_digest"]:
             raise ArtifactError(f"{self.path}: the prefix token ids do not match their digest")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.arch.vocab_size):
+            raise ArtifactError(f"{self.path}: a prefix token id is outside the model's vocabulary")
         return ids
 
     def read_chunk(self, chunk: int) -> dict[str, torch.Tensor]:
@@ -726,6 +741,8 @@ def check_calibration(kvz: KvzFile, calibration: Artifact | None) -> None:
             f"{kvz.path.name} was coded with calibration {want['content_digest'][:19]}…, "
             f"not {str(calibration.content_digest)[:19]}…"
         )
+    if calibration.model.get("config_digest") != kvz.model["config_digest"]:  # the .kvz's model is checked too
+        raise ArtifactError(f"{kvz.path.name}: the calibration artifact is for another model (config digest differs)")
 
 
 @dataclass
