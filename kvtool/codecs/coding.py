@@ -135,9 +135,15 @@ class _Coder:
             layouts.append(layout)
             lengths.append(lens)
             sizes.append(sum(segments))
-        none = torch.zeros(0, dtype=torch.int64)
-        # one expansion of (table id, count) pairs instead of one per component: a batch holds millions of symbols
-        tids = torch.repeat_interleave(torch.cat(small_ids or [none]), torch.cat(small_reps or [none]))
+        # each component's table id broadcast over its tokens, written straight into one preallocated tensor (a
+        # batch holds millions of symbols: no per-component tensors to concatenate)
+        tids = torch.empty(sum(int(r.sum()) for r in small_reps), dtype=torch.int64)
+        at = 0
+        for ids, reps in zip(small_ids, small_reps, strict=True):
+            if ids.numel():
+                n = int(reps[0])
+                tids[at : at + ids.numel() * n].view(ids.numel(), n).copy_(ids[:, None].expand(-1, n))
+                at += ids.numel() * n
         flat = rans_decode(torch.cat([c.words for c in chunks]).to(self.device), torch.cat([c.lanes for c in chunks]),
                            tids, tables, torch.cat(lengths), backend=self.backend).cpu()  # fmt: skip
         results, at = [], 0
