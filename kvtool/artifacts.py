@@ -110,7 +110,7 @@ def torch_dtype(code: str) -> torch.dtype:
         raise ArtifactError(f"unsupported tensor dtype {code!r}") from None
 
 
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def kvtool_version() -> str:
@@ -205,21 +205,30 @@ def content_digest(meta: dict[str, Any], header: dict[str, Any], buffer: bytes |
         ``"sha256:" + hex`` of: canonical JSON of ``meta`` without ``content_digest``, then for every tensor in
         name order ``name 0x00 dtype 0x00 canonical-JSON(shape) 0x00`` followed by the tensor's bytes.
     """
-    h = hashlib.sha256()
-    h.update(canonical_json({k: v for k, v in meta.items() if k != "content_digest"}).encode())
+    h = content_hasher(meta)
     view = memoryview(buffer)
     for name in sorted(k for k in header if k != "__metadata__"):
-        info = header[name]
-        begin, end = info["data_offsets"]
-        h.update(f"{name}\0{info['dtype']}\0{canonical_json(list(info['shape']))}\0".encode())
-        h.update(view[begin:end])
+        begin, end = header[name]["data_offsets"]
+        digest_tensor(h, name, header[name], view[begin:end])
     return "sha256:" + h.hexdigest()
+
+
+def content_hasher(meta: dict[str, Any]) -> Any:
+    """The sha256 of :func:`content_digest` after its JSON part, for callers that feed the tensors one by one
+    (in name order) with :func:`digest_tensor`."""
+    return hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != "content_digest"}).encode())
+
+
+def digest_tensor(h: Any, name: str, info: dict[str, Any], data: bytes | memoryview) -> None:
+    """Feed one tensor (its header entry ``info`` and its bytes) to a :func:`content_hasher`."""
+    h.update(f"{name}\0{info['dtype']}\0{canonical_json(list(info['shape']))}\0".encode())
+    h.update(data)
 
 
 # --------------------------------------------------------------------------------------------------- header
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
@@ -274,7 +283,7 @@ def strict_json(text: str | bytes) -> Any:
 
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -296,10 +305,10 @@ def _header_problem(header: Any, data_len: int) -> str | None:
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
             return f"tensor {name!r}: unknown dtype {dtype!r}"
-        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and 0 <= d <= MAX_DIM for d in shape):
             return f"tensor {name!r}: invalid shape {shape!r}"
         if (
-            not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets))
+            not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets))
             or not 0 <= offsets[0] <= offsets[1]
         ):
             return f"tensor {name!r}: invalid data_offsets {offsets!r}"
@@ -339,7 +348,7 @@ def _parse_header(read: Callable[[int], bytes], size: int, source: str) -> tuple
     try:
         header = strict_json(raw.decode("utf-8"))
     except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ArtifactError(f"{source}: not a safetensors file: header is not valid JSON ({_one_line(e)})") from None
+        raise ArtifactError(f"{source}: not a safetensors file: header is not valid JSON ({one_line(e)})") from None
     problem = _header_problem(header, size - 8 - n)
     if problem:
         raise ArtifactError(f"{source}: {problem}")
@@ -350,12 +359,18 @@ def _parse_header(read: Callable[[int], bytes], size: int, source: str) -> tuple
 MAX_ARTIFACT_BYTES = 1 << 38
 
 
-def max_artifact_bytes() -> int:
-    """The cap on an artifact file's size, read from ``KVTOOL_MAX_ARTIFACT_BYTES`` at call time."""
+def env_limit(name: str, default: int) -> int:
+    """A stated cap that the environment variable ``name`` may override (read at call time; ``default`` when unset
+    or not an integer)."""
     try:
-        return int(os.environ.get("KVTOOL_MAX_ARTIFACT_BYTES", MAX_ARTIFACT_BYTES))
+        return int(os.environ.get(name, default))
     except ValueError:
-        return MAX_ARTIFACT_BYTES
+        return default
+
+
+def max_artifact_bytes() -> int:
+    """The cap on an artifact file's size (``KVTOOL_MAX_ARTIFACT_BYTES``, else :data:`MAX_ARTIFACT_BYTES`)."""
+    return env_limit("KVTOOL_MAX_ARTIFACT_BYTES", MAX_ARTIFACT_BYTES)
 
 
 def open_regular_file(path: str | os.PathLike[str], what: str = "an artifact file") -> io.BufferedReader:
@@ -454,13 +469,13 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     if "arch" in model and not isinstance(model["arch"], dict):
         return "model.arch is not an object"
     if meta["content_digest"] != "" and not (
-        isinstance(meta["content_digest"], str) and _DIGEST_RE.fullmatch(meta["content_digest"])
+        isinstance(meta["content_digest"], str) and DIGEST_RE.fullmatch(meta["content_digest"])
     ):
         return "content_digest is not 'sha256:<64 hex digits>'"
     try:
         canonical_json(meta)
     except (TypeError, ValueError) as e:
-        return f"not JSON-serializable ({_one_line(e)})"
+        return f"not JSON-serializable ({one_line(e)})"
     return None
 
 
@@ -483,7 +498,7 @@ def _check_writable(artifact: Artifact) -> dict[str, Any]:
     if not isinstance(artifact.schema, str) or artifact.schema not in SCHEMAS:
         raise ValueError(f"unknown schema {artifact.schema!r}; known: {sorted(SCHEMAS)} (see register_schema)")
     v, newest = artifact.schema_version, SCHEMAS[artifact.schema]
-    if not _is_int(v) or not 1 <= v <= newest:
+    if not is_int(v) or not 1 <= v <= newest:
         raise ValueError(f"{artifact.schema}: schema_version must be an int in 1..{newest}, got {v!r}")
     meta = _meta_of(artifact)
     problem = _meta_problem({**meta, "content_digest": ""})
@@ -528,7 +543,7 @@ def serialize_artifact(artifact: Artifact) -> tuple[bytes, str]:
     try:
         raw = safetensors.torch.save(tensors)
     except Exception as e:  # shared memory and anything else safetensors refuses
-        raise ValueError(f"cannot serialize the tensors: {_one_line(e)}") from e
+        raise ValueError(f"cannot serialize the tensors: {one_line(e)}") from e
     n = int.from_bytes(raw[:8], "little")
     entries = json.loads(raw[8 : 8 + n])  # tensor entries, ordered by (alignment, name) by safetensors
     entries.pop("__metadata__", None)
@@ -652,11 +667,11 @@ def kvtool_metadata(header: dict[str, Any], source: str, expect_schema: str | No
     try:
         meta = strict_json(stmeta[METADATA_KEY])
     except ValueError as e:
-        raise ArtifactError(f"{source}: malformed kvtool metadata: not valid JSON ({_one_line(e)})") from None
+        raise ArtifactError(f"{source}: malformed kvtool metadata: not valid JSON ({one_line(e)})") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{source}: malformed kvtool metadata: not a JSON object")
     schema, version, producer = meta.get("schema"), meta.get("schema_version"), meta.get("producer")
-    if not isinstance(schema, str) or not _is_int(version) or version < 1:
+    if not isinstance(schema, str) or not is_int(version) or version < 1:
         raise ArtifactError(f"{source}: malformed kvtool metadata: needs a string schema and an int schema_version")
     written_by = _written_by(producer)
     if schema not in SCHEMAS:
@@ -678,7 +693,7 @@ def kvtool_metadata(header: dict[str, Any], source: str, expect_schema: str | No
     problem = _meta_problem(meta)
     if problem:
         raise ArtifactError(f"{source}: malformed kvtool metadata: {problem}")
-    if not _DIGEST_RE.fullmatch(meta["content_digest"]):  # only a writer leaves it empty, before it computes it
+    if not DIGEST_RE.fullmatch(meta["content_digest"]):  # only a writer leaves it empty, before it computes it
         raise ArtifactError(f"{source}: malformed kvtool metadata: no content digest")
     return meta
 

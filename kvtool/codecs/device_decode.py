@@ -19,23 +19,21 @@ per-layer step 3 is :func:`finish_layer`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvtool.arch import apply_rope
+from kvtool.artifacts import content_digest
 from kvtool.capture import rope_for_positions
 from kvtool.codecs import rans
 from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder
 from kvtool.codecs.ecsq import MAX_K
-from kvtool.digests import canonical_json
+from kvtool.codecs.kvz import DecodedLayer, chunk_crc
 from kvtool.errors import ArtifactError
 
 TILE = 8  #: symbols per lane the fused kernel stores together; each segment's output is padded to it
@@ -96,12 +94,7 @@ class HostChecks(threading.Thread):
         return self.view[begin:end]
 
     def _chunk_crc(self, group: list[str]) -> int:
-        seed = self.kvz._crc_seed
-        crc = zlib.crc32(seed) if seed else 0
-        for name in group:  # as kvz._crc: full names, in name order
-            crc = zlib.crc32(name.encode() + b"\0", crc)
-            crc = zlib.crc32(self._bytes(name), crc)
-        return crc
+        return chunk_crc({name: self._bytes(name) for name in group}, self.kvz._crc_seed)
 
     def run(self) -> None:
         try:
@@ -113,7 +106,7 @@ class HostChecks(threading.Thread):
                     by_chunk.setdefault(int(name[6:12]), []).append(name)
             with ThreadPoolExecutor(_workers()) as pool:
                 # version 1 files need the whole-file digest; version 2 chunk CRCs are seeded by the metadata
-                digest = pool.submit(self._digest, names) if not kvz._crc_seed else None
+                digest = pool.submit(self._digest) if not kvz._crc_seed else None
                 crcs = list(pool.map(self._chunk_crc, [by_chunk[c] for c in sorted(by_chunk)]))
                 for c, crc in enumerate(crcs):
                     if crc != kvz.chunks[c]["crc32"]:
@@ -123,14 +116,9 @@ class HostChecks(threading.Thread):
         except BaseException as e:  # noqa: BLE001 - handed to the caller in result()
             self.error = e
 
-    def _digest(self, names: list[str]) -> None:
-        kvz, header = self.kvz, self.kvz._header
-        h = hashlib.sha256(canonical_json({k: v for k, v in kvz._meta.items() if k != "content_digest"}).encode())
-        for name in names:
-            info = header[name]
-            h.update(f"{name}\0{info['dtype']}\0{canonical_json(list(info['shape']))}\0".encode())
-            h.update(self._bytes(name))
-        if "sha256:" + h.hexdigest() != kvz.content_digest:
+    def _digest(self) -> None:
+        kvz = self.kvz
+        if content_digest(kvz._meta, kvz._header, self.view) != kvz.content_digest:
             raise ArtifactError(f"{kvz.path}: content digest mismatch: the file is corrupted or was modified")
 
     def result(self) -> None:
@@ -297,16 +285,6 @@ def decode_symbols_reference(args: dict[str, Any], out: torch.Tensor, bad: torch
 
 
 # -- per layer: transform back, raw tokens, RoPE ----------------------------------------------------------------
-
-
-@dataclass
-class DecodedLayer:
-    """One layer of a decoded prefix (see :class:`kvtool.codecs.kvz.DecodedLayer`)."""
-
-    keys: torch.Tensor
-    keys_pre_rope: torch.Tensor | None
-    values: torch.Tensor
-    positions: torch.Tensor
 
 
 def raw_tokens(kvz: Any, data: torch.Tensor, seg: Any) -> list[torch.Tensor]:

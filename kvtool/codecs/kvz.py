@@ -9,7 +9,6 @@ a CRC-32 per chunk. Chunks of ``chunk_tokens`` positions decode independently an
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import os
 import re
@@ -25,8 +24,14 @@ import torch
 from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo, apply_rope, invert_rope
 from kvtool.artifacts import (
+    DIGEST_RE,
     Artifact,
+    content_hasher,
+    digest_tensor,
+    env_limit,
+    is_int,
     kvtool_metadata,
+    one_line,
     read_header_with_offset,
     register_schema,
     torch_dtype,
@@ -39,7 +44,7 @@ from kvtool.calibrators.projection import codec_levels
 from kvtool.capture import rope_for_positions
 from kvtool.codecs.coding import KINDS, AdaptiveCoder, CalibratedCoder, CodedChunk
 from kvtool.codecs.ecsq import MAX_K
-from kvtool.digests import canonical_json, sha256_json, token_digest
+from kvtool.digests import sha256_json, token_digest
 from kvtool.errors import ArtifactError, KvtoolError, UsageError
 from kvtool.kernels import pick_backend
 from kvtool.quantizers.projection import ProjectionQuantizer
@@ -58,9 +63,8 @@ CACHE_DTYPES = ("float16", "bfloat16", "float32")  #: cache dtypes a file may re
 #: A lossless chunk may decompress to at most this many times its compressed size (real caches: under 2:1; the cap
 #: keeps a forged token count from sizing an output the file cannot fill).
 MAX_LOSSLESS_RATIO = 1024
-MAX_CHUNKS = 999_999
-#: ``extra.layout``: the chunk layout this kvtool writes and reads
-LAYOUT = "see docs/kvz.md"  #: chunk names have six digits, so they sort in chunk order
+MAX_CHUNKS = 999_999  #: chunk names have six digits, so they sort in chunk order
+LAYOUT = "see docs/kvz.md"  #: ``extra.layout``: the chunk layout this kvtool writes and reads
 
 
 @kvconfig.register
@@ -111,13 +115,19 @@ def crc_seed(meta: dict[str, Any]) -> bytes:
     return sha256_json(parts).encode()
 
 
-def _crc(tensors: dict[str, torch.Tensor], seed: bytes = b"") -> int:
-    """CRC-32 of a chunk's tensors (name, NUL, bytes, in name order), started from ``seed``."""
+def chunk_crc(buffers: dict[str, Any], seed: bytes = b"") -> int:
+    """CRC-32 of a chunk's tensors given as byte buffers by full name (name, NUL, bytes, in name order), started
+    from ``seed`` (:func:`crc_seed`)."""
     crc = zlib.crc32(seed) if seed else 0
-    for name in sorted(tensors):
+    for name in sorted(buffers):
         crc = zlib.crc32(name.encode() + b"\0", crc)
-        crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy().tobytes(), crc)
+        crc = zlib.crc32(buffers[name], crc)
     return crc
+
+
+def _crc(tensors: dict[str, torch.Tensor], seed: bytes = b"") -> int:
+    """:func:`chunk_crc` of tensors."""
+    return chunk_crc({n: memoryview(t.contiguous().view(torch.uint8).numpy()) for n, t in tensors.items()}, seed)
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -132,6 +142,7 @@ class Geometry:
     arch: ArchInfo
     tokens: int
     settings: CodecSettings
+    _segments: Segments | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def layer_range(self, layer: int) -> tuple[int, int]:
         return self.tokens - self.arch.cached_tokens(layer, self.tokens), self.tokens
@@ -149,8 +160,11 @@ class Geometry:
         return position < s.sink_tokens or position >= self.tokens - s.recent_tokens
 
     def segments(self) -> Segments:
-        """Coded and raw token counts of every (chunk, layer), by interval arithmetic (see :class:`Segments`)."""
-        return _segments(self)
+        """Coded and raw token counts of every (chunk, layer), by interval arithmetic (see :class:`Segments`);
+        computed once per geometry."""
+        if self._segments is None:
+            self._segments = _segments(self)
+        return self._segments
 
     def split(self, layer: int, chunk: int) -> tuple[list[int], list[int]]:
         """Positions of ``layer`` in ``chunk``: (coded, raw fp16)."""
@@ -169,13 +183,10 @@ class Geometry:
 
 @dataclass
 class Segments:
-    """Per chunk ``c`` and layer ``l`` (row-major ``c · L + l``): coded and raw token counts, the row of the chunk's
-    first coded token in the layer's coded matrix, and the raw tokens before this chunk in the layer."""
+    """Per chunk ``c`` and layer ``l`` (row-major ``c · L + l``): coded and raw token counts."""
 
     coded: torch.Tensor  #: (C·L,) int64
     raw: torch.Tensor  #: (C·L,) int64
-    row: torch.Tensor  #: (C·L,) int64
-    raw_before: torch.Tensor  #: (C·L,) int64
 
 
 def _segments(geo: Geometry) -> Segments:
@@ -196,10 +207,7 @@ def _segments(geo: Geometry) -> Segments:
         return (torch.minimum(stop, torch.tensor(x1)) - torch.maximum(start, torch.tensor(x0))).clamp_min(0)
 
     raw = overlap(0, sink_end) + overlap(recent_start, t)
-    coded = total - raw
-    row = coded.cumsum(0) - coded
-    raw_before = raw.cumsum(0) - raw
-    return Segments(coded.reshape(-1), raw.reshape(-1), row.reshape(-1), raw_before.reshape(-1))
+    return Segments((total - raw).reshape(-1), raw.reshape(-1))
 
 
 def _on_backend(coder: Any, backend: str, device: torch.device) -> Any:
@@ -416,7 +424,7 @@ def encode_cache(
             chunks[chunk]["crc32"] = _crc(part, seed)
             tensors |= part
             if progress:
-                progress(geo.chunk_span(chunk)[1] - geo.chunk_span(chunk)[0])
+                progress(spans[chunk][1] - spans[chunk][0])
     art.extra["meta_digest"] = _meta_digest(
         art.schema, art.schema_version, art.model, art.inputs, art.method, art.extra
     )
@@ -484,7 +492,7 @@ class KvzFile:
             self._expected = self._expected_tensors()
             self._check_tensors(header)
         except (KeyError, TypeError, ValueError, KvtoolError) as e:
-            raise ArtifactError(f"{source}: malformed .kvz metadata ({_one_line(e)})") from None
+            raise ArtifactError(f"{source}: malformed .kvz metadata ({one_line(e)})") from None
         recorded = self.extra.get("meta_digest")
         if recorded != _meta_digest(meta["schema"], meta["schema_version"], self.model, self.inputs, meta["method"],
                                     self.extra):  # fmt: skip
@@ -493,7 +501,7 @@ class KvzFile:
         self._meta = meta
         self._crc_seed = crc_seed(meta)
         self._header = header
-        self._hasher = hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != "content_digest"}).encode())
+        self._hasher = content_hasher(meta)
         self._hashed_chunks = 0  #: chunks fed to the content digest so far (in order)
         self._digest_ok = False
 
@@ -545,12 +553,12 @@ class KvzFile:
             _exact_keys(c, f"extra.chunks[{i}]", {"index", "start", "stop", "crc32"})
             start, stop = geo.chunk_span(i)
             if [c["index"], c["start"], c["stop"]] != [i, start, stop] or not all(
-                _is_int(c[k]) for k in ("index", "start", "stop")
+                is_int(c[k]) for k in ("index", "start", "stop")
             ):
                 raise ValueError(f"extra.chunks[{i}] does not cover positions [{start}, {stop})")
             _int_in(c["crc32"], f"extra.chunks[{i}].crc32", 0, 0xFFFFFFFF)
         ranges = [list(geo.layer_range(i)) for i in range(self.arch.num_layers)]
-        if self.extra["layers"] != ranges or not all(_is_int(x) for r in self.extra["layers"] for x in r):
+        if self.extra["layers"] != ranges or not all(is_int(x) for r in self.extra["layers"] for x in r):
             raise ValueError("extra.layers does not match the positions the model's layers hold")
         if self.decoded_bytes() > max_decode_bytes():
             raise ValueError(f"the decoded cache would take {self.decoded_bytes()} bytes, over the cap of "
@@ -593,7 +601,8 @@ class KvzFile:
         # what the output is sized from must be backed by bytes in the file, within stated ratios
         geo, arch = self.geometry, self.arch
         per_token = 2 * arch.num_kv_heads * arch.head_dim * torch.empty(0, dtype=self.cache_dtype).element_size()
-        held = geo.segments().coded + geo.segments().raw
+        seg = geo.segments()
+        held = seg.coded + seg.raw
         for c, tokens in enumerate(held.reshape(-1, arch.num_layers).sum(1).tolist()):
             name = f"chunk.{c:06d}"
             if self.settings.mode == "lossless":
@@ -617,9 +626,7 @@ class KvzFile:
 
     def _feed_digest(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in sorted(tensors):
-            info = self._header[name]
-            self._hasher.update(f"{name}\0{info['dtype']}\0{canonical_json(list(info['shape']))}\0".encode())
-            self._hasher.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+            digest_tensor(self._hasher, name, self._header[name], tensors[name].contiguous().view(torch.uint8).numpy())
 
     def input_ids(self) -> torch.Tensor:
         with self.path.open("rb") as f:
@@ -661,12 +668,8 @@ class KvzFile:
         self._digest_ok = True
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _int_in(x: Any, what: str, lo: int, hi: int) -> int:
-    if not (_is_int(x) and lo <= x <= hi):
+    if not (is_int(x) and lo <= x <= hi):
         raise ValueError(f"{what} must be an integer in {lo}..{hi} (got {x!r})")
     return x
 
@@ -678,20 +681,13 @@ def _exact_keys(d: Any, what: str, keys: set[str]) -> None:
 
 
 def _digest_string(x: Any, what: str) -> None:
-    if not (isinstance(x, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", x)):
+    if not (isinstance(x, str) and DIGEST_RE.fullmatch(x)):
         raise ValueError(f"{what} is not a sha256 digest")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def max_decode_bytes() -> int:
     """The cap on one file's decoded cache (``KVTOOL_MAX_DECODE_BYTES``, else :data:`MAX_DECODE_BYTES`)."""
-    try:
-        return int(os.environ.get("KVTOOL_MAX_DECODE_BYTES", MAX_DECODE_BYTES))
-    except ValueError:
-        return MAX_DECODE_BYTES
+    return env_limit("KVTOOL_MAX_DECODE_BYTES", MAX_DECODE_BYTES)
 
 
 def check_model_of(kvz: KvzFile, fingerprint: dict[str, Any]) -> None:
@@ -789,7 +785,7 @@ def decode_kvz(
         layers = decode_file(kvz, model, coder, target, dtype or torch.float32, "triton", keep_pre_rope)
         if progress:
             progress(kvz.tokens)
-        return [DecodedLayer(d.keys, d.keys_pre_rope, d.values, d.positions) for d in layers]
+        return layers
     out = _decode_streaming(kvz, model, coder, progress, keep_pre_rope)
     if device is None and dtype is None:
         return out
