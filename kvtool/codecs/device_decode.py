@@ -385,6 +385,82 @@ def _on_device(q: Any, device: torch.device) -> Any:
     return _ON_DEVICE[key][1]
 
 
+def _pow2(n: int) -> bool:
+    return n >= 2 and not n & (n - 1)
+
+
+def _ropes_on(ropes: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer ``(cos, sin)`` moved to ``device``: one transfer per distinct rotary table (layers sharing a
+    rotary module share the tensors :func:`kvtool.capture.rope_for_positions` returns), not one per layer."""
+    moved: dict[int, tuple[torch.Tensor, ...]] = {}
+    out = []
+    for cos, sin in ropes:
+        if id(cos) not in moved:
+            moved[id(cos)] = (cos.to(device, non_blocking=True), sin.to(device, non_blocking=True))
+        out.append(moved[id(cos)])
+    return out
+
+
+def finish_adaptive(
+    kvz: Any, layout: dict[str, Any], coef: torch.Tensor, raws: list[torch.Tensor],
+    ropes: list[tuple[torch.Tensor, ...]], dtype: torch.dtype, keep_pre_rope: bool,
+) -> list[DecodedLayer]:  # fmt: skip
+    """Every layer of an adaptive file in one kernel launch (:func:`kvtool.kernels.kvz_triton
+    .finish_adaptive_triton`): coded tokens from ``coef`` with RoPE, cast to ``dtype`` and written in place in one
+    buffer that the returned layers view; the few raw (fp16) tokens are placed after. Same values as
+    :func:`finish_layer` per layer."""
+    from kvtool.kernels.kvz_triton import finish_adaptive_triton
+
+    arch, geo, s = kvz.arch, kvz.geometry, kvz.settings
+    heads, dim, n_layers, device = arch.num_kv_heads, arch.head_dim, arch.num_layers, coef.device
+    ranges = [geo.layer_range(i) for i in range(n_layers)]
+    lens = torch.tensor([hi - lo for lo, hi in ranges], dtype=torch.int64)
+    per_layer = 2 * heads * dim * lens
+    base = per_layer.cumsum(0) - per_layer
+    out = torch.empty(int(per_layer.sum()), dtype=dtype, device=device)
+    pre = torch.empty(int(per_layer.sum()) // 2, dtype=dtype, device=device) if keep_pre_rope else None
+    # per segment (chunk c, layer l): the first position of its coded run (sinks before it are raw)
+    lo = torch.tensor([r[0] for r in ranges], dtype=torch.int64)
+    a = torch.arange(geo.num_chunks, dtype=torch.int64)[:, None] * s.chunk_tokens
+    b = (a + s.chunk_tokens).clamp_max(kvz.tokens)
+    p0 = torch.minimum(torch.maximum(torch.maximum(a, lo[None, :]), torch.tensor(min(s.sink_tokens, kvz.tokens))), b)
+    # distinct rotary tables stacked; per layer its index
+    tables: dict[int, int] = {}
+    for cos, _ in ropes:
+        tables.setdefault(id(cos), len(tables))
+    uniq = {id(c): (c, sn) for c, sn in ropes}
+    cos_all = torch.stack([uniq[k][0].reshape(-1, dim) for k in tables]).contiguous()
+    sin_all = torch.stack([uniq[k][1].reshape(-1, dim) for k in tables]).contiguous()
+    args = {"n_segments": len(layout["host"]["coded"]), "max_n": max(layout["host"]["coded"], default=0),
+            "heads": heads, "head_dim": dim, "seg_out": layout["seg_out"], "seg_n": layout["seg_n"],
+            "seg_slot": layout["seg_slot"], "seg_p0": p0.reshape(-1).to(device, non_blocking=True),
+            "layer_base": base.to(device, non_blocking=True), "layer_lo": lo.to(device, non_blocking=True),
+            "layer_len": lens.to(device, non_blocking=True), "layer_rope": torch.tensor(
+                [tables[id(c)] for c, _ in ropes], dtype=torch.int64).to(device, non_blocking=True),
+            "cos": cos_all, "sin": sin_all, "rope_tokens": cos_all.shape[1]}  # fmt: skip
+    finish_adaptive_triton(args, coef, out, pre)
+    layers = []
+    for i, (lo_i, hi_i) in enumerate(ranges):
+        n, at = hi_i - lo_i, int(base[i])
+        keys = out[at : at + heads * n * dim].view(1, heads, n, dim)
+        values = out[at + heads * n * dim : at + 2 * heads * n * dim].view(1, heads, n, dim)
+        kpre = None if pre is None else pre[at // 2 : at // 2 + heads * n * dim].view(1, heads, n, dim)
+        raw = raws[i]
+        if raw.shape[2]:
+            # raw positions: the sinks before the coded run and the recent ones after it
+            a_i = min(max(lo_i, s.sink_tokens), hi_i)
+            b_i = max(a_i, min(hi_i, kvz.tokens - s.recent_tokens))
+            rows = torch.cat([torch.arange(lo_i, a_i), torch.arange(b_i, hi_i)]).to(device)
+            r = raw.to(device, torch.float32)
+            cos, sin = ropes[i]
+            keys[0][:, rows - lo_i] = apply_rope(r[0][None], cos[:, rows], sin[:, rows])[0].to(dtype)
+            values[0][:, rows - lo_i] = r[1].to(dtype)
+            if kpre is not None:
+                kpre[0][:, rows - lo_i] = r[0].to(dtype)
+        layers.append(DecodedLayer(keys, kpre, values, torch.arange(lo_i, hi_i)))
+    return layers
+
+
 class _Stages:
     """Wall time per stage when asked for (the device is synchronised at each mark, so only when profiling)."""
 
@@ -419,7 +495,10 @@ def decode_file(
         stages.mark("transfer")
         layout = build_layout(kvz, coder, dev_data)
         layout["words"] = dev_data[: dev_data.numel() // 2 * 2].view(torch.int16)
-        coef = torch.zeros(layout["out_size"], dtype=torch.float32, device=device)
+        # adaptive files on the Triton backend: one fused kernel finishes every layer (RoPE, cast, layout), and it
+        # reads only the symbols the decode kernel wrote, so the coefficients need no zero fill
+        fused = backend == "triton" and layout["adaptive"] and _pow2(kvz.arch.head_dim)
+        coef = (torch.empty if fused else torch.zeros)(layout["out_size"], dtype=torch.float32, device=device)
         bad = torch.zeros(max(layout["n_lanes"], 1), dtype=torch.int32, device=device)
         stages.mark("layout")
         if backend == "triton":
@@ -430,12 +509,15 @@ def decode_file(
             decode_symbols_reference(layout, coef, bad)
         stages.mark("decode")
         raws = raw_tokens(kvz, dev_data, kvz.geometry.segments())
-        ropes = rope_for_positions(model, kvz.arch.num_layers, torch.arange(kvz.tokens))
-        out = []
-        for i in range(kvz.arch.num_layers):
-            lo, hi = kvz.geometry.layer_range(i)
-            cos, sin = (t[:, lo:hi].to(device) for t in ropes[i])
-            out.append(finish_layer(kvz, coder, layout, coef, raws[i], i, (cos, sin), dtype, keep_pre_rope))
+        ropes = _ropes_on(rope_for_positions(model, kvz.arch.num_layers, torch.arange(kvz.tokens)), device)
+        if fused:
+            out = finish_adaptive(kvz, layout, coef, raws, ropes, dtype, keep_pre_rope)
+        else:
+            out = []
+            for i in range(kvz.arch.num_layers):
+                lo, hi = kvz.geometry.layer_range(i)
+                cos, sin = (t[:, lo:hi] for t in ropes[i])
+                out.append(finish_layer(kvz, coder, layout, coef, raws[i], i, (cos, sin), dtype, keep_pre_rope))
         if bool(bad.any()):
             raise ArtifactError(f"{kvz.path}: a coded stream is corrupted (a lane does not end where its length says)")
         stages.mark("finish")

@@ -108,3 +108,71 @@ def decode_file_triton(args: dict[str, torch.Tensor | int], out: torch.Tensor, b
         A=int(args["alphabet"]), PROB_BITS_=int(args["prob_bits"]), BLOCK=BLOCK_LANES, TILE=int(args["tile"]),
         ADAPTIVE=bool(args["adaptive"]), num_warps=NUM_WARPS,
     )  # fmt: skip
+
+
+@triton.jit
+def _finish_adaptive_kernel(
+    coef_ptr, seg_out_ptr, seg_n_ptr, seg_p0_ptr, seg_layer_ptr,
+    layer_base_ptr, layer_lo_ptr, layer_len_ptr, layer_rope_ptr, cos_ptr, sin_ptr, out_ptr, pre_ptr, rope_tokens,
+    H: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr, KEEP_PRE: tl.constexpr,
+):  # fmt: skip
+    seg = tl.program_id(0)
+    head = tl.program_id(2)
+    n = tl.load(seg_n_ptr + seg).to(tl.int64)
+    t = (tl.program_id(1) * BT + tl.arange(0, BT)).to(tl.int64)
+    live = (t < n)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    D: tl.constexpr = 2 * HALF
+    base = tl.load(seg_out_ptr + seg).to(tl.int64)
+    layer = tl.load(seg_layer_ptr + seg)
+    pos = tl.load(seg_p0_ptr + seg).to(tl.int64) + t
+    lo = tl.load(layer_lo_ptr + layer).to(tl.int64)
+    nl = tl.load(layer_len_ptr + layer).to(tl.int64)
+    lbase = tl.load(layer_base_ptr + layer).to(tl.int64)
+    rope = tl.load(layer_rope_ptr + layer).to(tl.int64) * rope_tokens * D + pos[:, None] * D
+    # coefficients: the segment's keys (channels component-major over its n tokens), then its values
+    ch = head * D + d
+    src = coef_ptr + base + ch * n + t[:, None]
+    k1 = tl.load(src, mask=live, other=0.0)
+    k2 = tl.load(src + HALF * n, mask=live, other=0.0)
+    v1 = tl.load(src + H * D * n, mask=live, other=0.0)
+    v2 = tl.load(src + H * D * n + HALF * n, mask=live, other=0.0)
+    c1 = tl.load(cos_ptr + rope + d, mask=live, other=0.0)
+    c2 = tl.load(cos_ptr + rope + HALF + d, mask=live, other=0.0)
+    s1 = tl.load(sin_ptr + rope + d, mask=live, other=0.0)
+    s2 = tl.load(sin_ptr + rope + HALF + d, mask=live, other=0.0)
+    # the layer's output: keys (1, H, nl, D) then values (1, H, nl, D), row = position - lo
+    row = (head * nl + pos - lo)[:, None] * D
+    ty = out_ptr.dtype.element_ty
+    kdst = out_ptr + lbase + row + d
+    # transformers' rotate_half convention, the same fp32 operations as kvtool.arch.apply_rope
+    tl.store(kdst, (k1 * c1 + (-k2) * s1).to(ty), mask=live)
+    tl.store(kdst + HALF, (k2 * c2 + k1 * s2).to(ty), mask=live)
+    vdst = kdst + H * nl * D
+    tl.store(vdst, v1.to(ty), mask=live)
+    tl.store(vdst + HALF, v2.to(ty), mask=live)
+    if KEEP_PRE:
+        pdst = pre_ptr + lbase // 2 + row + d
+        tl.store(pdst, k1.to(ty), mask=live)
+        tl.store(pdst + HALF, k2.to(ty), mask=live)
+
+
+def finish_adaptive_triton(args: dict[str, torch.Tensor | int], coef: torch.Tensor, out: torch.Tensor,
+                           pre: torch.Tensor | None) -> None:  # fmt: skip
+    """Adaptive files: every segment's dequantized coefficients (``coef``, the decode kernel's output) → the
+    layers' keys (RoPE applied) and values, written in ``out``'s dtype at ``layer_base`` (per layer: keys
+    ``(H, n_l, D)`` then values), and the pre-RoPE keys into ``pre`` (per layer ``(H, n_l, D)`` at
+    ``layer_base / 2``) when given. Reference: :func:`kvtool.codecs.device_decode.finish_layer`."""
+    n_seg = int(args["n_segments"])
+    max_n = int(args["max_n"])
+    if n_seg == 0 or max_n == 0:
+        return
+    heads, dim = int(args["heads"]), int(args["head_dim"])
+    bt = max(16, min(128, 8192 // dim))
+    grid = (n_seg, triton.cdiv(max_n, bt), heads)
+    _finish_adaptive_kernel[grid](
+        coef, args["seg_out"], args["seg_n"], args["seg_p0"], args["seg_slot"], args["layer_base"],
+        args["layer_lo"], args["layer_len"], args["layer_rope"], args["cos"], args["sin"], out,
+        pre if pre is not None else out, int(args["rope_tokens"]),
+        H=heads, HALF=dim // 2, BT=bt, KEEP_PRE=pre is not None, num_warps=4,
+    )  # fmt: skip
