@@ -138,6 +138,25 @@ def _tensor_view(data: torch.Tensor, kvz: Any, name: str) -> torch.Tensor:
     return data[begin:end].view(torch_dtype(info["dtype"])).reshape(info["shape"])
 
 
+def _gather_chunks(data: torch.Tensor, kvz: Any, part: str, n_chunks: int) -> torch.Tensor:
+    """The ``part`` tensor of every chunk, concatenated in chunk order (flat, in its dtype), by one gather on
+    ``data``'s device: the pieces are interleaved with the other chunk tensors in the file, and one view per
+    chunk would cost a few Python-level tensor operations each (hundreds of chunks at 32K tokens)."""
+    from kvtool.artifacts import torch_dtype
+
+    infos = [kvz._header[f"chunk.{c:06d}.{part}"] for c in range(n_chunks)]
+    dtype = torch_dtype(infos[0]["dtype"]) if infos else torch.uint8
+    begins = torch.tensor([i["data_offsets"][0] for i in infos], dtype=torch.int64)
+    sizes = torch.tensor([i["data_offsets"][1] - i["data_offsets"][0] for i in infos], dtype=torch.int64)
+    total = int(sizes.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=dtype, device=data.device)
+    starts = (begins - (sizes.cumsum(0) - sizes)).to(data.device)
+    idx = torch.repeat_interleave(starts, sizes.to(data.device), output_size=total)
+    idx += torch.arange(total, device=data.device)
+    return data[idx].view(dtype)
+
+
 def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
     """Every argument of the fused decode kernel, on ``data``'s device (``data``: the file's data section there):
     per lane its words and symbols, per segment its counts, per component (calibrated) or per chunk and channel
@@ -177,8 +196,8 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
     # words: the data section as 16-bit words; each chunk's lanes start at its `words` tensor
     if sum(kvz._header[f"chunk.{c:06d}.lanes"]["shape"][0] for c in range(n_chunks)) != n_lanes:
         raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
-    per_lane = torch.cat([_tensor_view(data, kvz, f"chunk.{c:06d}.lanes") for c in range(n_chunks)]).to(torch.int64)
-    layer_lanes = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.layer_lanes") for c in range(n_chunks)])
+    per_lane = _gather_chunks(data, kvz, "lanes", n_chunks).to(torch.int64)
+    layer_lanes = _gather_chunks(data, kvz, "layer_lanes", n_chunks)
     if not torch.equal(layer_lanes.reshape(-1).to(torch.int64), lps_dev):
         raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
     word_base = torch.tensor([kvz._header[f"chunk.{c:06d}.words"]["data_offsets"][0] // 2 for c in range(n_chunks)])
@@ -205,9 +224,9 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
            "seg_chunk": chunk_of, "seg_out": seg_out, "out_size": int(padded.sum()), "comps": comps,
            "tile": TILE}  # fmt: skip
     if adaptive:
-        step = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.step") for c in range(n_chunks)])
-        mean = torch.stack([_tensor_view(data, kvz, f"chunk.{c:06d}.mean") for c in range(n_chunks)])
-        freq = torch.cat([_tensor_view(data, kvz, f"chunk.{c:06d}.freq") for c in range(n_chunks)])
+        step = _gather_chunks(data, kvz, "step", n_chunks).reshape(n_chunks, n_slots, channels)
+        mean = _gather_chunks(data, kvz, "mean", n_chunks).reshape(n_chunks, n_slots, channels)
+        freq = _gather_chunks(data, kvz, "freq", n_chunks).reshape(n_chunks * n_slots, -1)
         live = (seg.coded.reshape(n_chunks, n_layers).repeat(1, 2) > 0).to(device)  # (C, 2L): slots with tokens
         if bool(((step <= 0) & live[:, :, None]).any()):
             raise ArtifactError(f"{kvz.path}: a coded channel has no positive step")
