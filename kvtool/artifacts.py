@@ -328,7 +328,7 @@ def _header_problem(header: Any, data_len: int) -> str | None:
     return None
 
 
-def _parse_header(read: Callable[[int], bytes], size: int, source: str) -> tuple[dict[str, Any], int]:
+def parse_header(read: Callable[[int], bytes], size: int, source: str) -> tuple[dict[str, Any], int]:
     """Parse and validate a safetensors header; returns (header, offset of the data section)."""
     prefix = read(8)
     if len(prefix) < 8:
@@ -440,7 +440,7 @@ def read_header_with_offset(path: str | os.PathLike[str]) -> tuple[dict[str, Any
     with open_regular_file(path) as f:
         try:
             size = os.fstat(f.fileno()).st_size
-            return _parse_header(f.read, size, str(path))
+            return parse_header(f.read, size, str(path))
         except OSError as e:
             raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
 
@@ -737,7 +737,7 @@ def read_artifact(
             data = f.read()
         except OSError as e:
             raise InputError(f"{source}: cannot read: {e.strerror or e}") from None
-    header, start = _parse_header(io.BytesIO(data).read, len(data), source)
+    header, start = parse_header(io.BytesIO(data).read, len(data), source)
 
     meta = kvtool_metadata(header, source, expect_schema)
     buffer = memoryview(data)[start:]

@@ -63,8 +63,18 @@ def staging_buffer(size: int, pin: bool) -> torch.Tensor:
 
 def read_data(kvz: Any, pin: bool) -> torch.Tensor:
     """The file's data section as one uint8 tensor (in the pinned staging buffer when ``pin``), read by parallel
-    ``preadv`` calls (a page-cache copy is a memory copy: several threads move more bytes per second)."""
-    size = kvz.path.stat().st_size - kvz._data_start
+    ``preadv`` calls (a page-cache copy is a memory copy: several threads move more bytes per second). A file
+    given as bytes in memory is a view of them (a pinned uint8 tensor is used as it is; other buffers are copied
+    into the staging buffer when ``pin``)."""
+    size = kvz.size - kvz._data_start
+    if kvz.buffer is not None:
+        src = kvz.buffer if isinstance(kvz.buffer, torch.Tensor) else torch.frombuffer(kvz.buffer, dtype=torch.uint8)
+        src = src[kvz._data_start :]
+        if not pin or src.is_pinned():
+            return src
+        buf = staging_buffer(size, pin)
+        buf.copy_(src)
+        return buf
     buf = staging_buffer(size, pin)
     view = memoryview(buf.numpy())
     fd = os.open(kvz.path, os.O_RDONLY)

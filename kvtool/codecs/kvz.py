@@ -31,7 +31,9 @@ from kvtool.artifacts import (
     env_limit,
     is_int,
     kvtool_metadata,
+    max_artifact_bytes,
     one_line,
+    parse_header,
     read_header_with_offset,
     register_schema,
     torch_dtype,
@@ -370,6 +372,43 @@ def encode_cache(
 ) -> dict[str, Any]:
     """Write the ``.kvz`` of ``cache``, the model's cache after prefilling ``ids`` from position 0. ``backend``:
     the entropy coder's (``auto``: Triton when the model is on CUDA)."""
+    art = kvz_artifact(lm, ids, cache, settings, calibration, progress, backend)
+    digest = write_artifact(path, art)
+    return {"path": str(path)} | encode_summary(art, path.stat().st_size, digest, lm.arch)
+
+
+def encode_summary(art: Artifact, size: int, digest: str, arch: ArchInfo) -> dict[str, Any]:
+    """What an encode reports: sizes, bits per element, overhead (``size``: the file's bytes)."""
+    tokens = art.inputs["tokens"]
+    payload = sum(t.numel() * t.element_size() for n, t in art.tensors.items() if n.endswith((".words", ".zstd")))
+    elements = (
+        sum(arch.cached_tokens(i, tokens) for i in range(arch.num_layers)) * 2 * arch.num_kv_heads * arch.head_dim
+    )
+    return {
+        "tokens": tokens,
+        "chunks": len(art.extra["chunks"]),
+        "bytes": size,
+        "payload_bytes": payload,
+        "overhead_pct": 100.0 * (size - payload) / size,
+        "bits_per_element": 8.0 * size / elements,
+        "compression_vs_fp16": 16.0 * elements / (8.0 * size),
+        "bytes_per_token": size / tokens,
+        "mode": art.method["_data"]["mode"],
+        "content_digest": digest,
+    }
+
+
+def kvz_artifact(
+    lm: Any,
+    ids: torch.Tensor,
+    cache: Any,
+    settings: CodecSettings,
+    calibration: Artifact | None = None,
+    progress: Callable[[int], None] | None = None,
+    backend: str = "auto",
+) -> Artifact:
+    """The ``.kvz`` artifact of ``cache`` (see :func:`encode_cache`), not yet serialized: chunk tensors on the
+    host, CRCs and metadata digest filled in."""
     arch: ArchInfo = lm.arch
     tokens = int(ids.numel())
     if settings.mode == "lossless" and SCHEMA_VERSION >= 2:
@@ -428,25 +467,7 @@ def encode_cache(
     art.extra["meta_digest"] = _meta_digest(
         art.schema, art.schema_version, art.model, art.inputs, art.method, art.extra
     )
-    digest = write_artifact(path, art)
-    size = path.stat().st_size
-    payload = sum(t.numel() * t.element_size() for n, t in tensors.items() if n.endswith((".words", ".zstd")))
-    elements = (
-        sum(arch.cached_tokens(i, tokens) for i in range(arch.num_layers)) * 2 * arch.num_kv_heads * arch.head_dim
-    )
-    return {
-        "path": str(path),
-        "tokens": tokens,
-        "chunks": len(chunks),
-        "bytes": size,
-        "payload_bytes": payload,
-        "overhead_pct": 100.0 * (size - payload) / size,
-        "bits_per_element": 8.0 * size / elements,
-        "compression_vs_fp16": 16.0 * elements / (8.0 * size),
-        "bytes_per_token": size / tokens,
-        "mode": settings.mode,
-        "content_digest": digest,
-    }
+    return art
 
 
 def _meta_digest(*parts: Any) -> str:
@@ -467,6 +488,28 @@ def _check_same_model(recorded: dict[str, Any], fingerprint: dict[str, Any], wha
 # -- reading ------------------------------------------------------------------------------------------------------
 
 
+class _BufferReader:
+    """``read``/``seek`` over a memoryview without copying it (``io.BytesIO`` would copy the whole buffer)."""
+
+    def __init__(self, view: memoryview):
+        self.view, self.at = view, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.view.nbytes if n < 0 else min(self.at + n, self.view.nbytes)
+        out = bytes(self.view[self.at : end])
+        self.at = end
+        return out
+
+    def seek(self, at: int) -> None:
+        self.at = at
+
+    def __enter__(self) -> _BufferReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 class KvzFile:
     """An opened ``.kvz``: the validated metadata, and chunk tensors read lazily with their CRC checked.
 
@@ -478,10 +521,28 @@ class KvzFile:
     feeds the file's content digest, which :meth:`check_content_digest` compares once every byte has been seen.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str] | bytes | bytearray | memoryview | torch.Tensor,
+                 name: str = "<memory>"):  # fmt: skip
+        #: bytes already in host memory (an engine's buffer): a ``bytes``-like object or a CPU uint8 tensor (a
+        #: pinned one is transferred to the GPU without a staging copy); otherwise ``path`` is a file
+        self.buffer: memoryview | torch.Tensor | None = None
+        if isinstance(path, torch.Tensor):
+            if path.dtype != torch.uint8 or path.dim() != 1 or path.device.type != "cpu":
+                raise UsageError("a .kvz buffer must be a one-dimensional uint8 CPU tensor")
+            self.buffer, self.path = path.contiguous(), Path(name)
+        elif isinstance(path, bytes | bytearray | memoryview):
+            self.buffer, self.path = memoryview(path).cast("B"), Path(name)
+        else:
+            self.path = Path(path)
         source = str(self.path)
-        header, self._data_start = read_header_with_offset(self.path)
+        if self.buffer is None:
+            header, self._data_start = read_header_with_offset(self.path)
+        else:
+            size = self.size
+            if size > max_artifact_bytes():
+                raise ArtifactError(f"{source}: {size} bytes, more than the {max_artifact_bytes()}-byte cap")
+            reader = self.open()
+            header, self._data_start = parse_header(reader.read, size, source)
         meta = kvtool_metadata(header, source, expect_schema=SCHEMA)
         try:
             self._read_meta(meta)
@@ -614,6 +675,20 @@ class KvzFile:
 
     # -- data --------------------------------------------------------------------------------------------------
 
+    @property
+    def size(self) -> int:
+        """Bytes of the whole file."""
+        if self.buffer is None:
+            return self.path.stat().st_size
+        return self.buffer.numel() if isinstance(self.buffer, torch.Tensor) else self.buffer.nbytes
+
+    def open(self) -> Any:
+        """A binary reader over the file (or the buffer)."""
+        if self.buffer is None:
+            return self.path.open("rb")
+        view = self.buffer.numpy().data if isinstance(self.buffer, torch.Tensor) else self.buffer
+        return _BufferReader(view)
+
     def _tensor(self, f: Any, name: str) -> torch.Tensor:
         info = self._header[name]
         begin, end = info["data_offsets"]
@@ -629,7 +704,7 @@ class KvzFile:
             digest_tensor(self._hasher, name, self._header[name], tensors[name].contiguous().view(torch.uint8).numpy())
 
     def input_ids(self) -> torch.Tensor:
-        with self.path.open("rb") as f:
+        with self.open() as f:
             ids = self._tensor(f, "input_ids").to(torch.int64)
         if token_digest(ids) != self.inputs["token_ids_digest"]:
             raise ArtifactError(f"{self.path}: the prefix token ids do not match their digest")
@@ -641,7 +716,7 @@ class KvzFile:
         """The tensors of ``chunk`` (keys without the ``chunk.NNNNNN.`` prefix), CRC-checked."""
         prefix = f"chunk.{chunk:06d}."
         names = sorted(n for n in self._expected if n.startswith(prefix))
-        with self.path.open("rb") as f:
+        with self.open() as f:
             tensors = {n: self._tensor(f, n) for n in names}
         if _crc(tensors, self._crc_seed) != self.chunks[chunk]["crc32"]:
             raise ArtifactError(f"{self.path}: chunk {chunk} is corrupted (CRC-32 mismatch)")
@@ -661,7 +736,7 @@ class KvzFile:
             return
         while self._hashed_chunks < len(self.chunks):
             self.read_chunk(self._hashed_chunks)
-        with self.path.open("rb") as f:
+        with self.open() as f:
             self._feed_digest({"input_ids": self._tensor(f, "input_ids")})
         if "sha256:" + self._hasher.hexdigest() != self.content_digest:
             raise ArtifactError(f"{self.path}: content digest mismatch: the file is corrupted or was modified")
@@ -976,6 +1051,24 @@ def sorted_layers(layers: list[DecodedLayer]) -> list[DecodedLayer]:
     return out
 
 
+def bind_model(kvz: KvzFile, model: Any) -> Any:
+    """Check that ``kvz`` was made for ``model`` and return the transformers model: with a kvtool
+    ``LoadedModel`` its config, weights and tokenizer digests are compared; with a bare transformers model its
+    config is all there is to check."""
+    from kvtool.arch import arch_info
+
+    if hasattr(model, "fingerprint") and hasattr(model, "model"):  # a kvtool LoadedModel
+        check_tokenizer(kvz, model.tokenizer)
+        fingerprint, model = model.fingerprint, model.model
+    else:
+        fingerprint = {
+            "id": getattr(model.config, "_name_or_path", ""),
+            "config_digest": arch_info(model.config).digest(),
+        }
+    _check_same_model(kvz.model, fingerprint, ".kvz file")
+    return model
+
+
 def load_cache(
     path: str | os.PathLike[str],
     model: Any,
@@ -989,19 +1082,10 @@ def load_cache(
     Returns ``(cache, prefix_ids)``: pass ``prefix_ids`` followed by the new tokens as ``input_ids`` with
     ``past_key_values=cache``. The file must be for ``model`` (its config and weights digests are compared) and,
     when it was coded with a calibration artifact, that artifact must be given (exit 3 otherwise)."""
-    from kvtool.arch import arch_info
     from kvtool.artifacts import read_artifact
 
     kvz = KvzFile(path)
-    if hasattr(model, "fingerprint") and hasattr(model, "model"):  # a kvtool LoadedModel
-        check_tokenizer(kvz, model.tokenizer)
-        fingerprint, model = model.fingerprint, model.model
-    else:  # a bare transformers model: its config is all we can check
-        fingerprint = {
-            "id": getattr(model.config, "_name_or_path", ""),
-            "config_digest": arch_info(model.config).digest(),
-        }
-    _check_same_model(kvz.model, fingerprint, ".kvz file")
+    model = bind_model(kvz, model)
     cal = (calibration if isinstance(calibration, Artifact) or calibration is None
            else read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA))  # fmt: skip
     param = next(model.parameters())
