@@ -51,11 +51,10 @@ def real_stream(tokens: int) -> dict[str, Any]:
     batches = []
     for first in range(0, len(chunks), BATCH_CHUNKS):
         batch = chunks[first : first + BATCH_CHUNKS]
-        sides = [coder._side(layers) for layers in batch]
-        tables, offsets = coder._batch_tables(sides)
+        coded = [coder.side_and_symbols(layers) for layers in batch]
+        tables, offsets = coder._batch_tables([c[0] for c in coded])
         syms, tids, lengths = [], [], []
-        for layers, side, off in zip(batch, sides, offsets, strict=True):
-            s, t, segments = coder.symbols(layers, side)
+        for (_, s, t, segments), off in zip(coded, offsets, strict=True):
             syms.append(s)
             tids.append(t + off)
             lengths.append(rans.lane_lengths(segments, coder.lane_len)[0])

@@ -183,6 +183,18 @@ def rope_for_positions(model: Any, num_layers: int, positions: torch.Tensor) -> 
     return [full[j] for j in which]
 
 
+def ropes_on(ropes: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer ``(cos, sin)`` of :func:`rope_for_positions` moved to ``device``: one transfer per distinct rotary
+    table (layers sharing a rotary module share its tensors there too), not one per layer."""
+    moved: dict[int, tuple[torch.Tensor, ...]] = {}
+    out = []
+    for cos, sin in ropes:
+        if id(cos) not in moved:
+            moved[id(cos)] = (cos.to(device, non_blocking=True), sin.to(device, non_blocking=True))
+        out.append(moved[id(cos)])
+    return out
+
+
 #: per model (weakly held): which rotary candidate each layer uses, found once by a 4-token forward
 _ROPE_MATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

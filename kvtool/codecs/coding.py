@@ -46,6 +46,30 @@ def _from_slot_matrix(m: torch.Tensor, heads: int) -> torch.Tensor:
     return m.reshape(m.shape[0], heads, m.shape[1] // heads).permute(1, 0, 2)
 
 
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """``2**e`` as float64, exactly, for integer ``e`` (int64) in [-1022, 1023]: built from the exponent bits (no
+    ``pow`` whose last bit could differ between math libraries)."""
+    return ((e.clamp(-1022, 1023) + 1023) << 52).view(torch.float64)
+
+
+def order_free_mean(x: torch.Tensor) -> torch.Tensor:
+    """Means over the rows of ``x`` ``(..., n, C)`` as float64 ``(..., C)``, bit-identical on every device and
+    thread count.
+
+    A floating-point sum depends on the order of its terms (a GPU reduction and a CPU one differ in the last
+    bits, and a last bit can move an fp16 mean or step, hence a symbol): here each value is scaled by a power of two
+    per column (``|x|·2^s < 2^(62 − bits(n))``) and rounded to an integer, the integers are summed exactly in
+    int64, and the sum is scaled back and divided by ``n``: every step is one correctly rounded IEEE operation on
+    values that do not depend on the order. Values more than ~2^-40 below the column's largest contribute rounded
+    to that resolution (far below the fp16 the result is stored in)."""
+    n = max(x.shape[-2], 1)
+    xd = x.double()
+    _, e = torch.frexp(xd.abs().amax(-2, keepdim=True))  # |x| < 2^e per column
+    shift = (62 - n.bit_length()) - e.to(torch.int64)
+    ints = torch.round(xd * _pow2(shift)).to(torch.int64)
+    return (ints.sum(-2, keepdim=True).double() * _pow2(-shift) / n).squeeze(-2)
+
+
 class _Coder:
     """Shared driver: per layer and kind, ``_symbols`` gives (symbols (n, C), table ids (C,)); they are laid out,
     lane-cut and rANS-coded in one batch."""
@@ -73,6 +97,13 @@ class _Coder:
             segments.append(count)
         return torch.cat(syms), torch.cat(tids), segments
 
+    def side_and_symbols(
+        self, layers: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
+        """A chunk's side tensors (stored, on the CPU) and its flat symbols, table ids and symbols per layer."""
+        side = self._side(layers)
+        return (side, *self.symbols(layers, side))
+
     def _batch_tables(self, sides: list[dict[str, torch.Tensor]]) -> tuple[rans.Tables, list[int]]:
         """One table set for several chunks and each chunk's table-id offset (static tables: shared)."""
         if self.static_tables:
@@ -88,11 +119,11 @@ class _Coder:
     def encode_batch(self, chunks: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[CodedChunk]:
         """Code several chunks in one pass of the coder (their lanes advance together; each chunk's bytes are
         exactly those it gets alone)."""
-        sides = [self._side(layers) for layers in chunks]
+        coded = [self.side_and_symbols(layers) for layers in chunks]
+        sides = [c[0] for c in coded]
         tables, offsets = self._batch_tables(sides)
         syms, tids, lengths, per_layer = [], [], [], []
-        for layers, side, off in zip(chunks, sides, offsets, strict=True):
-            sym, tid, segments = self.symbols(layers, side)
+        for (_, sym, tid, segments), off in zip(coded, offsets, strict=True):
             lens, per = rans.lane_lengths(segments, self.lane_len)
             syms.append(sym)
             tids.append(tid + off)
@@ -230,41 +261,56 @@ class AdaptiveCoder(_Coder):
     def _tids(self, comps: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.full_like(c, int(c[0]) // self.channels) if c.numel() else c for c in comps]
 
-    def _side(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        slots = 2 * self.layers
-        mean = torch.zeros(slots, self.channels, dtype=torch.float16)
-        step = torch.zeros(slots, self.channels, dtype=torch.float16)
-        for i, pair in enumerate(layers):
-            for j, x in enumerate(pair):
-                if x.shape[1] == 0:
-                    continue
-                m = _slot_matrix(x)
-                mean[j * self.layers + i] = m.mean(0).half()
-                dev = m - mean[j * self.layers + i].float()
-                sd = dev.square().mean(0).sqrt()
-                # Never clip: the step grows where quality·σ could not reach the channel's peak in MAX_K steps.
-                fit = torch.maximum(sd * self.quality, dev.abs().amax(0) / (MAX_K - 0.5))
-                step[j * self.layers + i] = fit.clamp_min(6e-8).half()
-        side = {"mean": mean, "step": step}
-        # Tables from the chunk's own symbols, one per layer and kind, over [-MAX_K, MAX_K].
-        counts = torch.zeros(slots, 2 * MAX_K + 1, dtype=torch.int64)
+    def side_and_symbols(
+        self, layers: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
+        """Per K/V slot with tokens: the mean and step of every channel, the symbols and the chunk's table.
+
+        Slots with the same token count are stacked and done together (all slots of a full-attention model:
+        a few dozen operations per chunk, not per layer), on the device the tensors are on; every reduction is
+        order-free (:func:`order_free_mean`, ``amax``, ``bincount``), so the bytes are the same on every device."""
+        n_layers, slots, a = self.layers, 2 * self.layers, 2 * MAX_K + 1
+        device = layers[0][0].device if layers else torch.device("cpu")
+        mean = torch.zeros(slots, self.channels, dtype=torch.float16, device=device)
+        step = torch.zeros(slots, self.channels, dtype=torch.float16, device=device)
+        counts = torch.zeros(slots, a, dtype=torch.int64, device=device)
+        groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for i, pair in enumerate(layers):
             for j, x in enumerate(pair):
                 if x.shape[1]:
-                    s, _ = self._symbols(i, KINDS[j], x, side)
-                    counts[j * self.layers + i] = torch.bincount(s.reshape(-1), minlength=2 * MAX_K + 1)
-        side["freq"] = rans.quantize_counts(counts, torch.full((slots,), 2 * MAX_K + 1)).to(torch.int16)
-        return side
+                    groups.setdefault(x.shape[1], []).append((j * n_layers + i, x))
+        sym_of: dict[int, torch.Tensor] = {}
+        for group in groups.values():
+            idx = [slot for slot, _ in group]
+            m = torch.stack([_slot_matrix(x) for _, x in group])  # (G, n, C)
+            mu = order_free_mean(m).float().half()
+            dev = m - mu.float()[:, None, :]
+            sd = order_free_mean(dev.double().square()).sqrt()
+            # Never clip: the step grows where quality·σ could not reach the channel's peak in MAX_K steps.
+            fit = torch.maximum(sd * self.quality, dev.abs().amax(1).double() / (MAX_K - 0.5))
+            st = fit.float().clamp_min(6e-8).half()
+            sym = quantize(dev, st.float()[:, None, :], torch.tensor(float(MAX_K), device=device))
+            g = torch.arange(len(group), device=device)[:, None, None] * a
+            counts[idx] = torch.bincount((sym + g).reshape(-1), minlength=len(group) * a).reshape(-1, a)
+            mean[idx], step[idx] = mu, st
+            for k, slot in enumerate(idx):
+                sym_of[slot] = sym[k].T.reshape(-1)  # component-major
+        freq = rans.quantize_counts(counts.cpu(), torch.full((slots,), a)).to(torch.int16)
+        syms, tids, segments = [], [], []
+        for i in range(len(layers)):
+            count = 0
+            for slot in (i, n_layers + i):
+                if slot in sym_of:
+                    syms.append(sym_of[slot])
+                    tids.append(torch.full((sym_of[slot].numel(),), slot, dtype=torch.int64, device=device))
+                    count += sym_of[slot].numel()
+            segments.append(count)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        side = {"mean": mean.cpu(), "step": step.cpu(), "freq": freq}
+        return side, torch.cat(syms) if syms else empty, torch.cat(tids) if tids else empty, segments
 
     def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:
         return rans.build_tables(side["freq"].to(torch.int64))
-
-    def _symbols(self, layer: int, kind: str, x: torch.Tensor, side: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        slot = KINDS.index(kind) * self.layers + layer
-        m = _slot_matrix(x)
-        kmax = torch.full((self.channels,), float(MAX_K))
-        s = quantize(m - side["mean"][slot].float(), side["step"][slot].float(), kmax)
-        return s, torch.full((self.channels,), slot, dtype=torch.int64)
 
     def _values(self, layer: int, kind: str, sym: torch.Tensor, n: int, heads: int, head_dim: int, side: dict):
         slot = KINDS.index(kind) * self.layers + layer

@@ -29,7 +29,7 @@ import torch
 
 from kvtool.arch import apply_rope
 from kvtool.artifacts import content_digest
-from kvtool.capture import rope_for_positions
+from kvtool.capture import rope_for_positions, ropes_on
 from kvtool.codecs import rans
 from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder
 from kvtool.codecs.ecsq import MAX_K
@@ -418,18 +418,6 @@ def _pow2(n: int) -> bool:
     return n >= 2 and not n & (n - 1)
 
 
-def _ropes_on(ropes: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list[tuple[torch.Tensor, ...]]:
-    """Per layer ``(cos, sin)`` moved to ``device``: one transfer per distinct rotary table (layers sharing a
-    rotary module share the tensors :func:`kvtool.capture.rope_for_positions` returns), not one per layer."""
-    moved: dict[int, tuple[torch.Tensor, ...]] = {}
-    out = []
-    for cos, sin in ropes:
-        if id(cos) not in moved:
-            moved[id(cos)] = (cos.to(device, non_blocking=True), sin.to(device, non_blocking=True))
-        out.append(moved[id(cos)])
-    return out
-
-
 def finish_adaptive(
     kvz: Any, layout: dict[str, Any], coef: torch.Tensor, raws: list[torch.Tensor],
     ropes: list[tuple[torch.Tensor, ...]], dtype: torch.dtype, keep_pre_rope: bool,
@@ -538,7 +526,7 @@ def decode_file(
             decode_symbols_reference(layout, coef, bad)
         stages.mark("decode")
         raws = raw_tokens(kvz, dev_data, kvz.geometry.segments())
-        ropes = _ropes_on(rope_for_positions(model, kvz.arch.num_layers, torch.arange(kvz.tokens)), device)
+        ropes = ropes_on(rope_for_positions(model, kvz.arch.num_layers, torch.arange(kvz.tokens)), device)
         if fused:
             out = finish_adaptive(kvz, layout, coef, raws, ropes, dtype, keep_pre_rope)
         else:

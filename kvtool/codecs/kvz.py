@@ -43,7 +43,7 @@ from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.calibration import transform_of
 from kvtool.calibrators.projection import codec_levels
-from kvtool.capture import rope_for_positions
+from kvtool.capture import rope_for_positions, ropes_on
 from kvtool.codecs.coding import KINDS, AdaptiveCoder, CalibratedCoder, CodedChunk
 from kvtool.codecs.ecsq import MAX_K
 from kvtool.digests import sha256_json, token_digest
@@ -272,10 +272,13 @@ def _layer_slice(layer: Any, lo: int, positions: list[int]) -> tuple[torch.Tenso
 
 
 def _chunk_layers(
-    geo: Geometry, cache: Any, rope: list[tuple[torch.Tensor, torch.Tensor]], chunk: int
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
-    """The chunk's coded positions per layer as pre-RoPE ``(keys, values)`` ``(heads, n, head_dim)`` float32, and
-    its raw (fp16) positions per layer, flattened ``[K, V] × heads × n × head_dim``."""
+    geo: Geometry, cache: Any, rope: list[tuple[torch.Tensor, torch.Tensor]], chunk: int,
+    device: torch.device = torch.device("cpu"),
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:  # fmt: skip
+    """The chunk's coded positions per layer as pre-RoPE ``(keys, values)`` ``(heads, n, head_dim)`` float32 on
+    ``device`` (where the coder runs; ``rope`` must be there), and its raw (fp16) positions per layer, flattened
+    ``[K, V] × heads × n × head_dim``, on the CPU. RoPE is inverted by separate elementwise operations, each
+    correctly rounded, so the pre-RoPE keys are the same bits on every device."""
     coded_layers, raw_parts = [], []
     for i, layer in enumerate(cache.layers):
         lo, _ = geo.layer_range(i)
@@ -283,12 +286,12 @@ def _chunk_layers(
         cos, sin = rope[i]
         for positions, is_coded in ((coded, True), (raw, False)):
             k, v = _layer_slice(layer, lo, positions)
-            p = torch.tensor(positions, dtype=torch.int64)
-            kp = invert_rope(k[None].float().cpu(), cos[:, p], sin[:, p])[0]
+            p = torch.tensor(positions, dtype=torch.int64, device=cos.device)
+            kp = invert_rope(k[None].float().to(cos.device), cos[:, p], sin[:, p])[0]
             if is_coded:
-                coded_layers.append((kp, v.float().cpu()))
+                coded_layers.append((kp.to(device), v.float().to(device)))
             else:
-                raw_parts.append(torch.stack([kp, v.float().cpu()]).half().reshape(-1))
+                raw_parts.append(torch.stack([kp, v.float().to(kp.device)]).half().reshape(-1).cpu())
     return coded_layers, raw_parts
 
 
@@ -312,13 +315,20 @@ def _chunk_tensors(
     return _pack(name, coder.encode(coded_layers), raw_parts)
 
 
+def _transform_device(coder: Any) -> torch.device:
+    """Where a chunk's transform runs: the adaptive coder's device (a GPU when its rANS runs there); the
+    calibrated coder's projections are CPU matrices (a matmul's rounding depends on the device, so it stays on the
+    CPU: the same bytes everywhere)."""
+    return coder.device if isinstance(coder, AdaptiveCoder) else torch.device("cpu")
+
+
 def _batch_tensors(
     geo: Geometry, cache: Any, rope: list[tuple[torch.Tensor, torch.Tensor]], batch: list[int], coder: Any
 ) -> list[dict[str, torch.Tensor]]:
     """:func:`_chunk_tensors` of several chunks, entropy-coded in one pass (same bytes as one by one)."""
     if geo.settings.mode == "lossless":
         return [_chunk_tensors(geo, cache, rope, c, coder) for c in batch]
-    inputs = [_chunk_layers(geo, cache, rope, c) for c in batch]
+    inputs = [_chunk_layers(geo, cache, rope, c, _transform_device(coder)) for c in batch]
     coded = coder.encode_batch([layers for layers, _ in inputs])
     return [_pack(f"chunk.{c:06d}", cc, raw) for c, cc, (_, raw) in zip(batch, coded, inputs, strict=True)]
 
@@ -429,7 +439,9 @@ def kvz_artifact(
         if layer.keys.shape[-2] != hi - lo:
             raise KvtoolError(f"layer {i} of the model's cache holds {layer.keys.shape[-2]} tokens, not the "
                               f"{hi - lo} its attention type implies: unsupported cache layout")  # fmt: skip
-    rope = [(c.cpu(), s.cpu()) for c, s in rope_for_positions(lm.model, arch.num_layers, torch.arange(tokens))]
+    # evaluated on the CPU (same values everywhere), then where the coder runs: on a GPU model the adaptive coder's
+    # whole transform (RoPE inverted, statistics, symbols) stays on the device, and only the words come back
+    rope = ropes_on(rope_for_positions(lm.model, arch.num_layers, torch.arange(tokens)), _transform_device(coder))
     tensors: dict[str, torch.Tensor] = {"input_ids": ids.to(torch.int32).cpu()}
     spans = [geo.chunk_span(c) for c in range(geo.num_chunks)]
     chunks: list[dict[str, int]] = [{"index": c, "start": a, "stop": b} for c, (a, b) in enumerate(spans)]
