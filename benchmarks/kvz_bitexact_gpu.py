@@ -9,11 +9,12 @@ Step 2, on the GPU machine (carry D: the capture, the reference files, the calib
 
     python benchmarks/kvz_bitexact_gpu.py check --dir D
 
-The check rebuilds the cache from the captured tensors, with a random-weight model of the same config (RoPE, the
-only part of the model the codec uses, depends on the config alone), encodes it with the Triton backend and with the
-torch backend on that machine, and compares every chunk tensor with the reference written on the CPU machine (the
-headers differ only by the tokenizer and weights digests, which the GPU machine does not have); then it decodes
-each file with the device pipeline and the CPU pipeline and reports the largest difference.
+The check rebuilds the cache on the GPU from the captured tensors, with a random-weight model of the same config
+(RoPE, the only part of the model the codec uses, depends on the config alone), encodes it with the Triton backend
+(adaptive files: transform and coding on the GPU) and with the torch backend (transform on the CPU) on that
+machine, and compares every chunk tensor with the reference written on the CPU machine (the headers differ only by
+the tokenizer and weights digests, which the GPU machine does not have); then it decodes each file with the device
+pipeline and the CPU pipeline and reports the largest difference.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ import torch
 MODES = ("adaptive", "calibrated", "lossless")
 
 
-def _cache(model, cap):
+def _cache(model, cap, device: str = "cpu"):
     from kvtool.cache_restore import restore_cache
 
     k, v, ids = cap.tensors["k"], cap.tensors["v"], cap.tensors["input_ids"]
     return restore_cache(model, [(k[i][None].float(), v[i][None].float()) for i in range(k.shape[0])],
-                         int(ids.numel()), torch.device("cpu"), torch.float32), ids  # fmt: skip
+                         int(ids.numel()), torch.device(device), torch.float32), ids  # fmt: skip
 
 
 def _settings(mode: str):
@@ -101,7 +102,9 @@ def check(args: argparse.Namespace) -> int:
     print("config digest equal to the CPU machine's:", lm.arch.digest() == lm.fingerprint["config_digest"])
     cap = read_artifact(d / "kv.safetensors")
     cal = read_artifact(d / "cal.safetensors") if (d / "cal.safetensors").exists() else None
-    cache, ids = _cache(model, cap)
+    # the cache on the GPU: the Triton backend then codes adaptive chunks entirely there (RoPE inverted, statistics,
+    # symbols, rANS), the torch backend transforms on the CPU; both must give the CPU machine's bytes
+    cache, ids = _cache(model, cap, args.device)
     ok = True
     for mode in MODES:
         ref_path = d / f"{mode}.kvz"

@@ -4,9 +4,13 @@ For each model shape (random bf16 weights built in code: SmolLM2-135M and Llama-
 length T, in one run on one GPU:
 
 * ``prefill``: one forward of the T prompt tokens with the cache on (what a user does without kvtool);
-* ``encode``: ``kvtool.codecs.kvz.encode_cache`` of the prefilled cache to a ``.kvz`` file (prefill excluded);
+* ``encode``: ``kvtool.codecs.kvz.encode_cache`` of the prefilled cache to a ``.kvz`` file (prefill excluded), and
+  ``kvtool.encode_kv`` of the same cache to ``.kvz`` bytes in host memory (the connector API; same bytes);
 * ``load_cache``: ``kvtool.load_cache(path, model)``: file (in the page cache) → ``DynamicCache`` on the GPU in
   the model's dtype, every check included (header, CRC-32 per chunk, content digest, lane ends);
+* ``decode_kv``: ``kvtool.decode_kv`` of those bytes held in pinned host memory → per-layer K/V on the GPU (the
+  connector API: no file read);
+* ``--lmcache``: LMCache's CacheGen CUDA codec on the same KV, in the same run (see :func:`lmcache_row`);
 * the same decode with its stages timed (device synchronised between stages, so their sum is a little higher);
 * quality of the restored cache (relative error of K and V against the prefilled one);
 * the device-to-device copy bandwidth, measured in the same run.
@@ -111,7 +115,46 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a.float() - b.float()) / torch.linalg.vector_norm(b.float()))
 
 
-def run(shape: str, tokens: list[int], settings: Any, repeats: int, profile: bool) -> list[dict[str, Any]]:
+def lmcache_row(cache: Any, repeats: int, chunk: int = 256) -> dict[str, Any]:
+    """LMCache's CacheGen codec on its CUDA kernels (``lmcache.c_ops``), on the same KV: its serializer and
+    deserializer (``CacheGenSerializer.to_bytes`` / ``CacheGenDeserializer.from_bytes``: quantization, CDFs,
+    arithmetic coding, pickling, and back to bf16 tensors on the GPU), one object per ``chunk`` tokens as LMCache
+    stores them (its default chunk size). Bins: LMCache's rule for a model it does not list (``CacheGenConfig
+    .from_model_name`` with a stub config of this many layers), as :mod:`kvtool.codecs.cachegen_peer` does."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import lmcache.storage_backend.serde.cachegen_basics as cg_basics
+    from lmcache import torch_device_type  # noqa: F401, I001  (platform detection first)
+    from lmcache.storage_backend.serde.cachegen_decoder import CacheGenDeserializer
+    from lmcache.storage_backend.serde.cachegen_encoder import CacheGenSerializer
+
+    n_layers = len(cache.layers)
+    config, meta = SimpleNamespace(chunk_size=chunk), SimpleNamespace(model_name=f"kvtool/unlisted-{n_layers}")
+    stub = SimpleNamespace(from_pretrained=lambda *a, **k: SimpleNamespace(num_hidden_layers=n_layers))
+    with mock.patch.object(cg_basics, "AutoConfig", stub):
+        ser = CacheGenSerializer(config, meta)
+        de = CacheGenDeserializer(config, meta, torch.bfloat16)
+    keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (L, H, T, D)
+    values = torch.stack([layer.values[0] for layer in cache.layers])
+    kv = torch.stack([keys, values], 1).permute(0, 1, 3, 2, 4).contiguous()  # LMCache's [L, 2, T, H, D]
+    t = kv.shape[2]
+    chunks = [kv[:, :, a : a + chunk].contiguous() for a in range(0, t, chunk)]
+    enc_s, blobs = timed(lambda chunks=chunks: [ser.to_bytes(c) for c in chunks], repeats)
+    dec_s, outs = timed(lambda: [de.from_bytes(b) for b in blobs], repeats)
+    dec = torch.cat(outs, dim=2)  # [L, 2, T, H, D]
+    size = sum(len(b) for b in blobs)
+    fp16_bytes = 2 * kv.numel()
+    del kv, chunks, outs
+    return {"bytes": size, "bits_per_element": 8 * size / (fp16_bytes / 2), "encode_s": enc_s, "decode_s": dec_s,
+            "encode_gb_s": fp16_bytes / enc_s / 1e9, "decode_gb_s": fp16_bytes / dec_s / 1e9,
+            "rel_err_k": rel(dec[:, 0].permute(0, 2, 1, 3), keys),
+            "rel_err_v": rel(dec[:, 1].permute(0, 2, 1, 3), values)}  # fmt: skip
+
+
+def run(
+    shape: str, tokens: list[int], settings: Any, repeats: int, profile: bool, lmcache: bool
+) -> list[dict[str, Any]]:
     import kvtool
     from kvtool.codecs.device_decode import decode_file
     from kvtool.codecs.kvz import KvzFile, _coder, _on_backend, encode_cache, prefill_cache
@@ -127,13 +170,18 @@ def run(shape: str, tokens: list[int], settings: Any, repeats: int, profile: boo
                                                             logits_to_keep=1), repeats)  # fmt: skip
                 cache = prefill_cache(model, ids)
             path = Path(tmp) / f"{shape}-{t}.kvz"
-            t0 = time.perf_counter()
-            info = encode_cache(lm, ids, cache, settings, path)
-            torch.cuda.synchronize()
-            encode_s = time.perf_counter() - t0
+            # encode through the product: the .kvz file (write and content digest included), and the connector API
+            # (K/V already on the GPU -> .kvz bytes in host memory); prefill excluded from both
+            encode_s, info = timed(lambda c=cache, i=ids, p=path: encode_cache(lm, i, c, settings, p), 1)
+            encode_kv_s, blob = timed(lambda c=cache, i=ids: kvtool.encode_kv(lm, c, i, settings=settings), 1)
+            same_bytes = blob == path.read_bytes()
             load_s, (restored, _) = timed(lambda path=path, model=model: kvtool.load_cache(path, model), repeats)
             err_k = max(rel(a.keys, b.keys) for a, b in zip(restored.layers, cache.layers, strict=True))
             err_v = max(rel(a.values, b.values) for a, b in zip(restored.layers, cache.layers, strict=True))
+            del restored
+            # the connector's decode from bytes already in (pinned) host memory: no file read
+            pinned = torch.frombuffer(bytearray(blob), dtype=torch.uint8).pin_memory()
+            decode_kv_s, _ = timed(lambda p=pinned, m=model: kvtool.decode_kv(p, m), repeats)
             open_s, kvz = timed(lambda path=path: KvzFile(path), repeats)
             stages: dict[str, float] = {"open": open_s}
             coder = _on_backend(_coder(kvz.settings, None, kvz.arch), "auto", torch.device("cuda"))
@@ -148,12 +196,21 @@ def run(shape: str, tokens: list[int], settings: Any, repeats: int, profile: boo
             fp16_bytes = 2 * sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
             row = {"shape": shape, "tokens": t, "mode": settings.mode, "bytes": info["bytes"],
                    "bits_per_element": info["bits_per_element"], "prefill_s": prefill_s, "encode_s": encode_s,
-                   "load_cache_s": load_s, "load_gb_s": fp16_bytes / load_s / 1e9,
-                   "encode_gb_s": fp16_bytes / encode_s / 1e9, "speedup_vs_prefill": prefill_s / load_s,
+                   "encode_kv_s": encode_kv_s, "encode_kv_same_bytes": same_bytes,
+                   "load_cache_s": load_s, "decode_kv_pinned_s": decode_kv_s, "load_gb_s": fp16_bytes / load_s / 1e9,
+                   "decode_kv_gb_s": fp16_bytes / decode_kv_s / 1e9,
+                   "encode_gb_s": fp16_bytes / encode_s / 1e9, "encode_kv_gb_s": fp16_bytes / encode_kv_s / 1e9,
+                   "speedup_vs_prefill": prefill_s / load_s, "decode_kv_speedup_vs_prefill": prefill_s / decode_kv_s,
                    "rel_err_k": err_k, "rel_err_v": err_v, "stages_s": stages}  # fmt: skip
+            del pinned, blob
+            if lmcache:
+                try:
+                    row["lmcache_cachegen"] = lmcache_row(cache, repeats)
+                except Exception as e:  # noqa: BLE001 - the peer is optional; its failure is reported in the row
+                    row["lmcache_cachegen"] = {"error": f"{type(e).__name__}: {e}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            del cache, restored
+            del cache
             torch.cuda.empty_cache()
     del model
     torch.cuda.empty_cache()
@@ -169,6 +226,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", action="store_true", help="cProfile one decode at the longest prefix")
+    ap.add_argument("--lmcache", action="store_true", help="LMCache's CacheGen CUDA codec on the same KV (lmcache)")
     args = ap.parse_args()
     from kvtool.codecs.kvz import CodecSettings
 
@@ -177,15 +235,21 @@ def main() -> int:
            "rows": []}  # fmt: skip
     print(f"copy bandwidth {out['copy_gb_s']:.0f} GB/s (read + write)", flush=True)
     for shape in args.shapes.split(","):
-        out["rows"] += run(shape, [int(x) for x in args.tokens.split(",")], settings, args.repeats, args.profile)
+        out["rows"] += run(shape, [int(x) for x in args.tokens.split(",")], settings, args.repeats, args.profile,
+                           args.lmcache)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
-    print(f"{'shape':14} {'T':>6} {'bits':>5} {'prefill':>8} {'load':>8} {'x':>6} {'GB/s':>6} {'encode':>7} stages")
+    print(f"{'shape':13} {'T':>6} {'bits':>5} {'prefill':>8} {'load':>7} {'x':>5} {'kv/pin':>7} {'x':>5} "
+          f"{'GB/s':>5} {'enc s':>6} {'GB/s':>5} | LMCache bits enc/dec GB/s | stages ms")  # fmt: skip
     for r in out["rows"]:
         st = " ".join(f"{k}={v * 1e3:.1f}" for k, v in r["stages_s"].items())
-        print(f"{r['shape']:14} {r['tokens']:>6} {r['bits_per_element']:5.2f} {r['prefill_s'] * 1e3:7.1f}m "
-              f"{r['load_cache_s'] * 1e3:7.1f}m {r['speedup_vs_prefill']:6.1f} {r['load_gb_s']:6.1f} "
-              f"{r['encode_s']:6.2f}s {st}")  # fmt: skip
+        lm = r.get("lmcache_cachegen", {})
+        peer = (f"{lm['bits_per_element']:.2f} {lm['encode_gb_s']:.1f}/{lm['decode_gb_s']:.1f}" if "bytes" in lm
+                else lm.get("error", "-")[:40])  # fmt: skip
+        print(f"{r['shape']:13} {r['tokens']:>6} {r['bits_per_element']:5.2f} {r['prefill_s'] * 1e3:7.1f}m "
+              f"{r['load_cache_s'] * 1e3:6.1f}m {r['speedup_vs_prefill']:5.1f} {r['decode_kv_pinned_s'] * 1e3:6.1f}m "
+              f"{r['decode_kv_speedup_vs_prefill']:5.1f} {r['decode_kv_gb_s']:5.1f} {r['encode_kv_s']:6.2f} "
+              f"{r['encode_kv_gb_s']:5.1f} | {peer} | {st}")  # fmt: skip
     return 0
 
 
