@@ -183,6 +183,54 @@ def rope_for_positions(model: Any, num_layers: int, positions: torch.Tensor) -> 
     return [full[j] for j in which]
 
 
+#: per model (weakly held): the rotary tables of positions 0..n-1 already evaluated, and their device copies
+_PREFIX_ROPE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DYNAMIC_ROPE = ("dynamic", "longrope")  #: rope types whose angles depend on the sequence length
+
+
+def _rope_types(cfg: Any) -> set[str]:
+    found: set[str] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            if isinstance(x.get("rope_type"), str):
+                found.add(x["rope_type"])
+            for v in x.values():
+                walk(v)
+
+    for name in ("rope_parameters", "rope_scaling"):
+        walk(getattr(cfg, name, None))
+    return found
+
+
+def prefix_rope(
+    model: Any, num_layers: int, tokens: int, device: torch.device | str = "cpu"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`rope_for_positions` of positions ``0 .. tokens-1`` on ``device`` (shared per distinct table, see
+    :func:`ropes_on`). A model's RoPE at position ``p`` does not depend on the prefix length (except for the
+    sequence-length-dependent types, which are evaluated afresh), so the tables are kept per model, grown to the
+    longest prefix asked for, and sliced: restoring many prefixes evaluates the rotary modules once (the values
+    are exactly those of a fresh evaluation)."""
+    cfg = getattr(model, "config", None)
+    text_cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    if _rope_types(cfg) & set(_DYNAMIC_ROPE) or _rope_types(text_cfg) & set(_DYNAMIC_ROPE):
+        return ropes_on(rope_for_positions(model, num_layers, torch.arange(tokens)), torch.device(device))
+    held = _PREFIX_ROPE.setdefault(model, {})
+    key = num_layers
+    if key not in held or held[key]["tokens"] < tokens:
+        held[key] = {"tokens": tokens, "cpu": rope_for_positions(model, num_layers, torch.arange(tokens))}
+    entry, dev = held[key], str(torch.device(device))
+    if dev not in entry:
+        entry[dev] = ropes_on(entry["cpu"], torch.device(device))
+    sliced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    out = []
+    for cos, sin in entry[dev]:
+        if id(cos) not in sliced:
+            sliced[id(cos)] = (cos[:, :tokens], sin[:, :tokens])
+        out.append(sliced[id(cos)])
+    return out
+
+
 def ropes_on(ropes: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list[tuple[torch.Tensor, ...]]:
     """Per layer ``(cos, sin)`` of :func:`rope_for_positions` moved to ``device``: one transfer per distinct rotary
     table (layers sharing a rotary module share its tensors there too), not one per layer."""

@@ -29,7 +29,7 @@ import torch
 
 from kvtool.arch import apply_rope
 from kvtool.artifacts import content_digest
-from kvtool.capture import rope_for_positions, ropes_on
+from kvtool.capture import prefix_rope
 from kvtool.codecs import rans
 from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder
 from kvtool.codecs.ecsq import MAX_K
@@ -526,7 +526,7 @@ def decode_file(
             decode_symbols_reference(layout, coef, bad)
         stages.mark("decode")
         raws = raw_tokens(kvz, dev_data, kvz.geometry.segments())
-        ropes = ropes_on(rope_for_positions(model, kvz.arch.num_layers, torch.arange(kvz.tokens)), device)
+        ropes = prefix_rope(model, kvz.arch.num_layers, kvz.tokens, device)
         if fused:
             out = finish_adaptive(kvz, layout, coef, raws, ropes, dtype, keep_pre_rope)
         else:

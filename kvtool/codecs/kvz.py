@@ -43,7 +43,7 @@ from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.calibration import transform_of
 from kvtool.calibrators.projection import codec_levels
-from kvtool.capture import rope_for_positions, ropes_on
+from kvtool.capture import prefix_rope, rope_for_positions
 from kvtool.codecs.coding import KINDS, AdaptiveCoder, CalibratedCoder, CodedChunk
 from kvtool.codecs.ecsq import MAX_K
 from kvtool.digests import sha256_json, token_digest
@@ -441,7 +441,7 @@ def kvz_artifact(
                               f"{hi - lo} its attention type implies: unsupported cache layout")  # fmt: skip
     # evaluated on the CPU (same values everywhere), then where the coder runs: on a GPU model the adaptive coder's
     # whole transform (RoPE inverted, statistics, symbols) stays on the device, and only the words come back
-    rope = ropes_on(rope_for_positions(lm.model, arch.num_layers, torch.arange(tokens)), _transform_device(coder))
+    rope = prefix_rope(lm.model, arch.num_layers, tokens, _transform_device(coder))
     tensors: dict[str, torch.Tensor] = {"input_ids": ids.to(torch.int32).cpu()}
     spans = [geo.chunk_span(c) for c in range(geo.num_chunks)]
     chunks: list[dict[str, int]] = [{"index": c, "start": a, "stop": b} for c, (a, b) in enumerate(spans)]
