@@ -55,9 +55,19 @@ def restore_cache(
     param = next(model.parameters())
     device = param.device if device is None else device
     dtype = param.dtype if dtype is None else dtype
+    from transformers.cache_utils import DynamicLayer
+
     cache = DynamicCache(config=model.config)
     for i, (k, v) in enumerate(layers):
-        cache.update(k.to(device, dtype), v.to(device, dtype), i)
+        k, v = k.to(device, dtype), v.to(device, dtype)
+        layer = cache.layers[i] if i < len(cache.layers) else None
+        if type(layer) is DynamicLayer and not layer.is_initialized and k.is_contiguous() and v.is_contiguous():
+            # A full-attention layer holds exactly what it is given: take the tensors as they are (``update``
+            # would concatenate them onto an empty tensor, a copy of the whole cache); checked below like the rest.
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        else:
+            cache.update(k, v, i)
         layer = cache.layers[i]
         held = k.shape[-2]
         if getattr(layer, "is_sliding", False) and held < context_len:

@@ -293,21 +293,21 @@ class AdaptiveCoder(_Coder):
             g = torch.arange(len(group), device=device)[:, None, None] * a
             counts[idx] = torch.bincount((sym + g).reshape(-1), minlength=len(group) * a).reshape(-1, a)
             mean[idx], step[idx] = mu, st
+            rows = sym.transpose(1, 2).reshape(len(group), -1)  # per slot its symbols component-major, one copy
             for k, slot in enumerate(idx):
-                sym_of[slot] = sym[k].T.reshape(-1)  # component-major
+                sym_of[slot] = rows[k]
         freq = rans.quantize_counts(counts.cpu(), torch.full((slots,), a)).to(torch.int16)
-        syms, tids, segments = [], [], []
-        for i in range(len(layers)):
-            count = 0
-            for slot in (i, n_layers + i):
-                if slot in sym_of:
-                    syms.append(sym_of[slot])
-                    tids.append(torch.full((sym_of[slot].numel(),), slot, dtype=torch.int64, device=device))
-                    count += sym_of[slot].numel()
-            segments.append(count)
+        # the stream: per layer, keys then values
+        order = [slot for i in range(len(layers)) for slot in (i, n_layers + i) if slot in sym_of]
+        segments = [sum(sym_of[slot].numel() for slot in (i, n_layers + i) if slot in sym_of)
+                    for i in range(len(layers))]  # fmt: skip
         empty = torch.zeros(0, dtype=torch.int64, device=device)
+        syms = torch.cat([sym_of[slot] for slot in order]) if order else empty
+        sizes = torch.tensor([sym_of[slot].numel() for slot in order], dtype=torch.int64)
+        tids = (torch.repeat_interleave(torch.tensor(order, dtype=torch.int64, device=device), sizes.to(device))
+                if order else empty)  # fmt: skip
         side = {"mean": mean.cpu(), "step": step.cpu(), "freq": freq}
-        return side, torch.cat(syms) if syms else empty, torch.cat(tids) if tids else empty, segments
+        return side, syms, tids, segments
 
     def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:
         return rans.build_tables(side["freq"].to(torch.int64))

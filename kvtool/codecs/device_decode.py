@@ -46,7 +46,7 @@ READ_PIECE = 32 << 20  #: bytes per parallel read
 
 
 def _workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 1)))
+    return max(1, min(16, (os.cpu_count() or 1)))
 
 
 def staging_buffer(size: int, pin: bool) -> torch.Tensor:
@@ -451,6 +451,8 @@ def finish_adaptive(
     args = {"n_segments": len(layout["host"]["coded"]), "max_n": max(layout["host"]["coded"], default=0),
             "heads": heads, "head_dim": dim, "seg_out": layout["seg_out"], "seg_n": layout["seg_n"],
             "seg_slot": layout["seg_slot"], "seg_p0": p0.reshape(-1).to(device, non_blocking=True),
+            "seg_chunk": layout["seg_chunk"], "comp_step": layout["comp_step"], "comp_mean": layout["comp_mean"],
+            "n_slots": layout["n_slots"],
             "layer_base": base.to(device, non_blocking=True), "layer_lo": lo.to(device, non_blocking=True),
             "layer_len": lens.to(device, non_blocking=True), "layer_rope": torch.tensor(
                 [tables[id(c)] for c, _ in ropes], dtype=torch.int64).to(device, non_blocking=True),
@@ -514,8 +516,12 @@ def decode_file(
         layout["words"] = dev_data[: dev_data.numel() // 2 * 2].view(torch.int16)
         # adaptive files on the Triton backend: one fused kernel finishes every layer (RoPE, cast, layout), and it
         # reads only the symbols the decode kernel wrote, so the coefficients need no zero fill
+        # (the decode kernel then stores the symbols, one byte each, and the finish kernel dequantizes them)
         fused = backend == "triton" and layout["adaptive"] and _pow2(kvz.arch.head_dim)
-        coef = (torch.empty if fused else torch.zeros)(layout["out_size"], dtype=torch.float32, device=device)
+        if fused:
+            coef = torch.empty(layout["out_size"], dtype=torch.uint8, device=device)
+        else:
+            coef = torch.zeros(layout["out_size"], dtype=torch.float32, device=device)
         bad = torch.zeros(max(layout["n_lanes"], 1), dtype=torch.int32, device=device)
         stages.mark("layout")
         if backend == "triton":

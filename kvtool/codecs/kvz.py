@@ -275,24 +275,36 @@ def _chunk_layers(
     geo: Geometry, cache: Any, rope: list[tuple[torch.Tensor, torch.Tensor]], chunk: int,
     device: torch.device = torch.device("cpu"),
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:  # fmt: skip
-    """The chunk's coded positions per layer as pre-RoPE ``(keys, values)`` ``(heads, n, head_dim)`` float32 on
-    ``device`` (where the coder runs; ``rope`` must be there), and its raw (fp16) positions per layer, flattened
-    ``[K, V] × heads × n × head_dim``, on the CPU. RoPE is inverted by separate elementwise operations, each
-    correctly rounded, so the pre-RoPE keys are the same bits on every device."""
-    coded_layers, raw_parts = [], []
+    """:func:`_batch_layers` of one chunk."""
+    return _batch_layers(geo, cache, rope, [chunk], device)[0]
+
+
+def _batch_layers(
+    geo: Geometry, cache: Any, rope: list[tuple[torch.Tensor, torch.Tensor]], batch: list[int],
+    device: torch.device = torch.device("cpu"),
+) -> list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]]:  # fmt: skip
+    """Per chunk of ``batch`` (consecutive chunks): its coded positions per layer as pre-RoPE ``(keys, values)``
+    ``(heads, n, head_dim)`` float32 on ``device`` (where the coder runs; ``rope`` must be there), and its raw
+    (fp16) positions per layer, flattened ``[K, V] × heads × n × head_dim``, on the CPU. RoPE is inverted once per
+    layer over the batch's positions, by separate elementwise operations, each correctly rounded, so the pre-RoPE
+    keys are the same bits on every device (and whatever the batch)."""
+    a0, b0 = geo.chunk_span(batch[0])[0], geo.chunk_span(batch[-1])[1]
+    out: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]] = [([], []) for _ in batch]
     for i, layer in enumerate(cache.layers):
-        lo, _ = geo.layer_range(i)
-        coded, raw = geo.split(i, chunk)
+        lo, hi = geo.layer_range(i)
+        s, e = max(a0, lo), max(min(b0, hi), max(a0, lo))  # this layer's positions in the batch: [s, e)
         cos, sin = rope[i]
-        for positions, is_coded in ((coded, True), (raw, False)):
-            k, v = _layer_slice(layer, lo, positions)
-            p = torch.tensor(positions, dtype=torch.int64, device=cos.device)
-            kp = invert_rope(k[None].float().to(cos.device), cos[:, p], sin[:, p])[0]
-            if is_coded:
-                coded_layers.append((kp.to(device), v.float().to(device)))
-            else:
-                raw_parts.append(torch.stack([kp, v.float().to(kp.device)]).half().reshape(-1).cpu())
-    return coded_layers, raw_parts
+        k = layer.keys[0, :, s - lo : e - lo]
+        kp = invert_rope(k[None].float().to(cos.device), cos[:, s:e], sin[:, s:e])[0]  # (heads, e - s, head_dim)
+        v = layer.values[0, :, s - lo : e - lo]
+        for (coded_layers, raw_parts), chunk in zip(out, batch, strict=True):
+            coded, raw = geo.split(i, chunk)
+            c0 = coded[0] - s if coded else 0  # the coded positions are one run
+            coded_layers.append((kp[:, c0 : c0 + len(coded)].to(device), v[:, c0 : c0 + len(coded)].float().to(device)))
+            idx = torch.tensor([p - s for p in raw], dtype=torch.int64, device=kp.device)
+            kr, vr = kp.index_select(1, idx), v.index_select(1, idx.to(v.device)).float().to(kp.device)
+            raw_parts.append(torch.stack([kr, vr]).half().reshape(-1).cpu())
+    return out
 
 
 def _chunk_tensors(
@@ -328,7 +340,7 @@ def _batch_tensors(
     """:func:`_chunk_tensors` of several chunks, entropy-coded in one pass (same bytes as one by one)."""
     if geo.settings.mode == "lossless":
         return [_chunk_tensors(geo, cache, rope, c, coder) for c in batch]
-    inputs = [_chunk_layers(geo, cache, rope, c, _transform_device(coder)) for c in batch]
+    inputs = _batch_layers(geo, cache, rope, batch, _transform_device(coder))
     coded = coder.encode_batch([layers for layers, _ in inputs])
     return [_pack(f"chunk.{c:06d}", cc, raw) for c, cc, (_, raw) in zip(batch, coded, inputs, strict=True)]
 

@@ -29,6 +29,7 @@ def _decode_file_kernel(
     comp_base_ptr, comp_tid_ptr, comp_step_ptr, comp_kmax_ptr, comp_mean_ptr,
     lut_ptr, fc_ptr, out_ptr, bad_ptr, n_lanes, max_len, n_slots, channels,
     A: tl.constexpr, PROB_BITS_: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, ADAPTIVE: tl.constexpr,
+    SYMBOLS: tl.constexpr,
 ):  # fmt: skip
     lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = lanes < n_lanes
@@ -57,7 +58,10 @@ def _decode_file_kernel(
     ptr = wstart + 2
     cols = tl.arange(0, TILE)
     for k0 in range(0, max_len, TILE):
-        tile = tl.zeros((BLOCK, TILE), dtype=tl.float32)
+        if SYMBOLS:  # the symbols themselves (1 byte each); the finish kernel dequantizes
+            tile = tl.zeros((BLOCK, TILE), dtype=tl.int32)
+        else:
+            tile = tl.zeros((BLOCK, TILE), dtype=tl.float32)
         for kk in tl.static_range(TILE):
             k = k0 + kk
             active = live & (k < length)
@@ -81,21 +85,27 @@ def _decode_file_kernel(
             nxt = tl.where(read, (nxt << 16) | w, nxt)
             ptr += read.to(tl.int64)
             x = tl.where(active, nxt, x)
-            step = tl.load(comp_step_ptr + cidx, mask=active, other=0.0)
-            if ADAPTIVE:
-                value = (s.to(tl.float32) - 63.0) * step + tl.load(comp_mean_ptr + cidx, mask=active, other=0.0)
+            if SYMBOLS:
+                tile = tl.where(cols[None, :] == kk, s.to(tl.int32)[:, None], tile)
             else:
-                value = (s.to(tl.float32) - tl.load(comp_kmax_ptr + cidx, mask=active, other=0.0)) * step
-            tile = tl.where(cols[None, :] == kk, value[:, None], tile)
+                step = tl.load(comp_step_ptr + cidx, mask=active, other=0.0)
+                if ADAPTIVE:
+                    mean = tl.load(comp_mean_ptr + cidx, mask=active, other=0.0)
+                    value = (s.to(tl.float32) - 63.0) * step + mean
+                else:
+                    value = (s.to(tl.float32) - tl.load(comp_kmax_ptr + cidx, mask=active, other=0.0)) * step
+                tile = tl.where(cols[None, :] == kk, value[:, None], tile)
         keep = live[:, None] & ((k0 + cols)[None, :] < length[:, None])
-        tl.store(out_ptr + (dst + k0)[:, None] + cols[None, :], tile, mask=keep)
+        tl.store(out_ptr + (dst + k0)[:, None] + cols[None, :], tile.to(out_ptr.dtype.element_ty), mask=keep)
     # A lane is sound when it consumed exactly its words and came back to the initial state.
     tl.store(bad_ptr + lanes, ((ptr != end) | (x != 65536)).to(tl.int32), mask=live)
 
 
 def decode_file_triton(args: dict[str, torch.Tensor | int], out: torch.Tensor, bad: torch.Tensor) -> None:
     """Launch the kernel on the layout ``args`` (see :func:`kvtool.codecs.device_decode.decode_symbols_reference`
-    for every entry); ``out`` (float32, segment order) and ``bad`` (int32, one per lane) are written in place."""
+    for every entry); ``out`` (segment order) and ``bad`` (int32, one per lane) are written in place. ``out``
+    float32: the dequantized coefficients; uint8: the symbols (adaptive files, dequantized by
+    :func:`finish_adaptive_triton`, a quarter of the bytes written and read back)."""
     n_lanes = int(args["n_lanes"])
     if n_lanes == 0:
         return
@@ -106,13 +116,13 @@ def decode_file_triton(args: dict[str, torch.Tensor | int], out: torch.Tensor, b
         args["seg_out"], args["comp_base"], args["comp_tid"], args["comp_step"], args["comp_kmax"], args["comp_mean"],
         args["lut"], args["fc"], out, bad, n_lanes, int(args["max_len"]), int(args["n_slots"]), int(args["channels"]),
         A=int(args["alphabet"]), PROB_BITS_=int(args["prob_bits"]), BLOCK=BLOCK_LANES, TILE=int(args["tile"]),
-        ADAPTIVE=bool(args["adaptive"]), num_warps=NUM_WARPS,
+        ADAPTIVE=bool(args["adaptive"]), SYMBOLS=out.dtype == torch.uint8, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
 @triton.jit
 def _finish_adaptive_kernel(
-    coef_ptr, seg_out_ptr, seg_n_ptr, seg_p0_ptr, seg_layer_ptr,
+    sym_ptr, seg_out_ptr, seg_n_ptr, seg_p0_ptr, seg_layer_ptr, seg_chunk_ptr, step_ptr, mean_ptr, n_slots,
     layer_base_ptr, layer_lo_ptr, layer_len_ptr, layer_rope_ptr, cos_ptr, sin_ptr, out_ptr, pre_ptr, rope_tokens,
     H: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr, KEEP_PRE: tl.constexpr,
 ):  # fmt: skip
@@ -130,13 +140,20 @@ def _finish_adaptive_kernel(
     nl = tl.load(layer_len_ptr + layer).to(tl.int64)
     lbase = tl.load(layer_base_ptr + layer).to(tl.int64)
     rope = tl.load(layer_rope_ptr + layer).to(tl.int64) * rope_tokens * D + pos[:, None] * D
-    # coefficients: the segment's keys (channels component-major over its n tokens), then its values
+    # symbols: the segment's keys (channels component-major over its n tokens), then its values; dequantized with
+    # the chunk's step and mean of each channel (key slot = layer, value slot = L + layer), as the reference does
     ch = head * D + d
-    src = coef_ptr + base + ch * n + t[:, None]
-    k1 = tl.load(src, mask=live, other=0.0)
-    k2 = tl.load(src + HALF * n, mask=live, other=0.0)
-    v1 = tl.load(src + H * D * n, mask=live, other=0.0)
-    v2 = tl.load(src + H * D * n + HALF * n, mask=live, other=0.0)
+    src = sym_ptr + base + ch * n + t[:, None]
+    kslot = (tl.load(seg_chunk_ptr + seg).to(tl.int64) * n_slots + layer) * (H * D)
+    vslot = kslot + (n_slots // 2) * (H * D)
+    k1 = (tl.load(src, mask=live, other=0).to(tl.float32) - 63.0) * tl.load(step_ptr + kslot + ch) + tl.load(
+        mean_ptr + kslot + ch)
+    k2 = (tl.load(src + HALF * n, mask=live, other=0).to(tl.float32) - 63.0) * tl.load(
+        step_ptr + kslot + ch + HALF) + tl.load(mean_ptr + kslot + ch + HALF)
+    v1 = (tl.load(src + H * D * n, mask=live, other=0).to(tl.float32) - 63.0) * tl.load(
+        step_ptr + vslot + ch) + tl.load(mean_ptr + vslot + ch)
+    v2 = (tl.load(src + H * D * n + HALF * n, mask=live, other=0).to(tl.float32) - 63.0) * tl.load(
+        step_ptr + vslot + ch + HALF) + tl.load(mean_ptr + vslot + ch + HALF)
     c1 = tl.load(cos_ptr + rope + d, mask=live, other=0.0)
     c2 = tl.load(cos_ptr + rope + HALF + d, mask=live, other=0.0)
     s1 = tl.load(sin_ptr + rope + d, mask=live, other=0.0)
@@ -157,10 +174,11 @@ def _finish_adaptive_kernel(
         tl.store(pdst + HALF, k2.to(ty), mask=live)
 
 
-def finish_adaptive_triton(args: dict[str, torch.Tensor | int], coef: torch.Tensor, out: torch.Tensor,
+def finish_adaptive_triton(args: dict[str, torch.Tensor | int], sym: torch.Tensor, out: torch.Tensor,
                            pre: torch.Tensor | None) -> None:  # fmt: skip
-    """Adaptive files: every segment's dequantized coefficients (``coef``, the decode kernel's output) → the
-    layers' keys (RoPE applied) and values, written in ``out``'s dtype at ``layer_base`` (per layer: keys
+    """Adaptive files: every segment's symbols (``sym``, uint8, the decode kernel's output), dequantized with their
+    chunk's step and mean per channel (``(s − 63)·step + mean`` in float32) → the layers' keys (RoPE applied) and
+    values, written in ``out``'s dtype at ``layer_base`` (per layer: keys
     ``(H, n_l, D)`` then values), and the pre-RoPE keys into ``pre`` (per layer ``(H, n_l, D)`` at
     ``layer_base / 2``) when given. Reference: :func:`kvtool.codecs.device_decode.finish_layer`."""
     n_seg = int(args["n_segments"])
@@ -171,7 +189,8 @@ def finish_adaptive_triton(args: dict[str, torch.Tensor | int], coef: torch.Tens
     bt = max(16, min(128, 8192 // dim))
     grid = (n_seg, triton.cdiv(max_n, bt), heads)
     _finish_adaptive_kernel[grid](
-        coef, args["seg_out"], args["seg_n"], args["seg_p0"], args["seg_slot"], args["layer_base"],
+        sym, args["seg_out"], args["seg_n"], args["seg_p0"], args["seg_slot"], args["seg_chunk"],
+        args["comp_step"], args["comp_mean"], int(args["n_slots"]), args["layer_base"],
         args["layer_lo"], args["layer_len"], args["layer_rope"], args["cos"], args["sin"], out,
         pre if pre is not None else out, int(args["rope_tokens"]),
         H=heads, HALF=dim // 2, BT=bt, KEEP_PRE=pre is not None, num_warps=4,
