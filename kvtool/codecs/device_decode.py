@@ -167,7 +167,7 @@ def _gather_chunks(data: torch.Tensor, kvz: Any, part: str, n_chunks: int) -> to
     return data[idx].view(dtype)
 
 
-def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
+def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None) -> dict[str, Any]:
     """Every argument of the fused decode kernel, on ``data``'s device (``data``: the file's data section there):
     per lane its words and symbols, per segment its counts, per component (calibrated) or per chunk and channel
     (adaptive) the table, step and mean. The geometry is arithmetic on the header's numbers (host); whatever comes
@@ -206,6 +206,8 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
     # words: the data section as 16-bit words; each chunk's lanes start at its `words` tensor
     if sum(kvz._header[f"chunk.{c:06d}.lanes"]["shape"][0] for c in range(n_chunks)) != n_lanes:
         raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
+    mark = stages.mark if stages is not None else (lambda name: None)
+    mark("layout.segments")
     per_lane = _gather_chunks(data, kvz, "lanes", n_chunks).to(torch.int64)
     layer_lanes = _gather_chunks(data, kvz, "layer_lanes", n_chunks)
     if not torch.equal(layer_lanes.reshape(-1).to(torch.int64), lps_dev):
@@ -219,6 +221,7 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
     if n_lanes:
         within = within - within[chunk_first.clamp_max(n_lanes - 1)][lane_chunk]
     lane_word = word_base.to(device)[lane_chunk] + within
+    mark("layout.lanes")
     # where each segment's symbols land in the output: in segment order, each padded to the kernel's store tile
     padded = (sym + TILE - 1) // TILE * TILE
     seg_out = padded.cumsum(0) - padded
@@ -243,6 +246,7 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
         out |= {"comp_step": step.float().reshape(-1), "comp_mean": mean.float().reshape(-1),
                 "comp_base": torch.zeros(1, dtype=torch.int64), "comp_tid": torch.zeros(1, dtype=torch.int64),
                 "comp_kmax": torch.zeros(1)}  # fmt: skip
+        mark("layout.side")
         try:
             tables = rans.build_tables(freq.to(torch.int64))
         except ValueError as e:
@@ -256,6 +260,7 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor) -> dict[str, Any]:
                 "comp_step": level.step[flat].float(), "comp_kmax": level.kmax[flat].float(),
                 "comp_mean": torch.zeros(1)}  # fmt: skip
         tables = coder._tables({})
+    mark("layout.tables")
     out["alphabet"] = tables.freq.shape[1]
     out["lut"] = tables.lut
     out["fc"] = (tables.freq | (tables.cum[:, :-1] << 16)).to(torch.int32)
@@ -420,7 +425,7 @@ def _pow2(n: int) -> bool:
 
 def finish_adaptive(
     kvz: Any, layout: dict[str, Any], coef: torch.Tensor, raws: list[torch.Tensor],
-    ropes: list[tuple[torch.Tensor, ...]], dtype: torch.dtype, keep_pre_rope: bool,
+    ropes: list[tuple[torch.Tensor, ...]], dtype: torch.dtype, keep_pre_rope: bool, stages: Any = None,
 ) -> list[DecodedLayer]:  # fmt: skip
     """Every layer of an adaptive file in one kernel launch (:func:`kvtool.kernels.kvz_triton
     .finish_adaptive_triton`): coded tokens from ``coef`` with RoPE, cast to ``dtype`` and written in place in one
@@ -457,7 +462,10 @@ def finish_adaptive(
             "layer_len": lens.to(device, non_blocking=True), "layer_rope": torch.tensor(
                 [tables[id(c)] for c, _ in ropes], dtype=torch.int64).to(device, non_blocking=True),
             "cos": cos_all, "sin": sin_all, "rope_tokens": cos_all.shape[1]}  # fmt: skip
+    mark = stages.mark if stages is not None else (lambda name: None)
+    mark("finish.args")
     finish_adaptive_triton(args, coef, out, pre)
+    mark("finish.kernel")
     layers = []
     for i, (lo_i, hi_i) in enumerate(ranges):
         n, at = hi_i - lo_i, int(base[i])
@@ -512,7 +520,7 @@ def decode_file(
     try:
         dev_data = data.to(device, non_blocking=True)
         stages.mark("transfer")
-        layout = build_layout(kvz, coder, dev_data)
+        layout = build_layout(kvz, coder, dev_data, stages)
         layout["words"] = dev_data[: dev_data.numel() // 2 * 2].view(torch.int16)
         # adaptive files on the Triton backend: one fused kernel finishes every layer (RoPE, cast, layout), and it
         # reads only the symbols the decode kernel wrote, so the coefficients need no zero fill
@@ -534,7 +542,8 @@ def decode_file(
         raws = raw_tokens(kvz, dev_data, kvz.geometry.segments())
         ropes = prefix_rope(model, kvz.arch.num_layers, kvz.tokens, device)
         if fused:
-            out = finish_adaptive(kvz, layout, coef, raws, ropes, dtype, keep_pre_rope)
+            stages.mark("finish.rope")
+            out = finish_adaptive(kvz, layout, coef, raws, ropes, dtype, keep_pre_rope, stages)
         else:
             out = []
             for i in range(kvz.arch.num_layers):
