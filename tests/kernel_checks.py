@@ -91,6 +91,7 @@ def _device_decode_case(device: str) -> None:
     from kvtool.artifacts import read_artifact, write_artifact
     from kvtool.calibrators.projection import Budget, ProjectionCalibration, fit_projection, projection_artifact
     from kvtool.codecs.kvz import CodecSettings, KvzFile, _coder, _decode_streaming, encode_prefix
+    from kvtool.errors import ArtifactError
 
     class _Tiny:
         def __init__(self, arch: str):
@@ -119,6 +120,15 @@ def _device_decode_case(device: str) -> None:
                 ref = _decode_streaming(KvzFile(path), tiny.model, _coder(settings, c, tiny.info), None, True)
                 coder = _coder(settings, c, tiny.info)
                 got = decode_file(KvzFile(path), tiny.model, coder, torch.device(device), torch.float32, "triton", True)
+                # a damaged chunk is refused by the device pipeline too (its CRC), after decoding, before returning
+                damaged = bytearray(path.read_bytes())
+                damaged[-9] ^= 0x40
+                try:
+                    decode_file(KvzFile(bytes(damaged)), tiny.model, coder, torch.device(device), torch.float32,
+                                "triton")  # fmt: skip
+                    raise AssertionError("a damaged file was decoded")
+                except ArtifactError as e:
+                    assert "corrupted" in str(e), e
                 for a, b in zip(got, ref, strict=True):
                     for x, y in ((a.keys, b.keys), (a.keys_pre_rope, b.keys_pre_rope), (a.values, b.values)):
                         x = x.cpu()

@@ -20,7 +20,6 @@ per-layer step 3 is :func:`finish_layer`.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -91,12 +90,13 @@ def read_data(kvz: Any, pin: bool) -> torch.Tensor:
     return buf
 
 
-class HostChecks(threading.Thread):
-    """The chunk CRC-32s and the content digest over the data already in host memory, on a thread (zlib and
-    hashlib release the GIL on large buffers): the device decodes meanwhile. :meth:`result` raises what failed."""
+class HostChecks:
+    """The chunk CRC-32s and the content digest over the data already in host memory, on a thread pool (zlib and
+    hashlib release the GIL on large buffers). :func:`decode_file` runs them once every kernel is queued, so the
+    device decodes meanwhile; on a worker thread started earlier they slowed the host's own layout work (GIL
+    contention) by more than they overlapped. :meth:`result` raises what failed."""
 
     def __init__(self, kvz: Any, data: torch.Tensor):
-        super().__init__(daemon=True)
         self.kvz, self.view, self.error = kvz, memoryview(data.numpy()), None
 
     def _bytes(self, name: str) -> memoryview:
@@ -132,7 +132,6 @@ class HostChecks(threading.Thread):
             raise ArtifactError(f"{kvz.path}: content digest mismatch: the file is corrupted or was modified")
 
     def result(self) -> None:
-        self.join()
         if self.error is not None:
             raise self.error
 
@@ -210,8 +209,11 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None) -
     mark("layout.segments")
     per_lane = _gather_chunks(data, kvz, "lanes", n_chunks).to(torch.int64)
     layer_lanes = _gather_chunks(data, kvz, "layer_lanes", n_chunks)
-    if not torch.equal(layer_lanes.reshape(-1).to(torch.int64), lps_dev):
-        raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
+    # checks of what is in the file's bytes are flags on the device, read once at the end (no host round trip
+    # per check while the transfer and kernels run); nothing is handed out before they pass
+    problems: list[tuple[torch.Tensor, str]] = [
+        ((layer_lanes.reshape(-1).to(torch.int64) != lps_dev).any(), "the lane index does not match the chunks' layout")
+    ]  # fmt: skip
     word_base = torch.tensor([kvz._header[f"chunk.{c:06d}.words"]["data_offsets"][0] // 2 for c in range(n_chunks)])
     lanes_of_chunk = lanes_per_seg.reshape(n_chunks, n_layers).sum(1)
     lane_chunk = torch.repeat_interleave(torch.arange(n_chunks, device=device), lanes_of_chunk.to(device),
@@ -241,16 +243,15 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None) -
         mean = _gather_chunks(data, kvz, "mean", n_chunks).reshape(n_chunks, n_slots, channels)
         freq = _gather_chunks(data, kvz, "freq", n_chunks).reshape(n_chunks * n_slots, -1)
         live = (seg.coded.reshape(n_chunks, n_layers).repeat(1, 2) > 0).to(device)  # (C, 2L): slots with tokens
-        if bool(((step <= 0) & live[:, :, None]).any()):
-            raise ArtifactError(f"{kvz.path}: a coded channel has no positive step")
+        problems.append((((step <= 0) & live[:, :, None]).any(), "a coded channel has no positive step"))
         out |= {"comp_step": step.float().reshape(-1), "comp_mean": mean.float().reshape(-1),
                 "comp_base": torch.zeros(1, dtype=torch.int64), "comp_tid": torch.zeros(1, dtype=torch.int64),
                 "comp_kmax": torch.zeros(1)}  # fmt: skip
         mark("layout.side")
-        try:
-            tables = rans.build_tables(freq.to(torch.int64))
-        except ValueError as e:
-            raise ArtifactError(f"{kvz.path}: a chunk's rANS table is malformed ({e})") from None
+        freq = freq.to(torch.int64)
+        problems.append((((freq.sum(1) != rans.PROB_SCALE) | (freq < 0).any(1)).any(), "a chunk's rANS table is "
+                         f"malformed (every frequency row must be non-negative and sum to {rans.PROB_SCALE})"))
+        tables = rans.build_tables(freq, check=False)
     else:
         level = coder.level
         glob = [comps[i] + coder._offset(i % n_layers, "kv"[i // n_layers]) for i in range(n_slots)]
@@ -262,7 +263,9 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None) -
         tables = coder._tables({})
     mark("layout.tables")
     out["alphabet"] = tables.freq.shape[1]
-    out["lut"] = tables.lut
+    out["problems"] = problems
+    # a malformed table (refused above, after decoding) must still keep every lookup inside the tables
+    out["lut"] = tables.lut.clamp_max(tables.freq.shape[1] - 1)
     out["fc"] = (tables.freq | (tables.cum[:, :-1] << 16)).to(torch.int32)
     for k, v in list(out.items()):
         if isinstance(v, torch.Tensor):
@@ -516,9 +519,16 @@ def decode_file(
     data = read_data(kvz, pin=device.type == "cuda")
     stages.mark("read")
     checks = HostChecks(kvz, data)
-    checks.start()
+    cuda = device.type == "cuda"
     try:
-        dev_data = data.to(device, non_blocking=True)
+        if cuda:  # the bulk copy on a side stream: the small host-built layout tensors do not queue behind it
+            side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+            with torch.cuda.stream(side):
+                dev_data = data.to(device, non_blocking=True)
+            main.wait_stream(side)
+            dev_data.record_stream(main)
+        else:
+            dev_data = data.to(device)
         stages.mark("transfer")
         layout = build_layout(kvz, coder, dev_data, stages)
         layout["words"] = dev_data[: dev_data.numel() // 2 * 2].view(torch.int16)
@@ -550,11 +560,20 @@ def decode_file(
                 lo, hi = kvz.geometry.layer_range(i)
                 cos, sin = (t[:, lo:hi] for t in ropes[i])
                 out.append(finish_layer(kvz, coder, layout, coef, raws[i], i, (cos, sin), dtype, keep_pre_rope))
-        if bool(bad.any()):
-            raise ArtifactError(f"{kvz.path}: a coded stream is corrupted (a lane does not end where its length says)")
         stages.mark("finish")
-    finally:
-        checks.join()
+        # the device works through the queued kernels while the host checks the chunk CRCs (and, for version 1
+        # files, the content digest) of the bytes it read; then one synchronisation reads every device flag
+        checks.run()
+        flags = torch.stack([bad.any(), *(flag for flag, _ in layout["problems"])]).tolist()
+    except BaseException:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # no kernel may still read the staging buffer a next call refills
+        raise
     checks.result()
+    for failed, why in zip(flags[1:], [why for _, why in layout["problems"]], strict=True):
+        if failed:
+            raise ArtifactError(f"{kvz.path}: {why}")
+    if flags[0]:
+        raise ArtifactError(f"{kvz.path}: a coded stream is corrupted (a lane does not end where its length says)")
     stages.mark("checks")
     return out

@@ -73,10 +73,11 @@ def quantize_counts(counts: torch.Tensor, alphabet_sizes: torch.Tensor) -> torch
     return freq
 
 
-def build_tables(freq: torch.Tensor) -> Tables:
-    """:class:`Tables` from integer frequencies ``(n, A)`` (each row sums to ``PROB_SCALE``)."""
+def build_tables(freq: torch.Tensor, check: bool = True) -> Tables:
+    """:class:`Tables` from integer frequencies ``(n, A)`` (each row sums to ``PROB_SCALE``). ``check=False``
+    leaves the check to the caller (a device pipeline that checks on the device, without a host round trip)."""
     freq = freq.to(torch.int64)
-    if bool((freq.sum(1) != PROB_SCALE).any()) or bool((freq < 0).any()):
+    if check and (bool((freq.sum(1) != PROB_SCALE).any()) or bool((freq < 0).any())):
         raise ValueError(f"every frequency row must be non-negative and sum to {PROB_SCALE}")
     cum = torch.zeros(freq.shape[0], freq.shape[1] + 1, dtype=torch.int64, device=freq.device)
     cum[:, 1:] = freq.cumsum(1)
