@@ -32,9 +32,9 @@ from kvtool.arch import ArchInfo
 from kvtool.artifacts import Artifact
 from kvtool.calibration import calibration_artifact
 from kvtool.calibrators.bit_allocation import allocate_bits
+from kvtool.calibrators.codec_rates import OptionTable, allocate_levels, measure_options
 from kvtool.calibrators.fisher import LayerStats, accumulate
-from kvtool.codecs.ecsq import MAX_K, Level, OptionTable, allocate_levels, measure_options
-from kvtool.codecs.rans import PROB_SCALE
+from kvtool.codecs.ecsq import Level, codec_levels, level_tensors
 from kvtool.errors import ArtifactError, UsageError
 from kvtool.quantizers.projection import FP16_COEFFICIENT, MAX_CODE_BITS, EntropyCodedProjection, ProjectionQuantizer
 from kvtool.transforms import FP16_BITS, KVTransform
@@ -109,11 +109,7 @@ class ProjectionTable:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {"proj_slot_tokens": self.slot_tokens, "proj_total_tokens": self.total_tokens}
-        for n, lv in enumerate(self.codec_levels):
-            out |= {f"codec{n}_step": lv.step, f"codec{n}_kmax": lv.kmax, f"codec{n}_freq": lv.freq}
-            if lv.rate is not None:
-                out[f"codec{n}_rate"] = lv.rate
-            out[f"codec{n}_bits"] = torch.tensor([lv.bits, lv.expected_bits], dtype=torch.float64)
+        out |= level_tensors(self.codec_levels)
         for k in KINDS:
             out |= {f"proj_{k}_eigenvalues": self.eigenvalues[k], f"proj_{k}_distortion": self.distortion[k]}
             out |= {f"proj_{k}_lo": self.lo[k], f"proj_{k}_step": self.step[k]}
@@ -140,50 +136,6 @@ class ProjectionTable:
             )
         except (KeyError, TypeError, RuntimeError) as e:
             raise ArtifactError(f"projection artifact: missing or malformed table ({e})") from e
-
-
-def codec_levels(tensors: dict[str, torch.Tensor]) -> list[Level]:
-    """The codec levels stored in an artifact's tensors (``codec<n>_*``), in order, each checked for what the
-    coder relies on (an :class:`ArtifactError` names the first bad one: the tensors come from a file)."""
-    levels, n = [], 0
-    while f"codec{n}_step" in tensors:
-        try:
-            bits, expected = (float(x) for x in tensors[f"codec{n}_bits"].reshape(-1).tolist())
-            level = Level(bits, tensors[f"codec{n}_step"], tensors[f"codec{n}_kmax"], tensors[f"codec{n}_freq"],
-                          expected, tensors.get(f"codec{n}_rate"))  # fmt: skip
-            problem = _level_problem(level)
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-            problem = f"{type(e).__name__}: {e}"
-        if problem:
-            raise ArtifactError(f"projection artifact: codec level {n} is malformed ({problem})")
-        levels.append(level)
-        n += 1
-    return levels
-
-
-def _level_problem(lv: Level) -> str | None:
-    step, kmax, freq = lv.step, lv.kmax, lv.freq
-    if (step.dtype, kmax.dtype, freq.dtype) != (torch.float32, torch.float32, torch.int16):
-        return f"step, kmax, freq must be float32, float32, int16 (got {step.dtype}, {kmax.dtype}, {freq.dtype})"
-    if step.dim() != 1 or not step.is_floating_point() or not bool((torch.isfinite(step) & (step >= 0)).all()):
-        return "step must be a 1-D tensor of finite non-negative numbers"
-    if kmax.shape != step.shape:
-        return "kmax must have one entry per component"
-    k = kmax[step > 0]
-    if not bool(((k >= 1) & (k <= MAX_K) & (k == k.round())).all()):
-        return f"kmax of a coded component must be an integer in 1..{MAX_K}"
-    if freq.dim() != 2 or freq.shape[0] != step.numel() or freq.shape[1] > 2 * MAX_K + 1 or freq.is_floating_point():
-        return f"freq must be an integer table of {step.numel()} rows of at most {2 * MAX_K + 1} symbols"
-    if bool((2 * k + 1 > freq.shape[1]).any()):
-        return "a coded component's alphabet is wider than its table"
-    used = freq[step > 0].to(torch.int64)
-    if bool((used.sum(1) != PROB_SCALE).any()) or bool((used < 0).any()):
-        return f"the tables of coded components must be non-negative and sum to {PROB_SCALE}"
-    if bool(((used == 0) & (torch.arange(freq.shape[1])[None, :] <= 2 * k[:, None])).any()):
-        return "every symbol a coded component can take needs a non-zero frequency"
-    if not (math.isfinite(lv.bits) and math.isfinite(lv.expected_bits)):
-        return "bits must be finite"
-    return None
 
 
 # -- fitting ------------------------------------------------------------------------------------------------------

@@ -1,34 +1,26 @@
-"""Entropy-coded scalar quantization (ECSQ) of transform coefficients, and its calibrated rate levels.
+"""Entropy-coded scalar quantization (ECSQ) of transform coefficients, and the format of its calibrated levels.
 
 The codec quantizes each coefficient ``c`` of component ``j`` on a mid-tread uniform grid, ``s = clamp(round(c /
 step_j), -K_j, K_j)``, reconstructs ``s · step_j``, and entropy-codes ``s + K_j`` with a static table (a uniform
 quantizer followed by an ideal entropy coder is within 0.25 bit of the rate-distortion bound at high rate, Gish &
 Pierce 1968; at low rate the zero bin makes most symbols nearly free, which fixed-length codes cannot do).
 
-Calibration (:func:`measure_options`) tries, per component, steps ``σ_j · 2^(1 - q/2)`` for ``q = 0 .. STEPS-1``
-and measures the entropy of the symbols and the Fisher-weighted error, like the fixed-length table of
-:mod:`kvtool.calibrators.projection`. :func:`allocate_levels` then picks, for each rate level of ``LEVEL_BITS``, a
-step (or dropping the component) per component under the level's all-in budget, and freezes the symbol tables the
-codec ships in the artifact (so chunks carry no tables).
+The levels are calibrated by :mod:`kvtool.calibrators.codec_rates` and stored in a projection artifact's tensors
+(``codec<n>_*``); this module owns that format: :func:`level_tensors` writes it, :func:`codec_levels` reads and
+checks it (the codec reads its levels here, not through the calibrators).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from kvtool.calibrators.bit_allocation import allocate_bits
-from kvtool.codecs.rans import quantize_counts
+from kvtool.codecs.rans import PROB_SCALE
+from kvtool.errors import ArtifactError
 
-STEPS = 14
 MAX_K = 63  #: symbols in [-63, 63]: alphabet of at most 127
-LEVEL_BITS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  #: calibrated rate levels, all-in bits per element (tables free)
-
-
-def step_ratios() -> torch.Tensor:
-    """``(STEPS,)`` step sizes in standard deviations of the component, coarse to fine."""
-    return 2.0 ** (1.0 - torch.arange(STEPS, dtype=torch.float64) / 2)
 
 
 def quantize(c: torch.Tensor, step: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
@@ -45,45 +37,6 @@ def dequantize(sym: torch.Tensor, step: torch.Tensor, kmax: torch.Tensor) -> tor
 
 
 @dataclass
-class OptionTable:
-    """Per component ``(N,)`` and option: ``rate`` ``(N, 1 + STEPS)`` bits per symbol (option 0 = dropped),
-    ``dist`` ``(N, 1 + STEPS)`` Fisher-weighted error (summed over the sample), ``counts`` ``(N, STEPS, 2·MAX_K+1)``
-    int64 symbol histograms, ``kmax`` ``(N, STEPS)``, ``step`` ``(N, STEPS)`` (fp16-exact)."""
-
-    rate: torch.Tensor
-    dist: torch.Tensor
-    counts: torch.Tensor
-    kmax: torch.Tensor
-    step: torch.Tensor
-
-
-def measure_options(c: torch.Tensor, w: torch.Tensor, sigma: torch.Tensor) -> OptionTable:
-    """Measure every step option on coefficients ``c`` with Fisher weights ``w`` (both ``(T, N)``)."""
-    t, n = c.shape
-    alphabet = 2 * MAX_K + 1
-    rate = torch.zeros(n, 1 + STEPS, dtype=torch.float64)
-    dist = torch.zeros(n, 1 + STEPS, dtype=torch.float64)
-    dist[:, 0] = (w * c.square()).sum(0, dtype=torch.float64)
-    counts = torch.zeros(n, STEPS, alphabet, dtype=torch.int64)
-    kmaxs = torch.zeros(n, STEPS)
-    steps = torch.zeros(n, STEPS)
-    peak = c.abs().amax(0)
-    for q, ratio in enumerate(step_ratios().tolist()):
-        step = (sigma.clamp_min(1e-8) * ratio).half().float().clamp_min(6e-8)
-        kmax = torch.ceil(peak / step).clamp(1, MAX_K)
-        s = quantize(c, step, kmax)
-        err = (w * (dequantize(s, step, kmax) - c).square()).sum(0, dtype=torch.float64)
-        hist = torch.zeros(n, alphabet, dtype=torch.int64)
-        hist.scatter_add_(1, s.T.contiguous(), torch.ones(n, t, dtype=torch.int64))
-        p = hist.double() / t
-        rate[:, 1 + q] = -(p * torch.log2(p.clamp_min(1e-300))).sum(1)
-        dist[:, 1 + q] = err
-        counts[:, q] = hist
-        kmaxs[:, q], steps[:, q] = kmax, step
-    return OptionTable(rate, dist, counts, kmaxs, steps)
-
-
-@dataclass
 class Level:
     """One calibrated rate level: per component ``step`` (0 = dropped), ``kmax``, and ``freq`` ``(N, A)`` int16
     tables (rows of dropped components are unused); ``expected_bits``: the all-in bits per element the calibration
@@ -97,27 +50,57 @@ class Level:
     rate: torch.Tensor | None = None  #: ``(N,)`` calibrated bits per symbol of each component (0 when dropped)
 
 
-def allocate_levels(
-    table: OptionTable, weight: torch.Tensor, elements: float, fixed_bits: float, sample_scale: float
-) -> list[Level]:
-    """For every rate in ``LEVEL_BITS``: the option per component minimising the summed error with
-    ``Σ weight · rate + fixed_bits <= bits · elements`` (``weight``: tokens each component is coded for;
-    ``fixed_bits``: the fp16 sink tokens). ``sample_scale`` scales the sample's error to the whole set."""
-    n = table.rate.shape[0]
-    cost = weight.double()[:, None] * table.rate
-    levels = []
-    for bits in LEVEL_BITS:
-        budget = bits * elements - fixed_bits
-        pick = allocate_bits(table.dist * sample_scale, None, weight, budget, cost=cost)
-        coded = pick > 0
-        q = (pick - 1).clamp_min(0)
-        step = torch.where(coded, table.step.gather(1, q[:, None])[:, 0], torch.zeros(n))
-        kmax = torch.where(coded, table.kmax.gather(1, q[:, None])[:, 0], torch.zeros(n))
-        alphabet = int(2 * kmax.max().item() + 1) if bool(coded.any()) else 1
-        counts = table.counts[torch.arange(n), q][:, :alphabet]  # symbols are offset by each option's own kmax
-        sizes = torch.where(coded, 2 * kmax.long() + 1, torch.ones(n, dtype=torch.long))
-        freq = quantize_counts(counts, sizes).to(torch.int16)
-        spent = float((cost.gather(1, pick[:, None])[:, 0]).sum()) + fixed_bits
-        rate = table.rate.gather(1, pick[:, None])[:, 0].float()
-        levels.append(Level(bits, step, kmax, freq, spent / elements, rate))
+def level_tensors(levels: list[Level]) -> dict[str, torch.Tensor]:
+    """The artifact tensors of ``levels`` (``codec<n>_step``, ``_kmax``, ``_freq``, ``_rate``, ``_bits``), read
+    back by :func:`codec_levels`."""
+    out: dict[str, torch.Tensor] = {}
+    for n, lv in enumerate(levels):
+        out |= {f"codec{n}_step": lv.step, f"codec{n}_kmax": lv.kmax, f"codec{n}_freq": lv.freq}
+        if lv.rate is not None:
+            out[f"codec{n}_rate"] = lv.rate
+        out[f"codec{n}_bits"] = torch.tensor([lv.bits, lv.expected_bits], dtype=torch.float64)
+    return out
+
+
+def codec_levels(tensors: dict[str, torch.Tensor]) -> list[Level]:
+    """The codec levels stored in an artifact's tensors (``codec<n>_*``), in order, each checked for what the
+    coder relies on (an :class:`ArtifactError` names the first bad one: the tensors come from a file)."""
+    levels, n = [], 0
+    while f"codec{n}_step" in tensors:
+        try:
+            bits, expected = (float(x) for x in tensors[f"codec{n}_bits"].reshape(-1).tolist())
+            level = Level(bits, tensors[f"codec{n}_step"], tensors[f"codec{n}_kmax"], tensors[f"codec{n}_freq"],
+                          expected, tensors.get(f"codec{n}_rate"))  # fmt: skip
+            problem = _level_problem(level)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            raise ArtifactError(f"projection artifact: codec level {n} is malformed ({problem})")
+        levels.append(level)
+        n += 1
     return levels
+
+
+def _level_problem(lv: Level) -> str | None:
+    step, kmax, freq = lv.step, lv.kmax, lv.freq
+    if (step.dtype, kmax.dtype, freq.dtype) != (torch.float32, torch.float32, torch.int16):
+        return f"step, kmax, freq must be float32, float32, int16 (got {step.dtype}, {kmax.dtype}, {freq.dtype})"
+    if step.dim() != 1 or not step.is_floating_point() or not bool((torch.isfinite(step) & (step >= 0)).all()):
+        return "step must be a 1-D tensor of finite non-negative numbers"
+    if kmax.shape != step.shape:
+        return "kmax must have one entry per component"
+    k = kmax[step > 0]
+    if not bool(((k >= 1) & (k <= MAX_K) & (k == k.round())).all()):
+        return f"kmax of a coded component must be an integer in 1..{MAX_K}"
+    if freq.dim() != 2 or freq.shape[0] != step.numel() or freq.shape[1] > 2 * MAX_K + 1 or freq.is_floating_point():
+        return f"freq must be an integer table of {step.numel()} rows of at most {2 * MAX_K + 1} symbols"
+    if bool((2 * k + 1 > freq.shape[1]).any()):
+        return "a coded component's alphabet is wider than its table"
+    used = freq[step > 0].to(torch.int64)
+    if bool((used.sum(1) != PROB_SCALE).any()) or bool((used < 0).any()):
+        return f"the tables of coded components must be non-negative and sum to {PROB_SCALE}"
+    if bool(((used == 0) & (torch.arange(freq.shape[1])[None, :] <= 2 * k[:, None])).any()):
+        return "every symbol a coded component can take needs a non-zero frequency"
+    if not (math.isfinite(lv.bits) and math.isfinite(lv.expected_bits)):
+        return "bits must be finite"
+    return None

@@ -42,10 +42,9 @@ from kvtool.artifacts import (
 from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.calibration import transform_of
-from kvtool.calibrators.projection import codec_levels
 from kvtool.capture import prefix_rope, rope_for_positions
 from kvtool.codecs.coding import KINDS, AdaptiveCoder, CalibratedCoder, CodedChunk
-from kvtool.codecs.ecsq import MAX_K
+from kvtool.codecs.ecsq import MAX_K, codec_levels
 from kvtool.digests import sha256_json, token_digest
 from kvtool.errors import ArtifactError, KvtoolError, UsageError
 from kvtool.kernels import pick_backend
