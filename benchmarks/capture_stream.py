@@ -16,7 +16,8 @@ import torch
 from kvtool.artifacts import read_artifact
 from kvtool.capture import rope_for_positions
 from kvtool.codecs import rans
-from kvtool.codecs.kvz import CodecSettings, Geometry, _chunk_layers, _coder, prefill_cache
+from kvtool.codecs.encode import _chunk_layers
+from kvtool.codecs.kvz import CodecSettings, Geometry, make_coder, prefill_cache
 from kvtool.models import load_model, tokenize
 from kvtool.texts import load_text
 
@@ -33,7 +34,7 @@ def main() -> None:
     cal = read_artifact(args.artifact)
     ids = tokenize(lm.tokenizer, load_text("evaluation"), prompt=True)[: args.tokens]
     settings = CodecSettings(mode="calibrated", level=args.level)
-    coder = _coder(settings, cal, lm.arch)
+    coder = make_coder(settings, cal, lm.arch)
     geo = Geometry(lm.arch, ids.numel(), settings)
     cache = prefill_cache(lm.model, ids)
     rope = rope_for_positions(lm.model, lm.arch.num_layers, torch.arange(ids.numel()))

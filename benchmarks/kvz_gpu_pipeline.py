@@ -177,7 +177,7 @@ def run(
 ) -> list[dict[str, Any]]:
     import kvtool
     from kvtool.codecs.device_decode import decode_file
-    from kvtool.codecs.kvz import KvzFile, _coder, _on_backend, encode_cache, prefill_cache
+    from kvtool.codecs.kvz import KvzFile, encode_cache, make_coder, on_backend, prefill_cache
 
     model = build_model(shape)
     lm = BenchLM(model)
@@ -204,7 +204,7 @@ def run(
             decode_kv_s, _ = timed(lambda p=pinned, m=model: kvtool.decode_kv(p, m), repeats)
             open_s, kvz = timed(lambda path=path: KvzFile(path), repeats)
             stages: dict[str, float] = {"open": open_s}
-            coder = _on_backend(_coder(kvz.settings, None, kvz.arch), "auto", torch.device("cuda"))
+            coder = on_backend(make_coder(kvz.settings, None, kvz.arch), "auto", torch.device("cuda"))
             decode_file(kvz, model, coder, torch.device("cuda"), torch.bfloat16, "triton", timings=stages)
             if profile and t == max(tokens):  # where the host time of one decode goes (sync waits included)
                 import cProfile

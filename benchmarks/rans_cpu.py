@@ -35,14 +35,15 @@ from kvtool.codecs.kvz import BATCH_CHUNKS
 def real_stream(tokens: int) -> dict[str, Any]:
     """Symbols, table ids, lane lengths and tables of the first ``BATCH_CHUNKS`` chunks' worth of SmolLM2 KV."""
     from kvtool.capture import rope_for_positions
-    from kvtool.codecs.kvz import CodecSettings, Geometry, _chunk_layers, _coder, prefill_cache
+    from kvtool.codecs.encode import _chunk_layers
+    from kvtool.codecs.kvz import CodecSettings, Geometry, make_coder, prefill_cache
     from kvtool.models import load_model, tokenize
     from kvtool.texts import load_text
 
     lm = load_model("smollm2-135m", "cpu", "float32")
     ids = tokenize(lm.tokenizer, load_text("evaluation"), prompt=True)[:tokens]
     settings = CodecSettings(mode="adaptive")
-    coder = _coder(settings, None, lm.arch)
+    coder = make_coder(settings, None, lm.arch)
     geo = Geometry(lm.arch, ids.numel(), settings)
     with torch.no_grad():
         cache = prefill_cache(lm.model, ids)

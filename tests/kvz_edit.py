@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kvtool.artifacts import content_digest, torch_dtype
-from kvtool.codecs.kvz import _crc, _meta_digest, crc_seed
+from kvtool.codecs.container import crc_seed, meta_digest, tensors_crc
 from kvtool.digests import canonical_json
 
 SEALS = ("stale", "crc", "meta", "content", "all")
@@ -79,9 +79,9 @@ class KvzEdit:
                 seed = None
             for c in extra["chunks"] if seed is not None else []:
                 if isinstance(c, dict) and isinstance(c.get("index"), int):
-                    c["crc32"] = _crc(self._chunk_tensors(c["index"]), seed)
+                    c["crc32"] = tensors_crc(self._chunk_tensors(c["index"]), seed)
         if seal in ("meta", "all") and isinstance(extra, dict):
-            extra["meta_digest"] = _meta_digest(meta.get("schema"), meta.get("schema_version"), meta.get("model"),
+            extra["meta_digest"] = meta_digest(meta.get("schema"), meta.get("schema_version"), meta.get("model"),
                                                 meta.get("inputs"), meta.get("method"), extra)  # fmt: skip
         if seal in ("content", "all"):
             meta["content_digest"] = content_digest(meta, self.entries, memoryview(bytes(self.data)))

@@ -289,7 +289,7 @@ def crc_seed(kv: Any) -> bytes | None:
 
 
 def chunk_crc(doc: Doc, i: int, seed: Any = "compute") -> int:
-    """The CRC-32 the reader computes for chunk ``i``: its own ``_crc`` (seeded with :func:`crc_seed` where the
+    """The CRC-32 the reader computes for chunk ``i``: its own ``tensors_crc`` (seeded with :func:`crc_seed` where the
     reader has one) when the tensors can be built, so this follows the reader if its definition changes; else
     the documented one (seed, then name, NUL, bytes, in name order)."""
     from kvtool.codecs import kvz
@@ -300,7 +300,7 @@ def chunk_crc(doc: Doc, i: int, seed: Any = "compute") -> int:
         seed = crc_seed(doc.kv)
     try:
         tensors = {n: as_tensor(doc.tensors[n]) for n in names}
-        return int(kvz._crc(tensors, seed) if seed is not None else kvz._crc(tensors))
+        return int(kvz.tensors_crc(tensors, seed) if seed is not None else kvz.tensors_crc(tensors))
     except Exception:  # noqa: BLE001 - a dtype or shape torch cannot build: the documented definition
         crc = zlib.crc32(seed) if seed else 0
         for n in names:
@@ -314,7 +314,7 @@ def meta_digest(kv: Any) -> str:
     p = plain(kv)
     parts = (p.get("schema"), p.get("schema_version"), p.get("model"), p.get("inputs"), p.get("method"), p["extra"])
     try:
-        return kvz._meta_digest(*parts)
+        return kvz.meta_digest(*parts)
     except Exception:  # noqa: BLE001 - NaN, or a type the reader's canonical JSON refuses: the lenient twin
         *head, extra = parts
         return (

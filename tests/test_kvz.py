@@ -266,15 +266,17 @@ def test_bench_codec_rows_and_plot(tiny_model_dir: Path, text_file: Path, tmp_pa
 def test_batched_chunks_give_the_same_bytes(tiny_llama, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             quality: float) -> None:  # fmt: skip
     """Chunks entropy-coded together (lanes in one pass) are byte-identical to chunks coded one at a time."""
-    import kvtool.codecs.kvz as kvz_mod
+    import kvtool.codecs.decode as decode_mod
+    import kvtool.codecs.encode as encode_mod
 
     s = CodecSettings(mode="adaptive", quality=quality, chunk_tokens=16, lane_symbols=50)
     encode_prefix(TinyLM(tiny_llama), IDS, s, tmp_path / "batched.kvz")
-    monkeypatch.setattr(kvz_mod, "BATCH_CHUNKS", 1)
+    monkeypatch.setattr(encode_mod, "BATCH_CHUNKS", 1)
+    monkeypatch.setattr(decode_mod, "BATCH_CHUNKS", 1)
     encode_prefix(TinyLM(tiny_llama), IDS, s, tmp_path / "single.kvz")
     assert (tmp_path / "batched.kvz").read_bytes() == (tmp_path / "single.kvz").read_bytes()
     one = _decode(tmp_path / "batched.kvz", tiny_llama.model)
-    monkeypatch.setattr(kvz_mod, "BATCH_CHUNKS", 8)
+    monkeypatch.setattr(decode_mod, "BATCH_CHUNKS", 8)
     many = _decode(tmp_path / "batched.kvz", tiny_llama.model)
     assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(one, many, strict=True))
 

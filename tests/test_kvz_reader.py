@@ -330,13 +330,13 @@ def test_version_1_files_are_still_read(tiny_llama, tmp_path, monkeypatch) -> No
     """Files written before the seeded CRCs (schema version 1) decode to the same tensors; there the whole-file
     content digest binds the metadata, so a metadata edit with the chunk CRCs and metadata digest redone is
     still refused."""
-    import kvtool.codecs.kvz as kvz_module
+    import kvtool.codecs.encode as encode_module
 
     for mode in ("adaptive", "lossless"):
         settings = CodecSettings(mode=mode, chunk_tokens=64)
         encode_prefix(TinyLM(tiny_llama), IDS, settings, tmp_path / f"v2-{mode}.kvz")
         with monkeypatch.context() as m:
-            m.setattr(kvz_module, "SCHEMA_VERSION", 1)
+            m.setattr(encode_module, "SCHEMA_VERSION", 1)
             encode_prefix(TinyLM(tiny_llama), IDS, settings, tmp_path / f"v1-{mode}.kvz")
         assert KvzEdit.read(tmp_path / f"v1-{mode}.kvz").meta["schema_version"] == 1
         old, new = (_decode(tmp_path / f"v{v}-{mode}.kvz", tiny_llama.model) for v in (1, 2))

@@ -15,13 +15,21 @@ cut into rANS lanes that never cross a layer, so any layer decodes alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvtool.calibration import transform_of
 from kvtool.codecs import rans
-from kvtool.codecs.ecsq import MAX_K, Level, dequantize, quantize
-from kvtool.kernels import rans_decode, rans_encode
+from kvtool.codecs.ecsq import MAX_K, Level, codec_levels, dequantize, quantize
+from kvtool.errors import ArtifactError, UsageError
+from kvtool.kernels import pick_backend, rans_decode, rans_encode
 from kvtool.quantizers.projection import ProjectionQuantizer
+
+if TYPE_CHECKING:
+    from kvtool.arch import ArchInfo
+    from kvtool.artifacts import Artifact
+    from kvtool.codecs.container import CodecSettings
 
 KINDS = ("k", "v")
 
@@ -319,3 +327,45 @@ class AdaptiveCoder(_Coder):
         kmax = torch.full((self.channels,), float(MAX_K))
         m = dequantize(sym, side["step"][slot].float(), kmax) + side["mean"][slot].float()
         return _from_slot_matrix(m, heads)
+
+
+# -- coders from a file's settings -------------------------------------------------------------------------------
+
+
+def on_backend(coder: Any, backend: str, device: torch.device) -> Any:
+    """Run ``coder``'s entropy coding with ``backend`` (``auto``: Triton on CUDA models); same bytes either way."""
+    if coder is not None:
+        use = pick_backend(backend, device)
+        coder.backend = use
+        coder.device = device if use == "triton" else torch.device("cpu")
+    return coder
+
+
+def make_coder(settings: CodecSettings, calibration: Artifact | None, arch: ArchInfo) -> Any:
+    if settings.mode == "adaptive":
+        adaptive = AdaptiveCoder(arch.num_layers, arch.num_kv_heads * arch.head_dim, settings.quality)
+        adaptive.lane_len = settings.lane_symbols
+        return adaptive
+    if settings.mode != "calibrated":
+        return None
+    if calibration is None:
+        raise UsageError("calibrated coding needs a calibration artifact (--calibration)")
+    t = transform_of(calibration)
+    levels = codec_levels(calibration.tensors)
+    if not levels or not all(isinstance(q, ProjectionQuantizer) for q in t.keys + t.values):
+        raise ArtifactError("the calibration artifact has no codec levels: make it with --method pca or svd")
+    if not -len(levels) <= settings.level < len(levels):
+        raise UsageError(f"level {settings.level} out of range: the artifact has {len(levels)} codec levels")
+    coder = CalibratedCoder(t.keys, t.values, levels[settings.level])  # type: ignore[arg-type]
+    coder.lane_len = settings.lane_symbols
+    return coder
+
+
+def pick_level(calibration: Artifact, bits: float) -> int:
+    """The richest codec level whose calibrated rate is at most ``bits`` all-in bits per element."""
+    levels = codec_levels(calibration.tensors)
+    fits = [i for i, lv in enumerate(levels) if lv.expected_bits <= bits + 1e-9]
+    if not fits:
+        cheapest = min((lv.expected_bits for lv in levels), default=float("nan"))
+        raise UsageError(f"--bits {bits:g} is below the artifact's cheapest codec level ({cheapest:.2f} bits)")
+    return max(fits, key=lambda i: levels[i].expected_bits)

@@ -31,8 +31,9 @@ from kvtool.artifacts import content_digest
 from kvtool.capture import prefix_rope
 from kvtool.codecs import rans
 from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder
+from kvtool.codecs.container import chunk_crc
+from kvtool.codecs.decode import DecodedLayer
 from kvtool.codecs.ecsq import MAX_K
-from kvtool.codecs.kvz import DecodedLayer, chunk_crc
 from kvtool.errors import ArtifactError
 
 TILE = 8  #: symbols per lane the fused kernel stores together; each segment's output is padded to it
