@@ -16,7 +16,7 @@ import torch
 from kvtool.artifacts import read_artifact
 from kvtool.capture import rope_for_positions
 from kvtool.codecs import rans
-from kvtool.codecs.encode import _chunk_layers
+from kvtool.codecs.chunk_coders import batch_layers
 from kvtool.codecs.kvz import CodecSettings, Geometry, make_coder, prefill_cache
 from kvtool.models import load_model, tokenize
 from kvtool.texts import load_text
@@ -40,7 +40,7 @@ def main() -> None:
     rope = rope_for_positions(lm.model, lm.arch.num_layers, torch.arange(ids.numel()))
     syms, tids, lengths = [], [], []
     for chunk in range(geo.num_chunks):
-        layers, _ = _chunk_layers(geo, cache, rope, chunk)
+        layers, _ = batch_layers(geo, cache, rope, [chunk])[0]
         s, t, segments = coder.symbols(layers, {})
         syms.append(s)
         tids.append(t)

@@ -35,7 +35,7 @@ from kvtool.codecs.kvz import BATCH_CHUNKS
 def real_stream(tokens: int) -> dict[str, Any]:
     """Symbols, table ids, lane lengths and tables of the first ``BATCH_CHUNKS`` chunks' worth of SmolLM2 KV."""
     from kvtool.capture import rope_for_positions
-    from kvtool.codecs.encode import _chunk_layers
+    from kvtool.codecs.chunk_coders import batch_layers
     from kvtool.codecs.kvz import CodecSettings, Geometry, make_coder, prefill_cache
     from kvtool.models import load_model, tokenize
     from kvtool.texts import load_text
@@ -48,7 +48,7 @@ def real_stream(tokens: int) -> dict[str, Any]:
     with torch.no_grad():
         cache = prefill_cache(lm.model, ids)
     rope = rope_for_positions(lm.model, lm.arch.num_layers, torch.arange(ids.numel()))
-    chunks = [_chunk_layers(geo, cache, rope, c)[0] for c in range(geo.num_chunks)]
+    chunks = [batch_layers(geo, cache, rope, [c])[0][0] for c in range(geo.num_chunks)]
     batches = []
     for first in range(0, len(chunks), BATCH_CHUNKS):
         batch = chunks[first : first + BATCH_CHUNKS]

@@ -90,6 +90,7 @@ def _device_decode_case(device: str) -> None:
     from kvtool.arch import arch_info
     from kvtool.artifacts import read_artifact, write_artifact
     from kvtool.calibrators.projection import Budget, ProjectionCalibration, fit_projection, projection_artifact
+    from kvtool.codecs.chunk_coders import make_chunk_coder
     from kvtool.codecs.decode import _decode_streaming
     from kvtool.codecs.kvz import CodecSettings, KvzFile, encode_prefix, make_coder
     from kvtool.errors import ArtifactError
@@ -118,7 +119,7 @@ def _device_decode_case(device: str) -> None:
                                 (CodecSettings(mode="calibrated", level=2, chunk_tokens=32), cal)):  # fmt: skip
                 path = Path(tmp) / "x.kvz"
                 encode_prefix(lm, ids, settings, path, c)
-                ref = _decode_streaming(KvzFile(path), tiny.model, make_coder(settings, c, tiny.info), None, True)
+                ref = _decode_streaming(KvzFile(path), tiny.model, make_chunk_coder(settings, c, tiny.info), None, True)
                 coder = make_coder(settings, c, tiny.info)
                 got = decode_file(KvzFile(path), tiny.model, coder, torch.device(device), torch.float32, "triton", True)
                 # a damaged chunk is refused by the device pipeline too (its CRC), after decoding, before returning

@@ -95,6 +95,11 @@ class CodecSettings:
             raise UsageError(f"--quality must be in (0, 64] (got {q!r})")
 
 
+def chunk_name(chunk: int, part: str) -> str:
+    """The stored name of chunk ``chunk``'s tensor ``part`` (six digits: names sort in chunk order)."""
+    return f"chunk.{chunk:06d}.{part}"
+
+
 def crc_seed(meta: dict[str, Any]) -> bytes:
     """What a version-2 chunk CRC starts from: the sha256 of the metadata the chunk is decoded with (schema,
     version, model, inputs, settings, and the extra facts with the chunk table's own CRCs and the metadata digest

@@ -9,7 +9,6 @@ by the coder on the CPU, written straight into the output tensors → RoPE re-ap
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from kvtool.artifacts import (
 from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.capture import rope_for_positions
-from kvtool.codecs.coding import KINDS, CalibratedCoder, CodedChunk, make_coder, on_backend
+from kvtool.codecs.chunk_coders import ChunkCoder, ChunkLayers, TransformChunks, make_chunk_coder
 from kvtool.codecs.container import (
     BATCH_CHUNKS,
     Geometry,
@@ -69,19 +68,18 @@ def decode_kvz(
     check_calibration(kvz, calibration)
     target = torch.device(device) if device is not None else torch.device("cpu")
     try:
-        coder = make_coder(s, calibration, arch) if s.mode != "lossless" else None
+        chunker = make_chunk_coder(s, calibration, arch, backend, target)
     except UsageError as e:  # the settings come from the file here, not from a flag
         raise ArtifactError(f"{kvz.path}: {e}") from None
-    coder = on_backend(coder, backend, target)
-    if coder is not None and coder.backend == "triton":
+    if isinstance(chunker, TransformChunks) and chunker.coder.backend == "triton":
         from kvtool.codecs.device_decode import decode_file
 
-        _check_lane_counts(kvz, coder)
-        layers = decode_file(kvz, model, coder, target, dtype or torch.float32, "triton", keep_pre_rope)
+        chunker.check_layout(kvz)  # before anything is allocated from the header's numbers
+        layers = decode_file(kvz, model, chunker.coder, target, dtype or torch.float32, "triton", keep_pre_rope)
         if progress:
             progress(kvz.tokens)
         return layers
-    out = _decode_streaming(kvz, model, coder, progress, keep_pre_rope)
+    out = _decode_streaming(kvz, model, chunker, progress, keep_pre_rope)
     if device is None and dtype is None:
         return out
     cast = dtype or out[0].values.dtype
@@ -90,27 +88,26 @@ def decode_kvz(
 
 
 def _decode_streaming(
-    kvz: KvzFile, model: Any, coder: Any, progress: Callable[[int], None] | None, keep_pre_rope: bool
+    kvz: KvzFile, model: Any, chunker: ChunkCoder, progress: Callable[[int], None] | None, keep_pre_rope: bool
 ) -> list[DecodedLayer]:
     """The CPU pipeline of :func:`decode_kvz` (the reference the device pipeline is tested against)."""
-    s, geo, arch = kvz.settings, kvz.geometry, kvz.arch
+    geo, arch = kvz.geometry, kvz.arch
     heads, dim = arch.num_kv_heads, arch.head_dim
     dtype = kvz.cache_dtype
-    out_dtype = dtype if s.mode == "lossless" else torch.float32
-    if coder is not None:
-        _check_lane_counts(kvz, coder)  # before anything is allocated from the header's numbers
+    out_dtype = dtype if chunker.exact else torch.float32
+    chunker.check_layout(kvz)  # before anything is allocated from the header's numbers
     ranges = [geo.layer_range(i) for i in range(arch.num_layers)]
     # zeros, not empty: every slot is written below (the geometry is validated), and none may ever hold garbage
     keys = [torch.zeros(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges]
     values = [torch.zeros(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges]
     pre = [torch.zeros(1, heads, hi - lo, dim, dtype=out_dtype) for lo, hi in ranges] if keep_pre_rope else None
-    lossless = s.mode == "lossless"
+    post = chunker.keys_post_rope
     for first in range(0, len(kvz.chunks), BATCH_CHUNKS):
         batch = list(range(first, min(first + BATCH_CHUNKS, len(kvz.chunks))))
         span = torch.arange(geo.chunk_span(batch[0])[0], geo.chunk_span(batch[-1])[1])
-        # Lossless chunks hold the cached (post-RoPE) keys: RoPE is only needed to give pre-RoPE keys back.
-        rope = rope_for_positions(model, arch.num_layers, span) if not lossless or pre is not None else None
-        for chunk, layers in zip(batch, _decode_batch(kvz, geo, batch, coder, heads, dim, dtype), strict=True):
+        # Chunks holding the cached (post-RoPE) keys need RoPE only to give pre-RoPE keys back.
+        rope = rope_for_positions(model, arch.num_layers, span) if not post or pre is not None else None
+        for chunk, layers in zip(batch, _decode_batch(kvz, geo, batch, chunker, dtype), strict=True):
             for i, (k, v, positions) in enumerate(layers):
                 if not positions:
                     continue
@@ -119,7 +116,7 @@ def _decode_streaming(
                 values[i][0][:, slot] = v.to(out_dtype)
                 if rope is not None:
                     cos, sin = (t[:, pos - int(span[0])].cpu() for t in rope[i])
-                if lossless:
+                if post:
                     keys[i][0][:, slot] = k
                     if pre is not None:
                         pre[i][0][:, slot] = invert_rope(k[None], cos, sin)[0]
@@ -142,118 +139,18 @@ def _decode_streaming(
     ]
 
 
-def _check_lane_counts(kvz: KvzFile, coder: Any) -> None:
-    """Every chunk's lane index must have the length its layout implies (coded tokens × components per layer,
-    cut into lanes of ``lane_symbols``): so the output is sized only for files whose streams can fill it."""
-    geo, n_layers = kvz.geometry, kvz.arch.num_layers
-    channels = kvz.arch.num_kv_heads * kvz.arch.head_dim
-    coded = geo.segments().coded.reshape(-1, n_layers)  # (C, L)
-    if isinstance(coder, CalibratedCoder):
-        per_token = torch.tensor([sum(int(coder._coded(i, k, {}).numel()) for k in KINDS) for i in range(n_layers)])
-    else:  # adaptive: every channel of a layer with coded tokens has a positive step
-        per_token = torch.full((n_layers,), 2 * channels)
-    symbols = coded * per_token[None, :]
-    lane = kvz.settings.lane_symbols
-    expected = ((symbols + lane - 1) // lane).sum(1).tolist()
-    for c, want in enumerate(expected):
-        got = kvz._header[f"chunk.{c:06d}.lanes"]["shape"][0]
-        if got != want:
-            raise ArtifactError(f"{kvz.path}: chunk {c} cannot be decoded ({got} lanes, its layout has {want})")
-
-
-def _decode_chunk(
-    kvz: KvzFile, geo: Geometry, chunk: int, t: dict[str, torch.Tensor], coder: Any, heads: int, dim: int,
-    dtype: torch.dtype,
-) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:  # fmt: skip
-    """Per layer ``(keys, values, positions)`` of one chunk; keys pre-RoPE (post-RoPE for lossless)."""
-    n_layers = geo.arch.num_layers
-    splits = [geo.split(i, chunk) for i in range(n_layers)]
-    if geo.settings.mode == "lossless":
-        import zstandard
-
-        sizes = t["layer_bytes"].tolist()
-        blob, at, out = t["zstd"].numpy().tobytes(), 0, []
-        if min(sizes) < 0 or sum(sizes) != len(blob):
-            raise ValueError(f"layer sizes {sizes} do not add up to the {len(blob)} compressed bytes")
-        for i, (coded, raw) in enumerate(splits):
-            positions = coded + raw
-            shape = (2, heads, len(positions), dim)
-            n = 2 * heads * len(positions) * dim
-            if not positions:
-                out.append((torch.zeros(heads, 0, dim, dtype=dtype), torch.zeros(heads, 0, dim, dtype=dtype), []))
-                continue
-            size = torch.empty(0, dtype=dtype).element_size()
-            # A streaming reader stops one byte past the size the geometry allows, whatever the frame declares
-            # (one-shot decompress trusts a frame's content size: a 32 KiB frame could claim 1 GiB).
-            try:
-                with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob[at : at + sizes[i]])) as r:
-                    planes = r.read(n * size + 1)
-            except zstandard.ZstdError as e:
-                raise ValueError(f"layer {i}: {e}") from e
-            at += sizes[i]
-            if len(planes) != n * size:
-                raise ValueError(f"layer {i}: {len(planes)} bytes, expected {n * size}")
-            raw_t = torch.frombuffer(bytearray(planes), dtype=torch.uint8).reshape(size, n).T.contiguous()
-            kv = raw_t.view(dtype).reshape(shape)
-            out.append((kv[0], kv[1], positions))
-        return out
-    coded, raw = _coded_part(t, n_layers, splits, heads, dim)
-    layers = coder.decode(coded, [len(c) for c, _ in splits], heads, dim)
-    return _with_raw(layers, raw, splits, heads, dim)
-
-
-def _coded_part(
-    t: dict[str, torch.Tensor], n_layers: int, splits: list[tuple[list[int], list[int]]], heads: int, dim: int
-) -> tuple[CodedChunk, torch.Tensor]:
-    """The coded stream of a chunk's tensors and its raw fp16 values (checked against the layout)."""
-    side = {k: v for k, v in t.items() if k not in ("words", "lanes", "layer_lanes", "raw")}
-    coded = CodedChunk(t["words"].to(torch.int32), t["lanes"].to(torch.int32).to(torch.int64), t["layer_lanes"], side)
-    if coded.layer_lanes.numel() != n_layers:
-        raise ValueError("lane index of the wrong length")
-    if int(coded.lanes.sum()) != coded.words.numel() or bool((coded.lanes < 2).any()):
-        raise ValueError("the lane lengths do not match the words")  # every lane holds at least its 2-word state
-    raw = t["raw"].float()
-    need = sum(2 * heads * len(r) * dim for _, r in splits)
-    if raw.numel() != need:
-        raise ValueError(f"{raw.numel()} fp16 values for {need} kept elements")
-    return coded, raw
-
-
-def _with_raw(
-    layers: list[tuple[torch.Tensor, ...]], raw: torch.Tensor, splits: list[tuple[list[int], list[int]]], heads: int,
-    dim: int,
-) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:  # fmt: skip
-    out, at = [], 0
-    for (k, v), (c, r) in zip(layers, splits, strict=True):
-        n = 2 * heads * len(r) * dim
-        kv = raw[at : at + n].reshape(2, heads, len(r), dim)
-        at += n
-        out.append((torch.cat([k, kv[0]], dim=1), torch.cat([v, kv[1]], dim=1), c + r))
-    return out
-
-
 def _decode_batch(
-    kvz: KvzFile, geo: Geometry, batch: list[int], coder: Any, heads: int, dim: int, dtype: torch.dtype
-) -> list[list[tuple[torch.Tensor, torch.Tensor, list[int]]]]:
-    """Decode the chunks ``batch`` (CRC-checked each) in one pass of the entropy decoder; a failure is reported
-    for the chunk that causes it."""
+    kvz: KvzFile, geo: Geometry, batch: list[int], chunker: ChunkCoder, dtype: torch.dtype
+) -> list[ChunkLayers]:
+    """Decode the chunks ``batch`` (CRC-checked each) in one pass of the chunk coder; a failure is reported for
+    the chunk that causes it."""
     tensors = [kvz.read_chunk(c) for c in batch]
-    n_layers = geo.arch.num_layers
-    if coder is None or len(batch) == 1:
-        out = []
-        for c, t in zip(batch, tensors, strict=True):
-            try:
-                out.append(_decode_chunk(kvz, geo, c, t, coder, heads, dim, dtype))
-            except (ValueError, RuntimeError, KeyError, IndexError) as e:
-                raise ArtifactError(f"{kvz.path}: chunk {c} cannot be decoded ({e})") from e
-        return out
     try:
-        splits = [[geo.split(i, c) for i in range(n_layers)] for c in batch]
-        parts = [_coded_part(t, n_layers, sp, heads, dim) for t, sp in zip(tensors, splits, strict=True)]
-        layers = coder.decode_batch([p[0] for p in parts], [[len(x) for x, _ in sp] for sp in splits], heads, dim)
-        return [_with_raw(ly, p[1], sp, heads, dim) for ly, p, sp in zip(layers, parts, splits, strict=True)]
-    except (ValueError, RuntimeError, KeyError, IndexError):
-        return [_decode_batch(kvz, geo, [c], coder, heads, dim, dtype)[0] for c in batch]  # names the chunk
+        return chunker.decode_chunks(geo, batch, tensors, dtype)
+    except (ValueError, RuntimeError, KeyError, IndexError) as e:
+        if len(batch) == 1:
+            raise ArtifactError(f"{kvz.path}: chunk {batch[0]} cannot be decoded ({e})") from e
+        return [_decode_batch(kvz, geo, [c], chunker, dtype)[0] for c in batch]  # names the chunk
 
 
 def sorted_layers(layers: list[DecodedLayer]) -> list[DecodedLayer]:
