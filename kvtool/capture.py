@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kvtool.arch import invert_rope
+from kvtool.models import output_cache
 
 
 class RopeRecorder:
@@ -110,7 +111,7 @@ def prefill_with_rope(
     ids = ids.to(next(model.parameters()).device)
     with RopeRecorder(model) as rec:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     return cache, [layer_rope(rec, i, layer.keys.shape[-2]) for i, layer in enumerate(cache.layers)]
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from kvtool.attention import transformed_attention
 from kvtool.capture import prefill_with_rope
 from kvtool.errors import InputError, KvtoolError
-from kvtool.models import with_prefix
+from kvtool.models import cache_kwargs, with_prefix
 from kvtool.transforms import KVTransform
 
 
@@ -129,7 +129,7 @@ class ContinuationResult:
 def continuation_logprobs(model: Any, cache: Any, cont_ids: torch.Tensor) -> torch.Tensor:
     """Log-probabilities ``(C, vocab)`` (float32) of the next token after each of ``cont_ids`` fed on ``cache``."""
     ids = cont_ids[None].to(next(model.parameters()).device)
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].float()
+    logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits[0].float()
     return F.log_softmax(logits, dim=-1)
 
 

@@ -258,6 +258,20 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
 _PROBE = "Hello world"
 
 
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword a transformers model's ``forward``/``generate`` takes a cache by: ``cache`` where the installed
+    transformers has it (5.2x; ``past_key_values`` is deprecated there and removed in 5.40), ``past_key_values`` in
+    the earlier 5.x releases kvtool supports."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a transformers forward returned (``out.cache``, or ``out.past_key_values`` before 5.2x)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def special_prefix(tokenizer: Any) -> list[int]:
     """The token ids ``tokenizer`` puts before a text when it tokenizes a prompt the way a serving engine does
     (``add_special_tokens=True``): ``[bos_token_id]`` for Llama 3, Gemma or Mistral, ``[]`` for SmolLM2 or Qwen2.

@@ -20,6 +20,7 @@ from kvtool.capture import capture_kv
 from kvtool.cli.app import app
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, load_cache, sorted_layers
 from kvtool.errors import ArtifactError, InputError
+from kvtool.models import cache_kwargs
 
 runner = CliRunner()
 
@@ -81,8 +82,8 @@ def test_load_cache_continues_generation(tiny_llama, tmp_path: Path) -> None:
     new = torch.tensor([5, 6, 7])
     full = torch.cat([ids, new])[None]
     with torch.no_grad():
-        got = tiny_llama.model.generate(full, past_key_values=cache, max_new_tokens=8, do_sample=False,
-                                        attention_mask=torch.ones_like(full))  # fmt: skip
+        got = tiny_llama.model.generate(full, **cache_kwargs(tiny_llama.model, cache), max_new_tokens=8,
+                                        do_sample=False, attention_mask=torch.ones_like(full))  # fmt: skip
         ref = tiny_llama.model.generate(full, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(full))
     assert torch.equal(got, ref)
 

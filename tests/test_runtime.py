@@ -7,6 +7,7 @@ import torch
 
 from kvtool.arch import arch_info, invert_rope
 from kvtool.capture import capture_kv
+from kvtool.models import cache_kwargs
 from kvtool.quantizers import UniformQuantizer as U
 from kvtool.runtime import TransformedCache
 from kvtool.transforms import KVTransform
@@ -25,7 +26,7 @@ def test_commit_schedule_and_quantization_grid(tiny_llama) -> None:
         arch_info(tiny_llama.config).num_layers, U(2, "channel", 16), U(2, "token"), sink_tokens=1, recent_tokens=8
     )
     with TransformedCache(tiny_llama, kvt) as cache:
-        tiny_llama(input_ids=_ids(50), past_key_values=cache, use_cache=True)
+        tiny_llama(input_ids=_ids(50), **cache_kwargs(tiny_llama, cache), use_cache=True)
         layer = cache.layers[0]
         # 50 tokens: 1 sink, then (49 - 8) // 16 = 2 groups of 16 committed, 17 tokens in the tail.
         assert layer.committed[0].shape[-2] == 33 and layer.tail[0].shape[-2] == 17
@@ -39,7 +40,7 @@ def test_commit_schedule_and_quantization_grid(tiny_llama) -> None:
             torch.testing.assert_close(pre[..., g, :], expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer.committed[0][..., :1, :], ref.keys[..., :1, :].half().float())
         # one more decode step: the tail grows by one, nothing new is committed until a group is complete
-        tiny_llama(input_ids=_ids(1, 1), past_key_values=cache, use_cache=True)
+        tiny_llama(input_ids=_ids(1, 1), **cache_kwargs(tiny_llama, cache), use_cache=True)
         assert layer.committed[0].shape[-2] == 33 and layer.tail[0].shape[-2] == 18
 
 
@@ -50,7 +51,7 @@ def test_generate_runs_on_every_arch(tiny, bits: int) -> None:
     model, arch = tiny.model, tiny.info
     kvt = KVTransform.uniform(arch.num_layers, U(bits, "channel", 4), U(bits, "token"), sink_tokens=1)
     with TransformedCache(model, kvt) as cache:
-        out = model.generate(_ids(20), max_new_tokens=6, do_sample=False, past_key_values=cache)
+        out = model.generate(_ids(20), max_new_tokens=6, do_sample=False, **cache_kwargs(model, cache))
     assert out.shape == (1, 26)
     for i, layer in enumerate(cache.layers):
         if arch.layer_types[i] == "sliding_attention":
@@ -63,7 +64,7 @@ def test_high_precision_cache_matches_plain_generation(tiny_llama) -> None:
     plain = tiny_llama.generate(_ids(24), max_new_tokens=8, do_sample=False)
     kvt = KVTransform.uniform(2, U(8, "channel", 4), U(8, "token"))
     with TransformedCache(tiny_llama, kvt) as cache:
-        got = tiny_llama.generate(_ids(24), max_new_tokens=8, do_sample=False, past_key_values=cache)
+        got = tiny_llama.generate(_ids(24), max_new_tokens=8, do_sample=False, **cache_kwargs(tiny_llama, cache))
     assert torch.equal(plain, got)
 
 

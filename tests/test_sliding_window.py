@@ -24,6 +24,7 @@ from kvtool.capture import capture_kv
 from kvtool.codecs.bench_rows import CodecRow
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, load_cache, sorted_layers
 from kvtool.harness import continuation_quality
+from kvtool.models import cache_kwargs
 from kvtool.texts import book
 
 SLIDING = ("gemma3", "mistral")
@@ -57,7 +58,7 @@ def calibrations(tiny_gemma3: Any, tiny_mistral: Any, tmp_path_factory: pytest.T
 def _greedy(model: Any, ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
     new = torch.tensor([5, 6, 7])
     full = torch.cat([ids, new])[None]
-    kwargs = {} if cache is None else {"past_key_values": cache}
+    kwargs = {} if cache is None else cache_kwargs(model, cache)
     with torch.no_grad():
         out = model.generate(full, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(full), **kwargs)
     return out[0, full.shape[1] :]

@@ -14,7 +14,7 @@ import torch
 
 from kvtool.capture import capture_kv
 from kvtool.harness import continuation_quality, perplexity
-from kvtool.models import load_model, tokenize
+from kvtool.models import cache_kwargs, load_model, tokenize
 from kvtool.presets import parse_preset
 from kvtool.texts import load_text
 
@@ -157,5 +157,5 @@ def test_searched_cache_generates_the_answer(smollm2, tmp_path) -> None:
     )
     enc = tok(prompt, return_tensors="pt")
     with load_quantized_cache(path, smollm2) as cache:
-        out = smollm2.model.generate(**enc, max_new_tokens=12, do_sample=False, past_key_values=cache)
+        out = smollm2.model.generate(**enc, max_new_tokens=12, do_sample=False, **cache_kwargs(smollm2.model, cache))
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :])

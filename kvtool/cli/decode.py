@@ -33,7 +33,7 @@ from kvtool.codecs.kvz import (
     sorted_layers,
 )
 from kvtool.kv_capture import capture_artifact
-from kvtool.models import load_model, special_prefix, tokenize
+from kvtool.models import cache_kwargs, load_model, special_prefix, tokenize
 
 EXAMPLES = """Examples:
   kvtool decode ctx.kvz -o kv.safetensors                       # plain fp16 K/V (kvtool.kv_capture layout)
@@ -79,8 +79,8 @@ def decode(
         new = tokenize(lm.tokenizer, generate)
         full = torch.cat([ids, new])[None].to(next(lm.model.parameters()).device)
         with torch.no_grad():
-            gen = lm.model.generate(full, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                                    attention_mask=torch.ones_like(full))  # fmt: skip
+            gen = lm.model.generate(full, **cache_kwargs(lm.model, cache), max_new_tokens=max_new_tokens,
+                                    do_sample=False, attention_mask=torch.ones_like(full))  # fmt: skip
         text = lm.tokenizer.decode(gen[0, full.shape[1] :], skip_special_tokens=True)
         result["generated"] = text
         out.log(f"continued {kvz.tokens} cached tokens + {new.numel()} new ones:")

@@ -40,6 +40,7 @@ from kvtool.codecs.container import (
 )
 from kvtool.digests import token_digest
 from kvtool.errors import KvtoolError, UsageError
+from kvtool.models import cache_kwargs, output_cache
 
 PREFILL_PIECE = 2048  #: tokens per prefill forward (bounds attention memory on long prompts)
 
@@ -53,9 +54,9 @@ def prefill_cache(model: Any, ids: torch.Tensor, piece: int = PREFILL_PIECE) -> 
     device = next(model.parameters()).device
     cache = None
     for start in range(0, ids.numel(), piece):
-        out = model(input_ids=ids[start : start + piece][None].to(device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)  # fmt: skip
-        cache = out.past_key_values
+        out = model(input_ids=ids[start : start + piece][None].to(device), **cache_kwargs(model, cache),
+                    use_cache=True, logits_to_keep=1)  # fmt: skip
+        cache = output_cache(out)
     return cache
 
 
