@@ -84,7 +84,7 @@ def check(args: argparse.Namespace) -> int:
 
     from kvtool.arch import arch_info
     from kvtool.artifacts import read_artifact
-    from kvtool.codecs.kvz import KvzFile, decode_kvz, encode_cache, sorted_layers
+    from kvtool.codecs.kvz import KvzFile, decode_kvz, encode_cache
 
     d = Path(args.dir)
     cfg = AutoConfig.from_pretrained(d)
@@ -123,8 +123,8 @@ def check(args: argparse.Namespace) -> int:
             same[backend] = all(_raw(ref, n) == _raw(got, n) for n in names) and set(names) == {
                 n for n in got._header if n.startswith("chunk.")}
         files_equal = paths["triton"].read_bytes() == paths["torch"].read_bytes()
-        on_gpu = sorted_layers(decode_kvz(KvzFile(paths["triton"]), model, c, device=device, dtype=torch.float32))
-        on_cpu = sorted_layers(decode_kvz(KvzFile(paths["triton"]), model, c))
+        on_gpu = decode_kvz(KvzFile(paths["triton"]), model, c, device=device, dtype=torch.float32)
+        on_cpu = decode_kvz(KvzFile(paths["triton"]), model, c)
         diff = max(float((a.keys.cpu() - b.keys).abs().max() / b.keys.abs().max().clamp_min(1e-30))
                    for a, b in zip(on_gpu, on_cpu, strict=True))  # fmt: skip
         diff_v = max(float((a.values.cpu() - b.values).abs().max() / b.values.abs().max().clamp_min(1e-30))

@@ -708,8 +708,7 @@ def oracle_decode(base: Base, path: Path, cal: Path | None) -> Decoded:
     if check_tokenizer is not None:
         check_tokenizer(kvz, base.lm.tokenizer)
     kvzmod.check_calibration(kvz, calibration)
-    layers = kvzmod.sorted_layers(kvzmod.decode_kvz(kvz, base.lm.model, calibration, keep_pre_rope=True,
-                                                    backend="torch"))  # fmt: skip
+    layers = kvzmod.decode_kvz(kvz, base.lm.model, calibration, keep_pre_rope=True, backend="torch")
     ids = kvz.input_ids()
     return Decoded([(d.keys, d.keys_pre_rope, d.values, d.positions) for d in layers], ids)
 

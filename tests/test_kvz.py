@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from kvtool.artifacts import read_artifact
 from kvtool.capture import capture_kv
 from kvtool.cli.app import app
-from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, load_cache, sorted_layers
+from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, load_cache
 from kvtool.errors import ArtifactError, InputError
 from kvtool.models import cache_kwargs
 
@@ -47,7 +47,7 @@ def test_round_trip_every_architecture(tiny, settings: CodecSettings, tmp_path: 
     info = encode_prefix(lm, IDS, settings, path)
     assert info["chunks"] == -(-150 // settings.chunk_tokens)
     cap = capture_kv(tiny.model, IDS)
-    layers = sorted_layers(decode_kvz(KvzFile(path), tiny.model))
+    layers = decode_kvz(KvzFile(path), tiny.model)
     for d, c in zip(layers, cap.layers, strict=True):
         assert torch.equal(d.positions, c.positions)
         if settings.mode == "lossless":
@@ -66,7 +66,7 @@ def test_raw_tokens_are_fp16_exact(tiny_llama, tmp_path: Path) -> None:
     s = CodecSettings(mode="adaptive", quality=2.0, chunk_tokens=32, sink_tokens=3, recent_tokens=4)
     encode_prefix(lm, IDS, s, tmp_path / "x.kvz")
     cap = capture_kv(tiny_llama.model, IDS)
-    layers = sorted_layers(decode_kvz(KvzFile(tmp_path / "x.kvz"), tiny_llama.model))
+    layers = decode_kvz(KvzFile(tmp_path / "x.kvz"), tiny_llama.model)
     for d, c in zip(layers, cap.layers, strict=True):
         for sl in (slice(0, 3), slice(-4, None)):
             assert torch.allclose(d.values[:, :, sl], c.values[:, :, sl].half().float(), atol=0, rtol=0)
@@ -105,7 +105,7 @@ def small_kvz(tiny_llama, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _decode(path: Path, model: Any) -> list[Any]:
-    return sorted_layers(decode_kvz(KvzFile(path), model))
+    return decode_kvz(KvzFile(path), model)
 
 
 def test_flipped_byte_in_a_chunk_names_the_chunk(small_kvz: Path, tiny_llama, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from kvtool.artifacts import read_artifact
 from kvtool.cli._errors import message_for
 from kvtool.cli.app import app
-from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, sorted_layers
+from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix
 from kvtool.errors import ArtifactError, InputError
 
 IDS = torch.randint(0, 128, (150,), generator=torch.Generator().manual_seed(3))
@@ -49,7 +49,7 @@ def files(tiny_llama: Any, tiny_gemma3: Any, tmp_path_factory: pytest.TempPathFa
 
 
 def _decode(path: Path, model: Any) -> list[Any]:
-    return sorted_layers(decode_kvz(KvzFile(path), model, keep_pre_rope=True))
+    return decode_kvz(KvzFile(path), model, keep_pre_rope=True)
 
 
 def _model(files: dict[str, Path], name: str, tiny_llama: Any, tiny_gemma3: Any) -> Any:

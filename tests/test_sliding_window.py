@@ -22,7 +22,7 @@ from kvtool.cache_restore import restore_cache
 from kvtool.calibrators.projection import Budget, ProjectionCalibration, fit_projection, projection_artifact
 from kvtool.capture import capture_kv
 from kvtool.codecs.bench_rows import CodecRow
-from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, load_cache, sorted_layers
+from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, load_cache
 from kvtool.harness import continuation_quality
 from kvtool.models import cache_kwargs
 from kvtool.texts import book
@@ -114,8 +114,8 @@ def test_lossless_pre_rope_keys_are_the_captured_ones(sliding: Any, tmp_path: Pa
     """decode with keep_pre_rope on a lossless file gives the pre-RoPE keys (RoPE inverted), deterministically."""
     ids = _ids(40)
     encode_prefix(TinyLM(sliding, "2"), ids, CodecSettings(mode="lossless", chunk_tokens=16), tmp_path / "x.kvz")
-    first = sorted_layers(decode_kvz(KvzFile(tmp_path / "x.kvz"), sliding.model, keep_pre_rope=True))
-    second = sorted_layers(decode_kvz(KvzFile(tmp_path / "x.kvz"), sliding.model, keep_pre_rope=True))
+    first = decode_kvz(KvzFile(tmp_path / "x.kvz"), sliding.model, keep_pre_rope=True)
+    second = decode_kvz(KvzFile(tmp_path / "x.kvz"), sliding.model, keep_pre_rope=True)
     cap = capture_kv(sliding.model, ids)
     for a, b, c in zip(first, second, cap.layers, strict=True):
         assert torch.equal(a.keys_pre_rope, b.keys_pre_rope)

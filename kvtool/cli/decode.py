@@ -30,7 +30,6 @@ from kvtool.codecs.kvz import (
     decode_kvz,
     load_cache,
     recorded_model_spec,
-    sorted_layers,
 )
 from kvtool.kv_capture import capture_artifact
 from kvtool.models import cache_kwargs, load_model, special_prefix, tokenize
@@ -87,10 +86,8 @@ def decode(
         out.result(result, primary="generated")
         return
     with out.progress("decode", kvz.tokens) as advance:
-        layers = sorted_layers(
-            decode_kvz(kvz, lm.model, cal, progress=advance, keep_pre_rope=output is not None, backend=backend,
-                       device=lm.device)  # fmt: skip
-        )
+        layers = decode_kvz(kvz, lm.model, cal, progress=advance, keep_pre_rope=output is not None, backend=backend,
+                            device=lm.device)  # fmt: skip
     if output is not None:
         ids = kvz.input_ids()
         art = capture_artifact(

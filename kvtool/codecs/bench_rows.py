@@ -19,7 +19,7 @@ import torch
 from kvtool.artifacts import Artifact, read_artifact
 from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
-from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_cache, pick_level, sorted_layers
+from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_cache, pick_level
 from kvtool.errors import UsageError
 
 
@@ -54,7 +54,7 @@ class CodecRow:
             t0 = time.perf_counter()
             encode_cache(self.lm, ids, cache, self.settings, path, self.calibration)
             t1 = time.perf_counter()
-            layers = sorted_layers(decode_kvz(KvzFile(path), model, self.calibration, device=device, dtype=dtype))
+            layers = decode_kvz(KvzFile(path), model, self.calibration, device=device, dtype=dtype)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t2 = time.perf_counter()

@@ -8,7 +8,6 @@ by the coder on the CPU, written straight into the output tensors → RoPE re-ap
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from kvtool.codecs.container import (
     check_tokenizer,
 )
 from kvtool.errors import ArtifactError, UsageError
+from kvtool.kernels import pick_backend
 
 
 @dataclass
@@ -67,6 +67,7 @@ def decode_kvz(
     s, arch = kvz.settings, kvz.arch
     check_calibration(kvz, calibration)
     target = torch.device(device) if device is not None else torch.device("cpu")
+    pick_backend(backend, target)  # a bad --backend is the caller's usage error, not the file's
     try:
         chunker = make_chunk_coder(s, calibration, arch, backend, target)
     except UsageError as e:  # the settings come from the file here, not from a flag
@@ -153,21 +154,6 @@ def _decode_batch(
         return [_decode_batch(kvz, geo, [c], chunker, dtype)[0] for c in batch]  # names the chunk
 
 
-def sorted_layers(layers: list[DecodedLayer]) -> list[DecodedLayer]:
-    """Tokens of each layer in position order (:func:`decode_kvz` already returns them so; kept for callers that
-    assemble layers themselves)."""
-    out = []
-    for d in layers:
-        if bool((d.positions[1:] > d.positions[:-1]).all()):
-            out.append(d)
-            continue
-        order = torch.argsort(d.positions)
-        pre = None if d.keys_pre_rope is None else d.keys_pre_rope[:, :, order]
-        out.append(dataclasses.replace(d, keys=d.keys[:, :, order], keys_pre_rope=pre,
-                                       values=d.values[:, :, order], positions=d.positions[order]))  # fmt: skip
-    return out
-
-
 def bind_model(kvz: KvzFile, model: Any) -> Any:
     """Check that ``kvz`` was made for ``model`` and return the transformers model: with a kvtool
     ``LoadedModel`` its config, weights and tokenizer digests are compared; with a bare transformers model its
@@ -206,7 +192,7 @@ def load_cache(
     cal = (calibration if isinstance(calibration, Artifact) or calibration is None
            else read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA))  # fmt: skip
     param = next(model.parameters())
-    layers = sorted_layers(decode_kvz(kvz, model, cal, backend=backend, device=param.device, dtype=param.dtype))
+    layers = decode_kvz(kvz, model, cal, backend=backend, device=param.device, dtype=param.dtype)
     ids = kvz.input_ids()
     return restore_cache(model, [(d.keys, d.values) for d in layers], kvz.tokens), ids
 

@@ -26,12 +26,12 @@ from kvtool.codecs.container import (
     recorded_model_spec,
     tokenizer_digest,
 )
-from kvtool.codecs.decode import DecodedLayer, bind_model, decode_kvz, load_cache, sorted_layers
+from kvtool.codecs.decode import DecodedLayer, bind_model, decode_kvz, load_cache
 from kvtool.codecs.encode import encode_cache, encode_prefix, encode_summary, kvz_artifact, prefill_cache
 
 __all__ = [
     "BATCH_CHUNKS", "MAX_TOKENS", "SCHEMA", "SCHEMA_VERSION", "CodecSettings", "DecodedLayer", "Geometry", "KvzFile",
     "bind_model", "check_calibration", "check_model_of", "check_tokenizer", "chunk_crc", "crc_seed", "decode_kvz",
     "encode_cache", "encode_prefix", "encode_summary", "kvz_artifact", "load_cache", "make_coder", "on_backend",
-    "pick_level", "prefill_cache", "recorded_model_spec", "sorted_layers", "tokenizer_digest",
+    "pick_level", "prefill_cache", "recorded_model_spec", "tokenizer_digest",
 ]  # fmt: skip
