@@ -167,11 +167,14 @@ def _gather_chunks(data: torch.Tensor, kvz: Any, part: str, n_chunks: int) -> to
     return data[idx].view(dtype)
 
 
-def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None) -> dict[str, Any]:
+def build_layout(
+    kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None, ready: Any = None
+) -> dict[str, Any]:
     """Every argument of the fused decode kernel, on ``data``'s device (``data``: the file's data section there):
     per lane its words and symbols, per segment its counts, per component (calibrated) or per chunk and channel
     (adaptive) the table, step and mean. The geometry is arithmetic on the header's numbers (host); whatever comes
-    from the file's bytes is read where the bytes are."""
+    from the file's bytes is read where the bytes are; ``ready`` (if given) is called before the first such read
+    (the bytes may still be in flight on another stream)."""
     device = data.device
     geo, arch = kvz.geometry, kvz.arch
     n_layers, n_chunks = arch.num_layers, geo.num_chunks
@@ -208,6 +211,8 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None) -
         raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
     mark = stages.mark if stages is not None else (lambda name: None)
     mark("layout.segments")
+    if ready is not None:  # from here on the file's bytes are read on the device
+        ready()
     per_lane = _gather_chunks(data, kvz, "lanes", n_chunks).to(torch.int64)
     layer_lanes = _gather_chunks(data, kvz, "layer_lanes", n_chunks)
     # checks of what is in the file's bytes are flags on the device, read once at the end (no host round trip
@@ -522,16 +527,20 @@ def decode_file(
     checks = HostChecks(kvz, data)
     cuda = device.type == "cuda"
     try:
-        if cuda:  # the bulk copy on a side stream: the small host-built layout tensors do not queue behind it
+        ready: Any = None
+        if cuda:  # the bulk copy on a side stream: the small host-built layout tensors do not queue behind it; the
+            # main stream waits for it just before the first read of the bytes (build_layout calls ``ready``)
             side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
             with torch.cuda.stream(side):
                 dev_data = data.to(device, non_blocking=True)
-            main.wait_stream(side)
             dev_data.record_stream(main)
+
+            def ready() -> None:
+                main.wait_stream(side)
         else:
             dev_data = data.to(device)
         stages.mark("transfer")
-        layout = build_layout(kvz, coder, dev_data, stages)
+        layout = build_layout(kvz, coder, dev_data, stages, ready)
         layout["words"] = dev_data[: dev_data.numel() // 2 * 2].view(torch.int16)
         # adaptive files on the Triton backend: one fused kernel finishes every layer (RoPE, cast, layout), and it
         # reads only the symbols the decode kernel wrote, so the coefficients need no zero fill
