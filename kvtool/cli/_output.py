@@ -60,6 +60,16 @@ class Output:
                 self.out.print(str(data[primary]), highlight=False, markup=False)
         stream.flush()
 
+    def show(self, renderable: Any, **style: Any) -> None:
+        """Part of a human-readable result beyond :meth:`result` (a line or a table; rich ``style`` keywords such as
+        ``markup=False``), on the results stream: stdout, or stderr when stdout carries output bytes (``-o -``)."""
+        self.out.print(renderable, **style)
+
+    def raw(self, text: str) -> None:
+        """A document exactly as given (an export) on stdout, flushed."""
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
     def table(self, title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
         t = Table(title=title, show_lines=False, header_style="bold")
         for c in columns:

@@ -99,7 +99,7 @@ def bench(
     )
     codecs = [r for r in rows if r["bytes_per_token"] is not None]
     if codecs and out.mode == "human":
-        out.out.print(table)
+        out.show(table)
         table = out.table(
             "codecs (bits = file bytes; speeds = fp16-equivalent MB/s on this machine)",
             ["config", "bytes/token", "vs fp16", "cont. ΔPPL %", "encode MB/s", "decode MB/s"],

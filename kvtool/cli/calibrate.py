@@ -253,11 +253,11 @@ def calibrate(
             rows = [[i, t.keys[i].label() if t.keys[i] else "-", t.values[i].label() if t.values[i] else "-"]
                     for i in range(len(t.keys))]  # fmt: skip
             title = f"{path.name}: {r['nominal_bits']:.3f} nominal / {r['all_in_bits']:.3f} all-in bits per element"
-            out.out.print(out.table(title, ["layer", "keys", "values"], rows))
+            out.show(out.table(title, ["layer", "keys", "values"], rows))
     out.result(results[0] if len(results) == 1 else {"artifacts": results}, primary=None)
     if out.mode != "json":
         for r in results:
-            out.out.print(r["path"], highlight=False, markup=False)  # the artifact paths, last
+            out.show(r["path"], highlight=False, markup=False)  # the artifact paths, last
     failed = [r for r in results if max_ppl_delta is not None and r["validation"]["delta_ppl_pct"] > max_ppl_delta]
     if failed:
         r = failed[0]

@@ -7,7 +7,6 @@ one ``lossy export: ...`` warning on stderr. The formats themselves live in :mod
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -67,8 +66,7 @@ def export(
         out.warning("lossy export: " + "; ".join(result.lossy))
     if output is None:
         text = json.dumps(result.data, indent=2) + "\n" if json_mode else result.text
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        out.raw(text)
         return
     size = _write_atomic(output, result.text)
     out.log(f"wrote {to} ({size} bytes) to {output}")

@@ -115,30 +115,30 @@ def inspect(
         info["layers"] = [dict(zip(cols, r, strict=True)) for r in rows]
     if out.mode == "human":
         m = art.model
-        out.out.print(
+        out.show(
             f"[bold]{path}[/bold]: {art.schema} v{art.schema_version} (by {art.producer.get('name')} "
             f"{art.producer.get('version')})"
         )
-        out.out.print(
+        out.show(
             f"model: {m.get('id')}  config {m.get('config_digest', '')[:19]}  "
             f"weights {m.get('weights_digest', '')[:19]}",
             highlight=False,
         )
         for k, v in art.inputs.items():
-            out.out.print(f"input {k}: {v}", highlight=False, markup=False)
+            out.show(f"input {k}: {v}", highlight=False, markup=False)
         method = art.method.get("_data", art.method)
         name = art.method.get("_type", "method")
-        out.out.print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in method.items()), highlight=False, markup=False)
+        out.show(f"{name}: " + ", ".join(f"{k}={v}" for k, v in method.items()), highlight=False, markup=False)
         for key in ("bits", "validation"):
             if art.extra.get(key):
-                out.out.print(f"{key}: {art.extra[key]}", highlight=False, markup=False)
-        out.out.print(f"content digest: {art.content_digest}", highlight=False)
+                out.show(f"{key}: {art.extra[key]}", highlight=False, markup=False)
+        out.show(f"content digest: {art.content_digest}", highlight=False)
         tensor_rows = [
             [n, str(t.dtype).removeprefix("torch."), "x".join(map(str, t.shape))]
             for n, t in sorted(art.tensors.items())
         ]
-        out.out.print(out.table("tensors", ["tensor", "dtype", "shape"], tensor_rows))
+        out.show(out.table("tensors", ["tensor", "dtype", "shape"], tensor_rows))
         if rows:
-            out.out.print(out.table("per layer", cols, rows))
+            out.show(out.table("per layer", cols, rows))
         return
     out.result(info, primary="schema")
