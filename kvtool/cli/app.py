@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import typer
 
@@ -59,6 +60,10 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # libraries' own progress bars (tqdm: the GGUF conversion's, weight loading) and Python warnings (deprecation
+        # notices meant for developers) stay off the user's terminal; kvtool's warnings go through Output
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        warnings.simplefilter("ignore")
         try:
             from transformers.utils import logging as hf_logging
 
