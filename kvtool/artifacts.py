@@ -110,6 +110,12 @@ def torch_dtype(code: str) -> torch.dtype:
         raise ArtifactError(f"unsupported tensor dtype {code!r}") from None
 
 
+def dtype_bytes(code: str) -> int:
+    """Bytes per element of a safetensors dtype code (0 for a code this torch does not know)."""
+    dtype = _CODE_TO_TORCH.get(code)
+    return dtype.itemsize if dtype is not None else 0
+
+
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from kvtool.arch import ArchInfo
-from kvtool.artifacts import Artifact, describe, read_artifact, read_header
+from kvtool.artifacts import Artifact, describe, dtype_bytes, read_artifact, read_header
 from kvtool.calibration import transform_of
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import JsonOpt, QuietOpt, output_for
@@ -21,8 +21,6 @@ from kvtool.codecs.kvz import SCHEMA as KVZ_SCHEMA
 from kvtool.codecs.kvz import KvzFile
 from kvtool.errors import ArtifactError
 from kvtool.models import model_fingerprint
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _capture_layers(a: Artifact) -> tuple[list[str], list[list[Any]]]:
@@ -70,7 +68,7 @@ def _plain(path: Path) -> dict[str, Any]:
         name: {
             "dtype": info["dtype"],
             "shape": info["shape"],
-            "bytes": math.prod(info["shape"]) * _DTYPE_BYTES.get(info["dtype"], 0),
+            "bytes": math.prod(info["shape"]) * dtype_bytes(info["dtype"]),
         }
         for name, info in sorted(header.items())
         if name != "__metadata__"

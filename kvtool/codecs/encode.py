@@ -20,6 +20,7 @@ from kvtool.artifacts import (
     Artifact,
     write_artifact,
 )
+from kvtool.calibration import model_record
 from kvtool.capture import prefix_rope
 from kvtool.codecs.chunk_coders import lossless_settings, make_chunk_coder
 from kvtool.codecs.container import (
@@ -153,7 +154,7 @@ def kvz_artifact(
     art = Artifact(
         schema=SCHEMA,
         schema_version=SCHEMA_VERSION,
-        model={**lm.fingerprint, "arch": arch.to_dict()},
+        model=model_record(lm),
         inputs={
             "tokens": tokens,
             "token_ids_digest": token_digest(ids),

@@ -32,9 +32,9 @@ from typing import ClassVar, Literal
 import torch
 
 from kvtool.config import register
+from kvtool.quantizers.float_cast import fp16_round_trip
 from kvtool.transforms import BitCost, TensorTransform
 
-FP16_MAX = 65504.0
 #: Tokens per outlier budget: at most ``round(outlier_frac * tokens * heads * head_dim)`` fp16 outliers per block.
 OUTLIER_BLOCK = 256
 
@@ -159,5 +159,5 @@ class NonUniformQuantizer(TensorTransform):
         xf = x.float()
         a, zero, rng = self.normalize(xf)
         deq = self.levels().to(x.device)[self.codes(a.clamp(-1, 1))] * rng + zero
-        out = torch.where(self.outlier_mask(a), xf.clamp(-FP16_MAX, FP16_MAX).half().float(), deq)
+        out = torch.where(self.outlier_mask(a), fp16_round_trip(xf), deq)
         return out.to(x.dtype)

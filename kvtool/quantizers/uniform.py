@@ -27,9 +27,8 @@ from typing import Literal
 import torch
 
 from kvtool.config import register
+from kvtool.quantizers.float_cast import FP16_MAX
 from kvtool.transforms import BitCost, TensorTransform
-
-FP16_MAX = 65504.0
 
 
 @register
