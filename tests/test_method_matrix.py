@@ -15,6 +15,7 @@ import torch
 
 from kvtool.attention import transformed_attention
 from kvtool.quantizers import FloatCast, NonUniformQuantizer, ProjectionQuantizer, UniformQuantizer
+from kvtool.quantizers.projection import EntropyCodedProjection
 from kvtool.transforms import KVTransform, TensorTransform
 
 
@@ -38,6 +39,19 @@ def _pca(h: int, d: int, x: torch.Tensor, granularity: str, bits: float) -> Proj
     )  # fmt: skip
 
 
+def _pca_ec(h: int, d: int, x: torch.Tensor, granularity: str, sigmas: float) -> EntropyCodedProjection:
+    """The codec's quantization in a fitted eigenbasis: per component a step of ``sigmas`` standard deviations
+    (the weakest quarter dropped), a clamp covering ±4σ, and the Gaussian entropy of that grid as its rate."""
+    p = _pca(h, d, x, granularity, 16)
+    sigma = (-p.lo / 3).clamp_min(1e-6)  # the fit stored lo = -3σ
+    step = (sigmas * sigma).half().float()
+    step = torch.where(sigma >= sigma.flatten().quantile(0.25), step, torch.zeros_like(step))
+    kmax = torch.where(step > 0, torch.ceil(4 * sigma / step.clamp_min(1e-30)).clamp(1, 63), torch.zeros_like(step))
+    rate = torch.where(step > 0, (torch.log2(sigma / step.clamp_min(1e-30)) + 2.05).clamp_min(0.05),
+                       torch.zeros_like(step))  # fmt: skip
+    return EntropyCodedProjection(h, d, granularity, mean=p.mean, basis=p.basis, step=step, kmax=kmax, rate=rate)
+
+
 Factory = Callable[[int, int, torch.Tensor], TensorTransform]
 
 #: (id, factory): every method kvtool ships, in easy-to-hard order.
@@ -55,6 +69,8 @@ METHODS: list[tuple[str, Factory]] = [
     ("pca-layer-fp16", lambda h, d, x: _pca(h, d, x, "layer", 16)),
     ("pca-head-4bit", lambda h, d, x: _pca(h, d, x, "head", 4)),
     ("pca-layer-3bit", lambda h, d, x: _pca(h, d, x, "layer", 3)),
+    ("pca-ec-head", lambda h, d, x: _pca_ec(h, d, x, "head", 0.5)),
+    ("pca-ec-layer-coarse", lambda h, d, x: _pca_ec(h, d, x, "layer", 2.0)),
 ]
 IDS = [m[0] for m in METHODS]
 
