@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from typer.testing import CliRunner
+
+from kvtool.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args: Any) -> Any:
+    """``kvtool ARGS...`` in-process (every argument as a string); the typer result."""
+    return runner.invoke(app, [str(a) for a in args])
+
 
 def assert_one_line_error(result: Any, code: int, *fragments: str, stdout_empty: bool = True) -> None:
     """The documented failure contract: exit ``code``; stderr ends with exactly one ``kvtool: error: ...`` line

@@ -16,22 +16,18 @@ from typing import Any
 
 import pytest
 import torch
+from cli_helpers import invoke
 from tiny_models import save_model_folder
-from typer.testing import CliRunner
 
 from kvtool.artifacts import read_artifact
 from kvtool.calibrators.fisher import calibration_windows
 from kvtool.calibrators.nuq import NUQCalibration, fit_nuq
-from kvtool.cli.app import app
 from kvtool.harness import continuation_quality, perplexity
 from kvtool.models import LoadedModel, load_model, special_prefix, tokenize
 
-runner = CliRunner()
 TEXT = "Anne Elliot was the second daughter of Sir Walter."
 
 
-def invoke(*args: Any):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, invoke
 from tiny_models import save_model_folder
-from typer.testing import CliRunner
 
 from kvtool.artifacts import read_artifact, write_artifact
 from kvtool.calibrators.fisher import calibration_windows, fisher_stats
@@ -38,9 +37,6 @@ from kvtool.calibrators.precision_search import (
     table_from,
     table_tensors,
 )
-from kvtool.cli.app import app
-
-runner = CliRunner()
 
 #: Small calibration settings of every CLI run (2 windows of 32 tokens).
 SMALL = ("--num-seqs", "2", "--seq-len", "32")
@@ -53,9 +49,7 @@ BITS = [1, 2, 3, 4, 8]  # PrecisionSearch's default bit widths
 # -- fixtures ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(isolated_home: None) -> None:
-    """Every test of this module runs with a private home (see conftest)."""
+pytestmark = pytest.mark.usefixtures("isolated_home")  # every test of this module runs with a private home
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +58,6 @@ def model_dir(tiny_model_dir: Path) -> Path:
     return tiny_model_dir
 
 
-def invoke(*args: Any):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, invoke
 from tiny_models import save_model_folder
-from typer.testing import CliRunner
-
-from kvtool.cli.app import app
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +22,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path
     return save_model_folder(tmp_path_factory.mktemp("tiny-llama"), text_file)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(isolated_home: None) -> None:
-    """Every test of this module runs with a private home (see conftest)."""
+pytestmark = pytest.mark.usefixtures("isolated_home")  # every test of this module runs with a private home
 
 
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_version() -> None:

@@ -15,13 +15,12 @@ import pytest
 import torch
 import yaml
 from cli_helpers import assert_one_line_error as _assert_error_contract
-from typer.testing import CliRunner
+from cli_helpers import invoke
 
 from kvtool.arch import ArchInfo
 from kvtool.artifacts import write_artifact
 from kvtool.calibration import calibration_artifact
 from kvtool.calibrators.precision_search import PrecisionSearch
-from kvtool.cli.app import app
 from kvtool.config import register
 from kvtool.errors import UsageError
 from kvtool.exports import FORMATS, export, layer_dtypes, runs
@@ -29,7 +28,6 @@ from kvtool.quantizers import FloatCast
 from kvtool.quantizers import UniformQuantizer as U
 from kvtool.transforms import BitCost, KVTransform, TensorTransform
 
-runner = CliRunner()
 LAYERS = 6
 HEAD_DIM = 16
 
@@ -84,8 +82,6 @@ def cal(tmp_path: Path) -> Path:
     return write(tmp_path / "cal.safetensors", mixed())
 
 
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def assert_one_line_error(result, code: int, *fragments: str) -> None:

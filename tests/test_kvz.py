@@ -11,19 +11,14 @@ from typing import Any
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, invoke
 from tiny_models import TinyLM
-from typer.testing import CliRunner
 
 from kvtool.artifacts import read_artifact
 from kvtool.capture import capture_kv
-from kvtool.cli.app import app
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, load_cache
 from kvtool.errors import ArtifactError, InputError
 from kvtool.models import cache_kwargs
-
-runner = CliRunner()
-
 
 IDS = torch.randint(0, 128, (150,), generator=torch.Generator().manual_seed(0))
 
@@ -165,13 +160,9 @@ def test_fuzz_mutations(small_kvz: Path, tiny_llama, tmp_path: Path) -> None:
 # -- the CLI -----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(isolated_home: None) -> None:
-    """Every test of this module runs with a private home (see conftest)."""
+pytestmark = pytest.mark.usefixtures("isolated_home")  # every test of this module runs with a private home
 
 
-def invoke(*args: Any):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,16 @@ from typing import Any
 import pytest
 import torch
 import zstandard
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, invoke
 from kvz_edit import KvzEdit
 from tiny_models import TinyLM
-from typer.testing import CliRunner
 
 from kvtool.artifacts import read_artifact
 from kvtool.cli._errors import message_for
-from kvtool.cli.app import app
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix
 from kvtool.errors import ArtifactError, InputError
 
 IDS = torch.randint(0, 128, (150,), generator=torch.Generator().manual_seed(3))
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +238,7 @@ def test_null_metadata(files, tmp_path) -> None:
     blob += b" " * (-len(blob) % 8)
     path = tmp_path / "n.kvz"
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(e.data))
-    r = runner.invoke(app, ["inspect", str(path)])
+    r = invoke("inspect", path)
     assert_one_line_error(r, 3, "__metadata__")
 
 
@@ -280,7 +277,7 @@ def test_cli_calibration_fifo_and_dev_zero(files, tiny_model_dir, tmp_path) -> N
     fifo = tmp_path / "cal.fifo"
     os.mkfifo(fifo)
     for cal in (fifo, Path("/dev/zero")):
-        r = runner.invoke(app, ["decode", str(files["lossless"]), "-m", str(tiny_model_dir), "--calibration", str(cal)])
+        r = invoke("decode", files["lossless"], "-m", tiny_model_dir, "--calibration", cal)
         assert_one_line_error(r, 1, "not a regular file")
 
 
@@ -289,7 +286,7 @@ def test_recorded_model_id_is_checked_before_loading(files, tmp_path) -> None:
     for model_id in ("/dev/zero", "../../etc", "x\ny"):
         e = _meta_edit(files["lossless"], "model.id", model_id)
         path = _write(tmp_path, e, "all")
-        r = runner.invoke(app, ["decode", str(path)])
+        r = invoke("decode", path)
         assert r.exit_code in (1, 3), r.stderr
         assert_one_line_error(r, r.exit_code)
         if model_id == "/dev/zero":
@@ -312,18 +309,17 @@ def test_usage_errors_are_one_line() -> None:
 def test_decode_to_stdout(files, tiny_model_dir, tmp_path, text_file) -> None:
     """``-o -`` writes the same bytes to stdout as ``-o FILE``; results go to stderr; --json is refused."""
     kvz = tmp_path / "m.kvz"
-    r = runner.invoke(app, ["encode", str(text_file), "-m", str(tiny_model_dir), "--lossless", "--max-tokens", "40",
-                            "-o", "-"])  # fmt: skip
+    r = invoke("encode", text_file, "-m", tiny_model_dir, "--lossless", "--max-tokens", "40", "-o", "-")  # fmt: skip
     assert r.exit_code == 0, r.stderr
     kvz.write_bytes(r.stdout_bytes)
-    r2 = runner.invoke(app, ["encode", str(text_file), "-m", str(tiny_model_dir), "--lossless", "--max-tokens", "40",
-                             "-o", str(tmp_path / "f.kvz")])  # fmt: skip
+    r2 = invoke("encode", text_file, "-m", tiny_model_dir, "--lossless", "--max-tokens", "40", "-o",
+                tmp_path / "f.kvz")  # fmt: skip
     assert r2.exit_code == 0 and (tmp_path / "f.kvz").read_bytes() == kvz.read_bytes()
-    out = runner.invoke(app, ["decode", str(kvz), "-o", "-"])
+    out = invoke("decode", kvz, "-o", "-")
     assert out.exit_code == 0, out.stderr
-    assert runner.invoke(app, ["decode", str(kvz), "-o", str(tmp_path / "kv.safetensors")]).exit_code == 0
+    assert invoke("decode", kvz, "-o", tmp_path / "kv.safetensors").exit_code == 0
     assert out.stdout_bytes == (tmp_path / "kv.safetensors").read_bytes()
-    assert_one_line_error(runner.invoke(app, ["decode", str(kvz), "-o", "-", "--json"]), 2, "--json")
+    assert_one_line_error(invoke("decode", kvz, "-o", "-", "--json"), 2, "--json")
 
 
 def test_version_1_files_are_still_read(tiny_llama, tmp_path, monkeypatch) -> None:
