@@ -3,10 +3,10 @@
 (a) :func:`perplexity`: non-overlapping windows of ``window`` tokens, each a fresh forward pass from position 0;
     every attention layer reads the transformed K/V, prefill included (KVQuant's protocol, arXiv:2401.18079).
     A window of ``w`` tokens scores ``w - 1`` predictions.
-(b) :func:`continuation_quality`: the cache of a prefix of P tokens is transformed (or, later, decoded from a
-    file); the next C tokens are fed teacher-forced on top of it and their predictions are compared with those
-    made from the untouched cache: perplexity of the C targets, mean KL(p_original || p_transformed) in nats per
-    position, and top-1 agreement. All C scored predictions depend on the cache.
+(b) :func:`continuation_quality`: the cache of a prefix of P tokens is transformed (or decoded from a ``.kvz``
+    file: the bench codec rows); the next C tokens are fed teacher-forced on top of it and their predictions are
+    compared with those made from the untouched cache: perplexity of the C targets, mean KL(p_original ||
+    p_transformed) in nats per position, and top-1 agreement. All C scored predictions depend on the cache.
 
 Both take the text as one stream of text tokens (``tokenize(..., prompt=False)``) and the tokenizer's
 ``special_prefix`` (:func:`kvtool.models.special_prefix`, e.g. ``[bos_token_id]``; empty for tokenizers that add

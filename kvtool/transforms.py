@@ -4,7 +4,7 @@ Two levels, like kvpress' ``BasePress``/``ScorerPress``:
 
 * :class:`TensorTransform`: what happens to one ``(batch, kv_heads, tokens, head_dim)`` tensor (quantize then
   dequantize, project then reconstruct) and what it costs in stored bits. One method per file under
-  :mod:`kvtool.quantizers` (later also datatypes and projections).
+  :mod:`kvtool.quantizers` (uniform, non-uniform datatypes, projections, the codec's entropy-coded projection).
 * :class:`KVTransform`: per-layer key / value :class:`TensorTransform` plus the settings every method shares and
   every artifact records: whether keys are transformed before RoPE, how many attention-sink tokens and how many
   most-recent tokens stay in fp16.

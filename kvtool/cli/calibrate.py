@@ -144,7 +144,9 @@ def calibrate(
     qnorm: Annotated[bool, typer.Option("--qnorm", help="nuq: Q-Norm mean/std correction after rounding.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Artifact path (one artifact only).")] = None,
     resolve: Annotated[
-        Path | None, typer.Option("--resolve", help="search: re-solve this artifact's table for a new budget.")
+        Path | None,
+        typer.Option("--resolve", help="Re-solve this artifact's table (precision search or projection) for a "
+                     "new budget, without the model."),
     ] = None,
     text: TextOpt = "calibration",
     num_seqs: Annotated[int, typer.Option("--num-seqs", help="Calibration sequences.", min=1)] = 8,

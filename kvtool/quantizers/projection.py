@@ -9,8 +9,11 @@ component ``j`` is stored with ``bits[j]`` bits on a static uniform grid ``lo[j]
 reconstructed as the mean) or kept as fp16 (``bits = 16``: low-rank projection without quantization). The decoder
 computes ``x̂ = ĉ @ basisᵀ + mean``.
 
-The same object is the codec's transform (:mod:`kvtool.codecs`): :meth:`ProjectionQuantizer.symbols` gives the
-integer codes an entropy coder stores and :meth:`ProjectionQuantizer.from_symbols` decodes them.
+The same object is the codec's transform (:mod:`kvtool.codecs`): :meth:`ProjectionQuantizer.coefficients` and
+:meth:`ProjectionQuantizer.reconstruct` are the basis change the calibrated coder applies around its own
+entropy-coded quantization (:class:`EntropyCodedProjection` is that quantization inside attention);
+:meth:`ProjectionQuantizer.symbols` / :meth:`ProjectionQuantizer.dequantize` are the fixed-length codes of this
+method.
 """
 
 from __future__ import annotations
