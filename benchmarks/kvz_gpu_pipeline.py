@@ -120,7 +120,7 @@ def lmcache_row(cache: Any, repeats: int, chunk: int = 256) -> dict[str, Any]:
     deserializer (``CacheGenSerializer.to_bytes`` / ``CacheGenDeserializer.from_bytes``: quantization, CDFs,
     arithmetic coding, pickling, and back to bf16 tensors on the GPU), one object per ``chunk`` tokens as LMCache
     stores them (its default chunk size). Bins: LMCache's rule for a model it does not list (``CacheGenConfig
-    .from_model_name`` with a stub config of this many layers), as :mod:`kvtool.codecs.cachegen_peer` does."""
+    .from_model_name`` with a stub config of this many layers), as :mod:`kvtool.eval.cachegen_peer` does."""
     from types import SimpleNamespace
     from unittest import mock
 

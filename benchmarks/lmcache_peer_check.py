@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kvtool.codecs.cachegen_peer import cachegen_available, cachegen_roundtrip  # noqa: E402
+from kvtool.eval.cachegen_peer import cachegen_available, cachegen_roundtrip  # noqa: E402
 
 
 def coding_is_lossless(keys, values, r, chunk: int) -> bool:

@@ -19,7 +19,7 @@ from kvtool import config as kvconfig
 from kvtool.artifacts import read_artifact
 from kvtool.calibration import SCHEMA
 from kvtool.calibrators.precision_search import build_transform, choice_summary, table_from
-from kvtool.harness import perplexity
+from kvtool.eval.harness import perplexity
 from kvtool.models import load_model, special_prefix, tokenize
 from kvtool.texts import load_text
 

@@ -9,15 +9,14 @@ Public API (the catalogue)::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from kvtool._version import __version__
 from kvtool.artifacts import read_artifact, write_artifact
 from kvtool.attention import transformed_attention
 from kvtool.calibration import load_calibration
 from kvtool.capture import capture_kv
 from kvtool.codecs.connector import decode_kv, encode_kv
 from kvtool.codecs.kvz import encode_prefix, load_cache
-from kvtool.harness import continuation_quality, perplexity
+from kvtool.eval.harness import continuation_quality, perplexity
 from kvtool.models import load_model
 from kvtool.quantizers import NonUniformQuantizer, ProjectionQuantizer, UniformQuantizer
 from kvtool.runtime import load_quantized_cache

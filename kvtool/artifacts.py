@@ -29,7 +29,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-import kvtool
+from kvtool._version import __version__
 from kvtool.atomic import write_bytes_atomic
 from kvtool.digests import canonical_json
 from kvtool.errors import ArtifactError, InputError
@@ -120,8 +120,8 @@ DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def kvtool_version() -> str:
-    """The version of the running kvtool (``kvtool.__version__``, else ``"0.1.0"``)."""
-    return str(getattr(kvtool, "__version__", None) or "0.1.0")
+    """The version of the running kvtool."""
+    return __version__
 
 
 def default_producer() -> dict[str, str]:

@@ -307,7 +307,7 @@ def tokenize(tokenizer: Any, text: str, *, prompt: bool = False) -> torch.Tensor
 
     ``prompt=False``: the text's own tokens, no special tokens. For a text stream that is cut into perplexity
     windows or calibration sequences (each gets the :func:`special_prefix` of its own, see
-    :func:`kvtool.harness.perplexity`), and for a continuation of a cached prefix (which never gets a BOS).
+    :func:`kvtool.eval.harness.perplexity`), and for a continuation of a cached prefix (which never gets a BOS).
 
     ``prompt=True``: a prompt as a serving engine tokenizes it, :func:`special_prefix` then the text's tokens. A text
     that already starts with that prefix (a chat template that writes the BOS itself) does not get it twice.

@@ -22,7 +22,7 @@ from tiny_models import save_model_folder
 from kvtool.artifacts import read_artifact
 from kvtool.calibrators.fisher import calibration_windows
 from kvtool.calibrators.nuq import NUQCalibration, fit_nuq
-from kvtool.harness import continuation_quality, perplexity
+from kvtool.eval.harness import continuation_quality, perplexity
 from kvtool.models import LoadedModel, load_model, special_prefix, tokenize
 
 TEXT = "Anne Elliot was the second daughter of Sir Walter."

@@ -269,7 +269,7 @@ def test_fit_on_every_architecture(tiny) -> None:
     cfg = ProjectionCalibration(granularity="head", num_seqs=2, seq_len=48, table_tokens=64)
     table = fit_projection(tiny.model, tiny.info, ids, cfg)
     _, t = projection_artifact(_model(tiny), cfg, {}, table, Budget(bits=3.0))
-    from kvtool.harness import perplexity
+    from kvtool.eval.harness import perplexity
 
     base = perplexity(tiny.model, ids[:96], 48)
     got = perplexity(tiny.model, ids[:96], 48, t)

@@ -21,9 +21,9 @@ from kvtool.artifacts import read_artifact, write_artifact
 from kvtool.cache_restore import restore_cache
 from kvtool.calibrators.projection import Budget, ProjectionCalibration, fit_projection, projection_artifact
 from kvtool.capture import capture_kv
-from kvtool.codecs.bench_rows import CodecRow
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, load_cache
-from kvtool.harness import continuation_quality
+from kvtool.eval.codec_rows import CodecRow
+from kvtool.eval.harness import continuation_quality
 from kvtool.models import cache_kwargs
 from kvtool.texts import book
 

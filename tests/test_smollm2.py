@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from kvtool.capture import capture_kv
-from kvtool.harness import continuation_quality, perplexity
+from kvtool.eval.harness import continuation_quality, perplexity
+from kvtool.eval.presets import parse_preset
 from kvtool.models import cache_kwargs, load_model, tokenize
-from kvtool.presets import parse_preset
 from kvtool.texts import load_text
 
 pytestmark = [

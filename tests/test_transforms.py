@@ -17,7 +17,7 @@ from kvtool.arch import apply_rope, invert_rope
 from kvtool.attention import transformed_attention
 from kvtool.capture import capture_kv
 from kvtool.errors import ArtifactError
-from kvtool.harness import continuation_quality, perplexity, prefill, transform_cache
+from kvtool.eval.harness import continuation_quality, perplexity, prefill, transform_cache
 from kvtool.quantizers import UniformQuantizer
 from kvtool.transforms import BitCost, KVTransform, TensorTransform
 

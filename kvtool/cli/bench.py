@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from kvtool.bench import BenchSettings, run_bench
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import (
     DEFAULT,
@@ -21,9 +20,10 @@ from kvtool.cli._options import (
     output_for,
 )
 from kvtool.errors import KvtoolError, UsageError
+from kvtool.eval.bench import BenchSettings, run_bench
+from kvtool.eval.presets import BASELINES
+from kvtool.eval.rd_plot import plot_rd
 from kvtool.models import load_model
-from kvtool.presets import BASELINES
-from kvtool.rd_plot import plot_rd
 from kvtool.texts import load_text
 
 EXAMPLES = """Examples:

@@ -10,7 +10,7 @@ import torch
 import typer
 
 from kvtool.artifacts import Artifact, check_model, read_artifact, write_artifact
-from kvtool.calibration import SCHEMA, calibration_artifact, model_record, transform_of, validate_transform
+from kvtool.calibration import SCHEMA, calibration_artifact, model_record, transform_of
 from kvtool.calibrators import resolve_budget
 from kvtool.calibrators.nuq import NUQCalibration, fit_nuq
 from kvtool.calibrators.precision_search import (
@@ -39,6 +39,7 @@ from kvtool.cli._options import (
 from kvtool.cli._output import Output
 from kvtool.digests import token_digest
 from kvtool.errors import QualityGateError, UsageError
+from kvtool.eval.validation import validate_transform
 from kvtool.models import LoadedModel, load_model, special_prefix, tokenize
 from kvtool.texts import load_text
 

@@ -13,11 +13,11 @@ from typing import Any
 
 from kvtool.artifacts import read_artifact
 from kvtool.calibration import SCHEMA, transform_of
-from kvtool.codecs.bench_rows import CodecRow, codec_row, unavailable
 from kvtool.errors import UsageError
-from kvtool.harness import continuation_quality, perplexity
+from kvtool.eval.codec_rows import CodecRow, codec_row, unavailable
+from kvtool.eval.harness import continuation_quality, perplexity
+from kvtool.eval.presets import REFERENCE, parse_preset
 from kvtool.models import LoadedModel, special_prefix, tokenize
-from kvtool.presets import REFERENCE, parse_preset
 from kvtool.transforms import KVTransform
 
 

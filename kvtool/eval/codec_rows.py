@@ -3,7 +3,7 @@ back as the cache the continuation is scored on; bytes and CPU times are measure
 
 Names (``--configs``): ``kvz:lossless``, ``kvz:q<Q>`` (adaptive, step Q·σ), ``kvz:<artifact>@<bits>`` or
 ``kvz:<artifact>@L<n>`` (calibrated level), ``zstd-fp16`` (the fp16 cache, byte planes + zstandard), ``cachegen``
-(LMCache 0.5.6's CacheGen codec on the CPU, :mod:`kvtool.codecs.cachegen_peer`; skipped when not installed).
+(LMCache 0.5.6's CacheGen codec on the CPU, :mod:`kvtool.eval.cachegen_peer`; skipped when not installed).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class CacheGenRow(CodecRow):
     """LMCache's CacheGen on the same prefix cache (post-RoPE keys, as LMCache stores them)."""
 
     def code_cache(self, cache: Any, ids: torch.Tensor) -> Any:
-        from kvtool.codecs.cachegen_peer import cachegen_roundtrip
+        from kvtool.eval.cachegen_peer import cachegen_roundtrip
 
         keys = [layer.keys[0].float().cpu() for layer in cache.layers]
         values = [layer.values[0].float().cpu() for layer in cache.layers]
@@ -95,7 +95,7 @@ def unavailable(name: str) -> str | None:
     """Why the codec row ``name`` cannot run here (a peer that is not installed), or ``None``."""
     if name != "cachegen":
         return None
-    from kvtool.codecs.cachegen_peer import cachegen_available
+    from kvtool.eval.cachegen_peer import cachegen_available
 
     ok, why = cachegen_available()
     return None if ok else why
