@@ -4,27 +4,25 @@ from __future__ import annotations
 
 from kvtool import config as kvconfig
 from kvtool.artifacts import Artifact
+from kvtool.budget import Budget
 from kvtool.errors import ArtifactError, UsageError
 from kvtool.transforms import KVTransform
 
 
-def resolve_budget(art: Artifact, spec: str) -> tuple[Artifact, KVTransform]:
-    """Re-solve a calibration artifact's measured table for the budget ``spec`` without the model.
-
-    Precision search: ``3.25`` (the artifact's accounting), ``3.25n`` (nominal), ``3.25a`` (all-in). Projections:
-    ``2.0`` (all-in bits), ``r0.5`` (kept rank fraction of K and V), ``r0.5k`` / ``r0.5v`` (K or V only).
-    """
+def resolve_budget(art: Artifact, budget: Budget | str) -> tuple[Artifact, KVTransform]:
+    """Re-solve a calibration artifact's measured table for ``budget`` (a :class:`~kvtool.budget.Budget`, or its
+    string form, see :mod:`kvtool.budget`) without the model: bits for the precision search (in the artifact's
+    accounting unless the budget names one), bits, a rank fraction or a codec level for projections."""
     from kvtool.calibrators.precision_search import PrecisionSearch, resolve_artifact
-    from kvtool.calibrators.projection import Budget, ProjectionCalibration, resolve_projection
+    from kvtool.calibrators.projection import ProjectionCalibration, resolve_projection
 
+    if isinstance(budget, str):
+        budget = Budget.parse(budget)
     method = kvconfig.from_dict(art.method)
     if isinstance(method, ProjectionCalibration):
-        return resolve_projection(art, Budget.parse(spec))
+        return resolve_projection(art, budget)
     if isinstance(method, PrecisionSearch):
-        accounting = {"n": "nominal", "a": "all-in"}.get(spec[-1:], method.accounting)
-        try:
-            bits = float(spec.rstrip("na"))
-        except ValueError as e:
-            raise UsageError(f"budget '{spec}' must be a number of bits, e.g. 3.25 or 3.25n") from e
-        return resolve_artifact(art, bits, accounting)
+        if budget.bits is None:
+            raise UsageError(f"budget '{budget.label()}': a precision search is re-solved for bits, e.g. 3.25 or 3.25n")
+        return resolve_artifact(art, budget.bits, budget.accounting or method.accounting)
     raise ArtifactError(f"made by {type(method).__name__}: it has no measured table to re-solve")

@@ -30,6 +30,7 @@ import torch
 from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
 from kvtool.artifacts import Artifact
+from kvtool.budget import Budget
 from kvtool.calibration import calibration_artifact
 from kvtool.calibrators.bit_allocation import allocate_bits
 from kvtool.calibrators.codec_rates import OptionTable, allocate_levels, measure_options
@@ -80,11 +81,6 @@ class ProjectionCalibration:
             raise UsageError("--sink-tokens and the recent tokens skipped must be >= 0")
         if self.seq_len <= self.sink_tokens + self.fit_skip_recent or self.num_seqs < 1:
             raise UsageError("need calibration sequences longer than the sink and skipped recent tokens")
-
-    def budget_label(self) -> str:
-        if self.target_bits is not None:
-            return f"{self.target_bits:g}b"
-        return f"r{self.target_rank_fraction:g}"
 
 
 @dataclass
@@ -270,39 +266,11 @@ class ProjectionAccumulator:
 # -- allocation -----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Budget:
-    """A budget to solve the table for: all-in bits per element, or a kept-rank fraction over ``kinds``."""
-
-    bits: float | None = None
-    rank_fraction: float | None = None
-    kinds: str = "kv"  #: rank budgets only: which of K and V are projected ("k", "v" or "kv"); the other stays fp16
-    level: int | None = None  #: the codec's entropy-coded level ``n`` (``@L<n>``): ECSQ grids, expected-rate bits
-
-    @classmethod
-    def of(cls, cfg: ProjectionCalibration) -> Budget:
-        return cls(cfg.target_bits, cfg.target_rank_fraction)
-
-    @classmethod
-    def parse(cls, spec: str) -> Budget:
-        """``2.0`` (all-in bits), ``r0.5`` (rank fraction of K and V), ``r0.5k`` / ``r0.5v`` (K or V only), ``L2``
-        (codec level 2: its entropy-coded quantization, bits = calibrated rate)."""
-        try:
-            if spec.startswith("L"):
-                return cls(level=int(spec[1:]))
-            if spec.startswith("r"):
-                kinds = spec[-1] if spec[-1] in "kv" else "kv"
-                return cls(rank_fraction=float(spec[1:].rstrip("kv")), kinds=kinds)
-            return cls(bits=float(spec.rstrip("a")))
-        except ValueError as e:
-            raise UsageError(f"budget '{spec}': use bits (2.0) or a rank fraction (r0.5, r0.5k, r0.5v)") from e
-
-    def label(self) -> str:
-        if self.level is not None:
-            return f"L{self.level}"
-        if self.bits is not None:
-            return f"{self.bits:g}b"
-        return f"r{self.rank_fraction:g}" + ("" if self.kinds == "kv" else self.kinds)
+def budget_of(cfg: ProjectionCalibration) -> Budget:
+    """The budget a projection calibration asks for (its ``target_bits`` or ``target_rank_fraction``)."""
+    if cfg.target_rank_fraction is not None:
+        return Budget(rank_fraction=cfg.target_rank_fraction)
+    return Budget(bits=cfg.target_bits)
 
 
 def allocate(table: ProjectionTable, budget: Budget) -> dict[str, torch.Tensor]:
@@ -396,7 +364,9 @@ def projection_artifact(
     bits = allocate(table, budget)
     transform = build_transform(table, bits, arch, cfg, f"{cfg.method}-{cfg.granularity}-{budget.label()}")
     levels = [{"bits": lv.bits, "expected_bits": lv.expected_bits} for lv in table.codec_levels]
-    extra = {"projection": {"budget": dataclasses.asdict(budget), "spectrum": spectrum(table, bits),
+    # the record names the four fields a projection budget uses (its bits are all-in by definition)
+    record = {"bits": budget.bits, "rank_fraction": budget.rank_fraction, "kinds": budget.kinds, "level": budget.level}
+    extra = {"projection": {"budget": record, "spectrum": spectrum(table, bits),
                             "codec_levels": levels}}  # fmt: skip
     art = calibration_artifact(model, cfg, inputs, transform, extra, table.to_tensors(), cfg.seq_len)
     return art, transform
@@ -412,6 +382,8 @@ def resolve_projection(old: Artifact, budget: Budget) -> tuple[Artifact, KVTrans
     table = ProjectionTable.from_artifact(old.tensors, transform_of(old))
     if budget.level is not None:
         return old, entropy_coded_transform(table, budget.level, ArchInfo.from_dict(old.model["arch"]), cfg)
+    if budget.accounting == "nominal":
+        raise UsageError("a projection's bit budget is all-in (its tables, means and fp16 tokens are counted)")
     cfg = dataclasses.replace(cfg, target_bits=budget.bits, target_rank_fraction=budget.rank_fraction)
     return projection_artifact(old.model, cfg, old.inputs, table, budget)
 

@@ -10,6 +10,7 @@ import torch
 import typer
 
 from kvtool.artifacts import Artifact, check_model, read_artifact, write_artifact
+from kvtool.budget import Budget
 from kvtool.calibration import SCHEMA, calibration_artifact, model_record, transform_of
 from kvtool.calibrators import resolve_budget
 from kvtool.calibrators.nuq import NUQCalibration, fit_nuq
@@ -21,7 +22,7 @@ from kvtool.calibrators.precision_search import (
     solve,
     table_tensors,
 )
-from kvtool.calibrators.projection import Budget, ProjectionCalibration, fit_projection, projection_artifact
+from kvtool.calibrators.projection import ProjectionCalibration, budget_of, fit_projection, projection_artifact
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import (
     DEFAULT,
@@ -88,7 +89,20 @@ def _projection(lm: LoadedModel, ids: torch.Tensor, cfg: ProjectionCalibration, 
     out.log(f"fitting {cfg.method} bases per {cfg.granularity} on {cfg.num_seqs} x {cfg.seq_len} tokens ...")
     with out.progress("fisher passes", cfg.num_seqs) as advance:
         table = fit_projection(lm.model, lm.arch, ids, cfg, progress=advance, special_prefix=inputs["special_prefix"])
-    return projection_artifact(model_record(lm), cfg, inputs, table, Budget.of(cfg))[0]
+    return projection_artifact(model_record(lm), cfg, inputs, table, budget_of(cfg))[0]
+
+
+def _budget_from_flags(target_bits: float | None, target_rank_fraction: float | None, accounting: str) -> Budget:
+    """The :class:`~kvtool.budget.Budget` the flags ask for (a library error names a field; here, the flag)."""
+    flags = {"bits": "--target-bits", "accounting": "--bits-accounting", "rank_fraction": "--target-rank-fraction"}
+    try:
+        if target_rank_fraction is not None:
+            return Budget(rank_fraction=target_rank_fraction)
+        return Budget(bits=DEFAULT_BITS["search"] if target_bits is None else target_bits, accounting=accounting)
+    except ValueError as e:
+        text = str(e)
+        field = text.split(" ", 1)[0]
+        raise UsageError(flags.get(field, field) + text[len(field) :]) from None
 
 
 def _summary(path: Path, art: Artifact, digest: str) -> dict[str, Any]:
@@ -182,16 +196,9 @@ def calibrate(
     lm = None
     jobs: list[tuple[Path, Artifact]] = []
     if resolve is not None:
-        if target_rank_fraction is not None:
-            spec = f"r{target_rank_fraction:g}"
-        else:
-            spec = f"{DEFAULT_BITS['search'] if target_bits is None else target_bits:g}"
-            spec += {"nominal": "n", "all-in": "a"}.get(bits_accounting, "?")
-        if spec.endswith("?"):
-            raise UsageError(f"--bits-accounting must be all-in or nominal (got '{bits_accounting}')")
-        art, _ = resolve_budget(read_artifact(resolve, expect_schema=SCHEMA), spec)
-        suffix = spec.rstrip("na") if spec.startswith("r") else f"{spec.rstrip('na')}b"
-        path = output or default_output(art.model.get("id", "model"), f"-{suffix}.kvcal.safetensors")
+        budget = _budget_from_flags(target_bits, target_rank_fraction, bits_accounting)
+        art, _ = resolve_budget(read_artifact(resolve, expect_schema=SCHEMA), budget)
+        path = output or default_output(art.model.get("id", "model"), f"-{budget.label()}.kvcal.safetensors")
         jobs.append((check_output(path, overwrite), art))
         if validate:
             lm = load_model(model, device, dtype)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kvtool.artifacts import Artifact, read_artifact
+from kvtool.budget import Budget
 from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_cache, pick_level
@@ -119,8 +120,11 @@ def codec_row(name: str, lm: Any) -> CodecRow | None:
             raise UsageError(f"'{name}': use kvz:q<step in σ>, e.g. kvz:q0.5") from e
     path, _, level = spec.partition("@")
     art = read_artifact(path, expect_schema=CALIBRATION_SCHEMA, model=lm.fingerprint)
-    try:
-        index = int(level[1:]) if level.startswith("L") else pick_level(art, float(level or 1.0))
-    except ValueError as e:
-        raise UsageError(f"'{name}': use kvz:<artifact>@<bits> or kvz:<artifact>@L<level>") from e
+    budget = Budget.parse(level or "1.0")
+    if budget.level is not None:
+        index = budget.level
+    elif budget.bits is not None:
+        index = pick_level(art, budget.bits)
+    else:
+        raise UsageError(f"'{name}': use kvz:<artifact>@<bits> or kvz:<artifact>@L<level>")
     return CodecRow(name, lm, CodecSettings(mode="calibrated", level=index), calibration=art)
