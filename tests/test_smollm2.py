@@ -133,30 +133,16 @@ def test_reference_perplexity_persuasion(smollm2, persuasion_ids) -> None:
 def test_searched_cache_generates_the_answer(smollm2, tmp_path) -> None:
     """A real (small) calibration, its artifact, and generation through the runtime cache it prescribes."""
     from kvtool.artifacts import write_artifact
-    from kvtool.calibration import calibration_artifact, model_record
-    from kvtool.calibrators.precision_search import (
-        PrecisionSearch,
-        build_transform,
-        measure_candidates,
-        search_extra,
-        solve,
-        table_tensors,
-    )
+    from kvtool.calibration import model_record
+    from kvtool.calibrators.precision_search import PrecisionSearch
     from kvtool.runtime import load_quantized_cache
 
     search = PrecisionSearch(target_bits=4.5, num_seqs=1, seq_len=256)
     ids = tokenize(smollm2.tokenizer, load_text("calibration"))
-    table = measure_candidates(smollm2.model, smollm2.arch, ids, search)
-    choice = solve(table, 4.5, "all-in")
-    transform = build_transform(search, table, choice)
-    assert transform.bits(smollm2.arch, 256)["all_in"] <= 4.5
+    table = search.fit(smollm2, ids, special_prefix=[])
+    assert search.solve(table).bits(smollm2.arch, 256)["all_in"] <= 4.5
     path = tmp_path / "s.kvcal.safetensors"
-    write_artifact(
-        path,
-        calibration_artifact(
-            model_record(smollm2), search, {}, transform, search_extra(table, choice), table_tensors(table, choice), 256
-        ),
-    )
+    write_artifact(path, search.artifacts(model_record(smollm2), {}, table)[0])
     tok = smollm2.tokenizer
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False

@@ -25,6 +25,8 @@ import torch
 
 from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
+from kvtool.artifacts import Artifact
+from kvtool.budget import Budget
 from kvtool.calibrators.fisher import LayerStats, accumulate
 from kvtool.errors import UsageError
 from kvtool.quantizers.nonuniform import NonUniformQuantizer
@@ -57,6 +59,34 @@ class NUQCalibration:
             raise UsageError(f"weighting must be 'fisher' or 'count' (got '{self.weighting}')")
         if self.num_seqs < 1 or self.seq_len <= self.sink_tokens or self.sink_tokens < 0:
             raise UsageError("need calibration sequences longer than the sink tokens")
+
+    # -- the calibrator protocol (kvtool.calibrators.base) --------------------------------------------------------
+
+    def describe(self, arch: ArchInfo) -> str:
+        return f"fitting non-uniform datatypes for {self.bits} bits on {self.num_seqs} x {self.seq_len} tokens"
+
+    def outputs(self) -> dict[int, str]:
+        return {b: f".nuq{b}.kvcal.safetensors" for b in sorted(set(self.bits))}
+
+    def fit(self, lm: Any, ids: torch.Tensor, *, special_prefix: list[int],
+            progress: Callable[[int], None] | None = None) -> dict[int, KVTransform]:  # fmt: skip
+        """The table of this method is its fitted transforms, one per bit width."""
+        return fit_nuq(lm.model, lm.arch, ids, self, progress=progress, special_prefix=special_prefix)
+
+    def solve(self, table: dict[int, KVTransform], budget: Budget | None = None) -> KVTransform:
+        if budget is None and len(table) == 1:
+            return next(iter(table.values()))
+        bits = None if budget is None else budget.bits
+        if bits is None or int(bits) != bits or int(bits) not in table:
+            raise UsageError(f"a nuq calibration is solved for one of its bit widths {sorted(table)}")
+        return table[int(bits)]
+
+    def artifacts(self, record: dict[str, Any], inputs: dict[str, Any],
+                  table: dict[int, KVTransform]) -> dict[int, Artifact]:  # fmt: skip
+        from kvtool.calibration import calibration_artifact
+
+        return {b: calibration_artifact(record, self, inputs, t, {"nuq": {"bits": b}}, {}, self.seq_len)
+                for b, t in table.items()}  # fmt: skip
 
 
 def _histogram(a: torch.Tensor, w: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:

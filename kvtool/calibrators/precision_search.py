@@ -30,6 +30,7 @@ import torch
 from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
 from kvtool.artifacts import Artifact
+from kvtool.budget import Budget
 from kvtool.calibration import calibration_artifact
 from kvtool.calibrators.fisher import LayerStats, calibration_windows, fisher_stats
 from kvtool.calibrators.nuq import NuqAccumulator, NUQCalibration
@@ -111,6 +112,32 @@ class PrecisionSearch:
             bits=sorted(self.nuq_bits), outlier_frac=self.outlier_frac, sink_tokens=self.sink_tokens,
             num_seqs=self.num_seqs, seq_len=self.seq_len, seed=self.seed,
         )  # fmt: skip
+
+    # -- the calibrator protocol (kvtool.calibrators.base) --------------------------------------------------------
+
+    def describe(self, arch: ArchInfo) -> str:
+        count = sum(len(self.candidates(kind, arch)) for kind in ("k", "v"))
+        return f"measuring {count} candidates per layer on {self.num_seqs} x {self.seq_len} tokens"
+
+    def outputs(self) -> dict[int, str]:
+        return {0: ".kvcal.safetensors"}
+
+    def fit(self, lm: Any, ids: torch.Tensor, *, special_prefix: list[int],
+            progress: Callable[[int], None] | None = None) -> CandidateTable:  # fmt: skip
+        return measure_candidates(lm.model, lm.arch, ids, self, progress=progress, special_prefix=special_prefix)
+
+    def solve(self, table: CandidateTable, budget: Budget | None = None) -> KVTransform:
+        if budget is not None and budget.bits is None:
+            raise UsageError(f"budget '{budget.label()}': a precision search is solved for bits")
+        bits = self.target_bits if budget is None else budget.bits
+        accounting = self.accounting if budget is None or budget.accounting is None else budget.accounting
+        return build_transform(self, table, solve(table, bits, accounting))  # type: ignore[arg-type]
+
+    def artifacts(self, record: dict[str, Any], inputs: dict[str, Any], table: CandidateTable) -> dict[int, Artifact]:
+        choice = solve(table, self.target_bits, self.accounting)
+        transform = build_transform(self, table, choice)
+        return {0: calibration_artifact(record, self, inputs, transform, search_extra(table, choice),
+                                        table_tensors(table, choice), self.seq_len)}  # fmt: skip
 
     def shell(self, num_layers: int) -> KVTransform:
         """An empty per-layer transform carrying the shared settings (keys pre-RoPE, sinks, recent window)."""

@@ -82,6 +82,32 @@ class ProjectionCalibration:
         if self.seq_len <= self.sink_tokens + self.fit_skip_recent or self.num_seqs < 1:
             raise UsageError("need calibration sequences longer than the sink and skipped recent tokens")
 
+    # -- the calibrator protocol (kvtool.calibrators.base) --------------------------------------------------------
+
+    def describe(self, arch: ArchInfo) -> str:
+        return f"fitting {self.method} bases per {self.granularity} on {self.num_seqs} x {self.seq_len} tokens"
+
+    def outputs(self) -> dict[int, str]:
+        return {0: f".{self.method}.kvcal.safetensors"}
+
+    def fit(self, lm: Any, ids: torch.Tensor, *, special_prefix: list[int],
+            progress: Callable[[int], None] | None = None) -> ProjectionTable:  # fmt: skip
+        table = fit_projection(lm.model, lm.arch, ids, self, progress=progress, special_prefix=special_prefix)
+        table.arch = lm.arch
+        return table
+
+    def solve(self, table: ProjectionTable, budget: Budget | None = None) -> KVTransform:
+        budget = budget_of(self) if budget is None else budget
+        if table.arch is None:
+            raise ValueError("this table was read from an artifact: re-solve the artifact (resolve_budget)")
+        if budget.level is not None:
+            return entropy_coded_transform(table, budget.level, table.arch, self)
+        name = f"{self.method}-{self.granularity}-{budget.label()}"
+        return build_transform(table, allocate(table, budget), table.arch, self, name)
+
+    def artifacts(self, record: dict[str, Any], inputs: dict[str, Any], table: ProjectionTable) -> dict[int, Artifact]:
+        return {0: projection_artifact(record, self, inputs, table, budget_of(self))[0]}
+
 
 @dataclass
 class ProjectionTable:
@@ -102,6 +128,8 @@ class ProjectionTable:
     total_tokens: torch.Tensor  #: ``(L,)`` cached tokens per layer at the calibration context
     #: The codec's calibrated rate levels (:mod:`kvtool.codecs.ecsq`); components ordered K then V, layer, G, d.
     codec_levels: list[Level] = field(default_factory=list)
+    #: the model's architecture when the table was fitted in this process (not stored: an artifact records it)
+    arch: ArchInfo | None = field(default=None, compare=False)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {"proj_slot_tokens": self.slot_tokens, "proj_total_tokens": self.total_tokens}

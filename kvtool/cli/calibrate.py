@@ -6,23 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 
 from kvtool.artifacts import Artifact, check_model, read_artifact, write_artifact
 from kvtool.budget import Budget
-from kvtool.calibration import SCHEMA, calibration_artifact, model_record, transform_of
+from kvtool.calibration import SCHEMA, model_record, transform_of
 from kvtool.calibrators import resolve_budget
-from kvtool.calibrators.nuq import NUQCalibration, fit_nuq
-from kvtool.calibrators.precision_search import (
-    PrecisionSearch,
-    build_transform,
-    measure_candidates,
-    search_extra,
-    solve,
-    table_tensors,
-)
-from kvtool.calibrators.projection import ProjectionCalibration, budget_of, fit_projection, projection_artifact
+from kvtool.calibrators.base import calibrator
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import (
     DEFAULT,
@@ -37,11 +27,10 @@ from kvtool.cli._options import (
     default_output,
     output_for,
 )
-from kvtool.cli._output import Output
 from kvtool.digests import token_digest
 from kvtool.errors import QualityGateError, UsageError
 from kvtool.eval.validation import validate_transform
-from kvtool.models import LoadedModel, load_model, special_prefix, tokenize
+from kvtool.models import load_model, special_prefix, tokenize
 from kvtool.texts import load_text
 
 EXAMPLES = """Examples:
@@ -58,38 +47,6 @@ EXAMPLES = """Examples:
 
 METHODS = ("search", "nuq", "pca", "svd")
 DEFAULT_BITS = {"search": 3.25, "pca": 2.0, "svd": 2.0}
-
-
-def _search(lm: LoadedModel, ids: torch.Tensor, search: PrecisionSearch, out: Output, inputs: dict) -> Artifact:
-    count = sum(len(search.candidates(kind, lm.arch)) for kind in ("k", "v"))
-    out.log(f"measuring {count} candidates per layer on {search.num_seqs} x {search.seq_len} tokens ...")
-    with out.progress("fisher passes", search.num_seqs) as advance:
-        table = measure_candidates(
-            lm.model, lm.arch, ids, search, progress=advance, special_prefix=inputs["special_prefix"]
-        )
-    choice = solve(table, search.target_bits, search.accounting)
-    transform = build_transform(search, table, choice)
-    return calibration_artifact(
-        model_record(lm), search, inputs, transform, search_extra(table, choice), table_tensors(table, choice),
-        search.seq_len,
-    )  # fmt: skip
-
-
-def _nuq(lm: LoadedModel, ids: torch.Tensor, cfg: NUQCalibration, out: Output, inputs: dict) -> dict[int, Artifact]:
-    out.log(f"fitting non-uniform datatypes for {cfg.bits} bits on {cfg.num_seqs} x {cfg.seq_len} tokens ...")
-    with out.progress("fisher passes", cfg.num_seqs) as advance:
-        transforms = fit_nuq(lm.model, lm.arch, ids, cfg, progress=advance, special_prefix=inputs["special_prefix"])
-    return {
-        b: calibration_artifact(model_record(lm), cfg, inputs, t, {"nuq": {"bits": b}}, {}, cfg.seq_len)
-        for b, t in transforms.items()
-    }
-
-
-def _projection(lm: LoadedModel, ids: torch.Tensor, cfg: ProjectionCalibration, out: Output, inputs: dict) -> Artifact:
-    out.log(f"fitting {cfg.method} bases per {cfg.granularity} on {cfg.num_seqs} x {cfg.seq_len} tokens ...")
-    with out.progress("fisher passes", cfg.num_seqs) as advance:
-        table = fit_projection(lm.model, lm.arch, ids, cfg, progress=advance, special_prefix=inputs["special_prefix"])
-    return projection_artifact(model_record(lm), cfg, inputs, table, budget_of(cfg))[0]
 
 
 def _budget_from_flags(target_bits: float | None, target_rank_fraction: float | None, accounting: str) -> Budget:
@@ -212,30 +169,22 @@ def calibrate(
             raise UsageError("--target-bits applies to search, pca and svd; nuq takes --bits")
         if target_rank_fraction is not None and method not in ("pca", "svd"):
             raise UsageError("--target-rank-fraction applies to --method pca or svd")
+        settings: dict[str, Any] = {"num_seqs": num_seqs, "seq_len": seq_len, "seed": seed, "sink_tokens": sink_tokens}
         if method in ("pca", "svd"):
             if target_rank_fraction is None and target_bits is None:
                 target_bits = DEFAULT_BITS[method]
-            cfg: Any = ProjectionCalibration(
-                method=method, granularity=granularity, target_bits=target_bits,  # type: ignore[arg-type]
-                target_rank_fraction=target_rank_fraction, sink_tokens=sink_tokens, fit_skip_recent=fit_skip_recent,
-                num_seqs=num_seqs, seq_len=seq_len, seed=seed,
-            )  # fmt: skip
-            names = {0: output or default_output(model, f".{method}.kvcal.safetensors")}
+            settings |= {"granularity": granularity, "target_bits": target_bits,
+                         "target_rank_fraction": target_rank_fraction, "fit_skip_recent": fit_skip_recent}  # fmt: skip
         elif method == "search":
-            cfg = PrecisionSearch(
-                target_bits=DEFAULT_BITS["search"] if target_bits is None else target_bits,
-                accounting=bits_accounting, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
-                num_seqs=num_seqs, seq_len=seq_len, seed=seed,
-            )  # fmt: skip
-            names = {0: output or default_output(model, ".kvcal.safetensors")}
+            settings |= {"target_bits": DEFAULT_BITS["search"] if target_bits is None else target_bits,
+                         "accounting": bits_accounting, "recent_tokens": recent_tokens}  # fmt: skip
         else:
-            cfg = NUQCalibration(
-                bits=widths, outlier_frac=outlier_frac, sink_tokens=sink_tokens, qnorm=qnorm, num_seqs=num_seqs,
-                seq_len=seq_len, seed=seed,
-            )  # fmt: skip
-            if output is not None and len(widths) > 1:
-                raise UsageError("-o names one artifact; with several --bits, leave it out (names get .nuq<b>)")
-            names = {b: output or default_output(model, f".nuq{b}.kvcal.safetensors") for b in widths}
+            settings |= {"bits": widths, "outlier_frac": outlier_frac, "qnorm": qnorm}
+        cal = calibrator(method, **settings)
+        suffixes = cal.outputs()
+        if output is not None and len(suffixes) > 1:
+            raise UsageError("-o names one artifact; with several --bits, leave it out (names get .nuq<b>)")
+        names = {key: output or default_output(model, suffix) for key, suffix in suffixes.items()}
         for p in names.values():
             check_output(p, overwrite)
         lm = load_model(model, device, dtype)
@@ -243,12 +192,10 @@ def calibrate(
         inputs = {"text": text, "token_ids_digest": token_digest(ids), "tokens": int(ids.numel()),
                   "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed,
                   "special_prefix": special_prefix(lm.tokenizer)}  # fmt: skip
-        if method == "search":
-            jobs.append((names[0], _search(lm, ids, cfg, out, inputs)))
-        elif method in ("pca", "svd"):
-            jobs.append((names[0], _projection(lm, ids, cfg, out, inputs)))
-        else:
-            jobs.extend((names[b], art) for b, art in _nuq(lm, ids, cfg, out, inputs).items())
+        out.log(cal.describe(lm.arch) + " ...")
+        with out.progress("fisher passes", num_seqs) as advance:
+            table = cal.fit(lm, ids, special_prefix=inputs["special_prefix"], progress=advance)
+        jobs.extend((names[key], art) for key, art in cal.artifacts(model_record(lm), inputs, table).items())
     results = []
     for path, art in jobs:
         if validate and lm is not None:
