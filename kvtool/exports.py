@@ -321,11 +321,6 @@ def hf_cache_config(transform: KVTransform, arch: ArchInfo) -> tuple[dict[str, A
     return config, notes
 
 
-def to_hf_cache_config(transform: KVTransform, arch: ArchInfo) -> str:
-    """:func:`hf_cache_config` as a JSON document, loadable as ``QuantizedCache(config=..., **json)``."""
-    return json.dumps(hf_cache_config(transform, arch)[0], indent=2) + "\n"
-
-
 # -- dispatch -----------------------------------------------------------------------------------------------
 
 
