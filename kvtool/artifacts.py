@@ -606,6 +606,14 @@ def _short(digest: Any) -> str:
     return text[:19] + "..." if len(text) > 22 else text
 
 
+def fingerprint_mismatch(recorded: dict[str, Any], fingerprint: dict[str, Any], strict: bool = False) -> list[str]:
+    """The digests (``config_digest``, ``weights_digest``) on which a recorded model and the model in use differ:
+    every digest ``fingerprint`` has (``strict``: one the record lacks differs too), else those both have. The
+    one comparison behind every "made for another model" refusal (artifacts, ``.kvz`` files)."""
+    keys = [k for k in ("config_digest", "weights_digest") if k in fingerprint and (strict or k in recorded)]
+    return [k for k in keys if recorded.get(k) != fingerprint[k]]
+
+
 def check_model(artifact: Artifact, fingerprint: dict[str, Any]) -> None:
     """Refuse an artifact made for another model.
 
@@ -629,7 +637,7 @@ def check_model(artifact: Artifact, fingerprint: dict[str, Any]) -> None:
     keys = [k for k in ("config_digest", "weights_digest") if k in fingerprint]
     if not keys:
         raise ValueError("model fingerprint needs config_digest or weights_digest")
-    if all(artifact.model.get(k) == fingerprint[k] for k in keys):
+    if not fingerprint_mismatch(artifact.model, fingerprint, strict=True):
         return
 
     def describe_model(m: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ from kvtool.artifacts import (
     content_hasher,
     digest_tensor,
     env_limit,
+    fingerprint_mismatch,
     is_int,
     kvtool_metadata,
     max_artifact_bytes,
@@ -217,11 +218,12 @@ def meta_digest(*parts: Any) -> str:
 
 
 def check_same_model(recorded: dict[str, Any], fingerprint: dict[str, Any], what: str) -> None:
-    for key in ("config_digest", "weights_digest"):
-        if key in recorded and key in fingerprint and recorded[key] != fingerprint[key]:
-            raise ArtifactError(
-                f"the {what} is for model '{recorded.get('id')}', not '{fingerprint.get('id')}' ({key} differs)"
-            )
+    """Refuse (exit 3) a ``what`` recorded for another model (:func:`kvtool.artifacts.fingerprint_mismatch`)."""
+    differs = fingerprint_mismatch(recorded, fingerprint)
+    if differs:
+        raise ArtifactError(
+            f"the {what} is for model '{recorded.get('id')}', not '{fingerprint.get('id')}' ({differs[0]} differs)"
+        )
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
