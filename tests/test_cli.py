@@ -227,3 +227,17 @@ def test_real_process_prints_no_traceback(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert r.stderr.strip().startswith("kvtool: error:") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+
+
+def test_model_given_as_in_encode(model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """``-m MODEL`` (the spelling of encode/decode) works in capture, calibrate and bench too, with the same result
+    as the positional MODEL; giving both is a usage error."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert invoke("capture", model_dir, "--text", text_file, "--tokens", 24, "-o", a, "-q").exit_code == 0
+    assert invoke("capture", "-m", model_dir, "--text", text_file, "--tokens", 24, "-o", b, "-q").exit_code == 0
+    assert a.read_bytes() == b.read_bytes()
+    r = invoke("bench", "-m", model_dir, "--text", text_file, "--tokens", 64, "--window", 32, "--prefix-len", 32,
+               "--cont-len", 8, "--offsets", "0", "--configs", "fp16", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert [row["name"] for row in json.loads(r.stdout)["rows"]] == ["original", "fp16"]
+    assert_one_line_error(invoke("calibrate", model_dir, "-m", model_dir, "--text", text_file), 2, "given twice")

@@ -22,7 +22,21 @@ ModelArg = Annotated[
         help="Model: alias (smollm2-135m, llama-3-8b, ...), hub id in the local HF cache, folder, or .gguf."
     ),
 ]
+#: the same spelling as encode/decode: ``-m MODEL`` works in every command (the positional MODEL stays too)
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Model, as in encode/decode (instead of the positional MODEL)."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+def pick_model(positional: str, option: str | None, default: str) -> str:
+    """The model a command was given: ``-m MODEL`` or the positional MODEL (not both)."""
+    if option is None:
+        return positional
+    if positional != default:
+        raise UsageError(f"the model is given twice ('{positional}' and -m '{option}'): give one")
+    return option
 BackendOpt = Annotated[
     str,
     typer.Option(

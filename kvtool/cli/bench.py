@@ -14,10 +14,12 @@ from kvtool.cli._options import (
     DtypeOpt,
     JsonOpt,
     ModelArg,
+    ModelOpt,
     QuietOpt,
     TextOpt,
     check_output,
     output_for,
+    pick_model,
 )
 from kvtool.errors import KvtoolError, UsageError
 from kvtool.eval.bench import BenchSettings, run_bench
@@ -41,6 +43,7 @@ def _fmt(x: float | None, spec: str) -> str:
 @handle_errors
 def bench(
     model: ModelArg = DEFAULT,
+    model_opt: ModelOpt = None,
     configs: Annotated[
         str, typer.Option("--configs", help="Comma-separated configurations (see docs/cli.md for the grammar).")
     ] = ",".join(BASELINES),
@@ -63,6 +66,7 @@ def bench(
 ) -> None:
     """Measure size and quality of KV configurations side by side (PPL, ΔPPL, continuation KL, top-1)."""
     out = output_for(json_mode, quiet)
+    model = pick_model(model, model_opt, DEFAULT)
     try:
         offs = [int(x) for x in offsets.split(",") if x.strip()]
     except ValueError as e:

@@ -20,12 +20,14 @@ from kvtool.cli._options import (
     DtypeOpt,
     JsonOpt,
     ModelArg,
+    ModelOpt,
     OverwriteOpt,
     QuietOpt,
     TextOpt,
     check_output,
     default_output,
     output_for,
+    pick_model,
 )
 from kvtool.digests import token_digest
 from kvtool.errors import QualityGateError, UsageError
@@ -84,6 +86,7 @@ def _summary(path: Path, art: Artifact, digest: str) -> dict[str, Any]:
 @handle_errors
 def calibrate(
     model: ModelArg = DEFAULT,
+    model_opt: ModelOpt = None,
     method: Annotated[
         str,
         typer.Option(
@@ -147,6 +150,7 @@ def calibrate(
     --target-bits (all-in), or kept rank under --target-rank-fraction.
     """
     out = output_for(json_mode, quiet)
+    model = pick_model(model, model_opt, DEFAULT)
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)} (got '{method}')")
     validate = validate or max_ppl_delta is not None

@@ -14,12 +14,14 @@ from kvtool.cli._options import (
     DtypeOpt,
     JsonOpt,
     ModelArg,
+    ModelOpt,
     OverwriteOpt,
     QuietOpt,
     TextOpt,
     check_output,
     output_file,
     output_for,
+    pick_model,
 )
 from kvtool.kv_capture import save_capture
 from kvtool.models import load_model
@@ -29,6 +31,7 @@ from kvtool.texts import load_text
 @handle_errors
 def capture(
     model: ModelArg = DEFAULT,
+    model_opt: ModelOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .safetensors file.")] = Path("kv.safetensors"),
     overwrite: OverwriteOpt = False,
     text: TextOpt = "evaluation",
@@ -43,6 +46,7 @@ def capture(
 ) -> None:
     """Prefill TEXT and write its KV cache (pre-RoPE keys, cached keys, values) to one artifact."""
     out = output_for(json_mode, quiet, output)
+    model = pick_model(model, model_opt, DEFAULT)
     check_output(output, overwrite, stdout_ok=True)
     body = load_text(text)
     lm = load_model(model, device, dtype)
