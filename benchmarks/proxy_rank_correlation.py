@@ -18,7 +18,7 @@ import numpy as np
 from kvtool import config as kvconfig
 from kvtool.artifacts import read_artifact
 from kvtool.calibration import SCHEMA
-from kvtool.calibrators.precision_search import build_transform, choice_summary, table_from
+from kvtool.calibrators.precision_search import choice_summary, choice_transform, table_from
 from kvtool.eval.harness import perplexity
 from kvtool.models import load_model, special_prefix, tokenize
 from kvtool.texts import load_text
@@ -61,7 +61,7 @@ def main() -> None:
                 for i in range(len(table.weights))
             ]
         s = choice_summary(table, choice)
-        ppl = perplexity(lm.model, ids, 2048, build_transform(search, table, choice), special_prefix=prefix).ppl
+        ppl = perplexity(lm.model, ids, 2048, choice_transform(search, table, choice), special_prefix=prefix).ppl
         rows.append(
             {
                 "proxy": s["proxy"],

@@ -29,8 +29,8 @@ from kvtool.calibrators.precision_search import (
     ACCOUNTINGS,
     CandidateTable,
     PrecisionSearch,
-    build_transform,
     choice_summary,
+    choice_transform,
     measure_candidates,
     search_extra,
     solve,
@@ -220,7 +220,7 @@ def test_table_round_trip_and_transform(measured) -> None:
     assert extra["search"]["choice"]["k"] == [table.candidates["k"][j].label() for j in choice["k"]]
 
     search = dataclasses.replace(SEARCH_16, target_bits=4.0)
-    t = build_transform(search, table, choice)
+    t = choice_transform(search, table, choice)
     assert t.keys == [table.candidates["k"][j] for j in choice["k"]]
     assert t.values == [table.candidates["v"][j] for j in choice["v"]]
     assert t.keys_pre_rope and t.sink_tokens == 1 and t.recent_tokens == 0
@@ -467,7 +467,7 @@ def test_search_with_non_uniform_candidates(tiny_llama, tmp_path: Path) -> None:
     # Force a non-uniform choice in every slot: the cheapest non-uniform candidate.
     choice = {k: [next(j for j, c in enumerate(table.candidates[k]) if isinstance(c, NonUniformQuantizer))] * 2
               for k in ("k", "v")}  # fmt: skip
-    t = build_transform(search, table, choice)
+    t = choice_transform(search, table, choice)
     assert all(isinstance(q, NonUniformQuantizer) and q.lut is not None for q in t.keys + t.values)
     assert t.keys[0].thr_lo is not None and not torch.equal(t.keys[0].lut, t.keys[1].lut)
     model = {"id": "tiny", "config_digest": "sha256:" + "0" * 64, "weights_digest": "sha256:" + "1" * 64}
@@ -479,7 +479,7 @@ def test_search_with_non_uniform_candidates(tiny_llama, tmp_path: Path) -> None:
     table2, choice2 = table_from(back.extra, back.tensors)
     assert choice2 == choice
     x = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(3))
-    rebuilt = build_transform(search, table2, choice2)
+    rebuilt = choice_transform(search, table2, choice2)
     for a, b in zip(t.keys + t.values, rebuilt.keys + rebuilt.values, strict=True):
         assert torch.equal(a.apply(x), b.apply(x))
     for a, b in zip(t.keys + t.values, transform_of(back).keys + transform_of(back).values, strict=True):

@@ -131,11 +131,11 @@ class PrecisionSearch:
             raise UsageError(f"budget '{budget.label()}': a precision search is solved for bits")
         bits = self.target_bits if budget is None else budget.bits
         accounting = self.accounting if budget is None or budget.accounting is None else budget.accounting
-        return build_transform(self, table, solve(table, bits, accounting))  # type: ignore[arg-type]
+        return choice_transform(self, table, solve(table, bits, accounting))  # type: ignore[arg-type]
 
     def artifacts(self, record: dict[str, Any], inputs: dict[str, Any], table: CandidateTable) -> dict[int, Artifact]:
         choice = solve(table, self.target_bits, self.accounting)
-        transform = build_transform(self, table, choice)
+        transform = choice_transform(self, table, choice)
         return {0: calibration_artifact(record, self, inputs, transform, search_extra(table, choice),
                                         table_tensors(table, choice), self.seq_len)}  # fmt: skip
 
@@ -263,7 +263,7 @@ def solve(table: CandidateTable, target_bits: float, accounting: str) -> dict[st
     return {"k": picks[:layers], "v": picks[layers:]}
 
 
-def build_transform(search: PrecisionSearch, table: CandidateTable, choice: dict[str, list[int]]) -> KVTransform:
+def choice_transform(search: PrecisionSearch, table: CandidateTable, choice: dict[str, list[int]]) -> KVTransform:
     """The per-layer :class:`KVTransform` of a choice."""
     t = search.shell(len(table.weights))
     t.keys = [table.candidate("k", i, j) for i, j in enumerate(choice["k"])]
@@ -340,7 +340,7 @@ def resolve_artifact(old: Artifact, target_bits: float, accounting: str) -> tupl
     search = dataclasses.replace(method, target_bits=target_bits, accounting=accounting)
     table, _ = table_from(old.extra, old.tensors)
     choice = solve(table, target_bits, accounting)
-    transform = build_transform(search, table, choice)
+    transform = choice_transform(search, table, choice)
     art = calibration_artifact(
         old.model, search, old.inputs, transform, search_extra(table, choice), table_tensors(table, choice),
         search.seq_len,

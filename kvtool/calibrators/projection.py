@@ -103,7 +103,7 @@ class ProjectionCalibration:
         if budget.level is not None:
             return entropy_coded_transform(table, budget.level, table.arch, self)
         name = f"{self.method}-{self.granularity}-{budget.label()}"
-        return build_transform(table, allocate(table, budget), table.arch, self, name)
+        return bits_transform(table, allocate(table, budget), table.arch, self, name)
 
     def artifacts(self, record: dict[str, Any], inputs: dict[str, Any], table: ProjectionTable) -> dict[int, Artifact]:
         return {0: projection_artifact(record, self, inputs, table, budget_of(self))[0]}
@@ -329,7 +329,7 @@ def allocate(table: ProjectionTable, budget: Budget) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_transform(
+def bits_transform(
     table: ProjectionTable, bits: dict[str, torch.Tensor], arch: ArchInfo, cfg: ProjectionCalibration, name: str
 ) -> KVTransform:
     """The per-layer :class:`KVTransform` of an allocation."""
@@ -390,7 +390,7 @@ def projection_artifact(
     """Allocate ``budget`` on ``table`` and assemble the calibration artifact (the table rides along)."""
     arch = ArchInfo.from_dict(model["arch"])
     bits = allocate(table, budget)
-    transform = build_transform(table, bits, arch, cfg, f"{cfg.method}-{cfg.granularity}-{budget.label()}")
+    transform = bits_transform(table, bits, arch, cfg, f"{cfg.method}-{cfg.granularity}-{budget.label()}")
     levels = [{"bits": lv.bits, "expected_bits": lv.expected_bits} for lv in table.codec_levels]
     # the record names the four fields a projection budget uses (its bits are all-in by definition)
     record = {"bits": budget.bits, "rank_fraction": budget.rank_fraction, "kinds": budget.kinds, "level": budget.level}
