@@ -17,7 +17,6 @@ from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
 from kvtool.artifacts import Artifact, read_artifact
 from kvtool.errors import ArtifactError
-from kvtool.models import LoadedModel
 from kvtool.transforms import KVTransform
 
 SCHEMA = "kvtool.kv_calibration"
@@ -72,8 +71,3 @@ def load_calibration(path: str | Path, model: dict[str, str] | None = None) -> t
     """Read and validate a calibration artifact (optionally for ``model``'s fingerprint) and its transform."""
     art = read_artifact(path, expect_schema=SCHEMA, model=model)
     return art, transform_of(art)
-
-
-def model_record(lm: LoadedModel) -> dict[str, Any]:
-    """The ``model`` field of artifacts: fingerprint plus architecture."""
-    return {**lm.fingerprint, "arch": lm.arch.to_dict()}

@@ -22,7 +22,7 @@ from kvtool.artifacts import Artifact, write_artifact
 from kvtool.capture import capture_kv
 from kvtool.digests import token_digest
 from kvtool.errors import InputError, UsageError
-from kvtool.models import DTYPES, LoadedModel, special_prefix, tokenize
+from kvtool.models import DTYPES, LoadedModel, model_record, special_prefix, tokenize
 
 SCHEMA = "kvtool.kv_capture"
 
@@ -39,15 +39,14 @@ def save_capture(
         raise InputError(f"the text has only {ids.numel()} tokens, fewer than --tokens {tokens}")
     cap = capture_kv(lm.model, ids)
     layers = [(layer.keys_pre_rope[0], layer.keys[0], layer.values[0], layer.positions) for layer in cap.layers]
-    art = capture_artifact(lm.fingerprint, lm.arch, ids, layers, store_dtype, str(lm.dtype).removeprefix("torch."),
+    art = capture_artifact(lm, ids, layers, store_dtype, str(lm.dtype).removeprefix("torch."),
                            text_source, special_prefix=special_prefix(lm.tokenizer))  # fmt: skip
     digest = write_artifact(path, art)
     return {"path": str(path), "schema": SCHEMA, "tokens": tokens, "bytes": path.stat().st_size, "digest": digest}
 
 
 def capture_artifact(
-    fingerprint: dict[str, Any],
-    arch: Any,
+    lm: Any,
     ids: torch.Tensor,
     layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
     store_dtype: str,
@@ -62,6 +61,7 @@ def capture_artifact(
     ``special_prefix`` is recorded as ``inputs.special_prefix``: the ids the tokenizer put before the prompt
     (``ids`` start with them), ``None`` where that is not known."""
     sdt = DTYPES[store_dtype]
+    arch = lm.arch
     tokens = int(ids.numel())
     shape = (arch.num_layers, arch.num_kv_heads, tokens, arch.head_dim)
     k_pre, k, v = (torch.zeros(shape, dtype=sdt) for _ in range(3))
@@ -77,7 +77,7 @@ def capture_artifact(
     return Artifact(
         schema=SCHEMA,
         schema_version=1,
-        model={**fingerprint, "arch": arch.to_dict()},
+        model=model_record(lm),
         inputs={
             "text": text_source,
             "token_ids_digest": token_digest(ids),

@@ -258,6 +258,12 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
 _PROBE = "Hello world"
 
 
+def model_record(lm: Any) -> dict[str, Any]:
+    """The ``model`` field every artifact records: the fingerprint plus the architecture (``lm``: a
+    :class:`LoadedModel`, or anything with ``fingerprint`` and ``arch``)."""
+    return {**lm.fingerprint, "arch": lm.arch.to_dict()}
+
+
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """The keyword a transformers model's ``forward``/``generate`` takes a cache by: ``cache`` where the installed
     transformers has it (5.2x; ``past_key_values`` is deprecated there and removed in 5.40), ``past_key_values`` in

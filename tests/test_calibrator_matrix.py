@@ -17,11 +17,11 @@ import torch
 
 from kvtool.artifacts import read_artifact, write_artifact
 from kvtool.budget import Budget
-from kvtool.calibration import model_record, transform_of
+from kvtool.calibration import transform_of
 from kvtool.calibrators.base import Calibrator, calibrate, calibrator, registry
 from kvtool.errors import UsageError
 from kvtool.eval.harness import perplexity
-from kvtool.models import load_model, special_prefix, tokenize
+from kvtool.models import load_model, model_record, special_prefix, tokenize
 from kvtool.texts import load_text
 
 SMALL = {"num_seqs": 2, "seq_len": 48, "seed": 0}

@@ -133,8 +133,8 @@ def test_reference_perplexity_persuasion(smollm2, persuasion_ids) -> None:
 def test_searched_cache_generates_the_answer(smollm2, tmp_path) -> None:
     """A real (small) calibration, its artifact, and generation through the runtime cache it prescribes."""
     from kvtool.artifacts import write_artifact
-    from kvtool.calibration import model_record
     from kvtool.calibrators.precision_search import PrecisionSearch
+    from kvtool.models import model_record
     from kvtool.runtime import load_quantized_cache
 
     search = PrecisionSearch(target_bits=4.5, num_seqs=1, seq_len=256)

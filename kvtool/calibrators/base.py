@@ -82,9 +82,8 @@ def calibrate(lm: Any, cal: Calibrator, text: str = "calibration",
               progress: Callable[[int], None] | None = None) -> dict[int, Artifact]:  # fmt: skip
     """Calibrate ``lm`` (a kvtool ``LoadedModel``) with ``cal`` on ``text`` (a book name, file or text): the
     artifacts of :meth:`Calibrator.artifacts`, not yet written (``kvtool.write_artifact`` writes one)."""
-    from kvtool.calibration import model_record
     from kvtool.digests import token_digest
-    from kvtool.models import special_prefix, tokenize
+    from kvtool.models import model_record, special_prefix, tokenize
     from kvtool.texts import load_text
 
     ids = tokenize(lm.tokenizer, load_text(text))  # text tokens; each sequence starts with the special prefix

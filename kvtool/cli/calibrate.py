@@ -10,7 +10,7 @@ import typer
 
 from kvtool.artifacts import Artifact, check_model, read_artifact, write_artifact
 from kvtool.budget import Budget
-from kvtool.calibration import SCHEMA, model_record, transform_of
+from kvtool.calibration import SCHEMA, transform_of
 from kvtool.calibrators import resolve_budget
 from kvtool.calibrators.base import calibrator
 from kvtool.cli._errors import handle_errors
@@ -32,7 +32,7 @@ from kvtool.cli._options import (
 from kvtool.digests import token_digest
 from kvtool.errors import QualityGateError, UsageError
 from kvtool.eval.validation import validate_transform
-from kvtool.models import load_model, special_prefix, tokenize
+from kvtool.models import load_model, model_record, special_prefix, tokenize
 from kvtool.texts import load_text
 
 EXAMPLES = """Examples:

@@ -91,7 +91,7 @@ def decode(
     if output is not None:
         ids = kvz.input_ids()
         art = capture_artifact(
-            lm.fingerprint, lm.arch, ids,
+            lm, ids,
             [(d.keys_pre_rope[0], d.keys[0], d.values[0], d.positions) for d in layers],
             "float16", kvz.extra["cache_dtype"], extra={"decoded_from": str(path)},
             special_prefix=special_prefix(lm.tokenizer),

@@ -20,7 +20,6 @@ from kvtool.artifacts import (
     Artifact,
     write_artifact,
 )
-from kvtool.calibration import model_record
 from kvtool.capture import prefix_rope
 from kvtool.codecs.chunk_coders import lossless_settings, make_chunk_coder
 from kvtool.codecs.container import (
@@ -41,7 +40,7 @@ from kvtool.codecs.container import (
 )
 from kvtool.digests import token_digest
 from kvtool.errors import KvtoolError, UsageError
-from kvtool.models import cache_kwargs, output_cache
+from kvtool.models import cache_kwargs, model_record, output_cache
 
 PREFILL_PIECE = 2048  #: tokens per prefill forward (bounds attention memory on long prompts)
 
