@@ -241,3 +241,29 @@ def test_model_given_as_in_encode(model_dir: Path, text_file: Path, tmp_path: Pa
     assert r.exit_code == 0, r.stderr
     assert [row["name"] for row in json.loads(r.stdout)["rows"]] == ["original", "fp16"]
     assert_one_line_error(invoke("calibrate", model_dir, "-m", model_dir, "--text", text_file), 2, "given twice")
+
+
+@pytest.mark.parametrize(
+    ("entry", "kind", "budget"),
+    [
+        ("kivi-k4v2-g32", "preset", None),
+        ("a.kvcal.safetensors", "artifact", None),
+        ("a.kvcal.safetensors@3.25n", "artifact", "3.25b"),
+        ("a.pca.kvcal.safetensors@r0.5k", "artifact", "r0.5k"),
+        ("kvz:a.pca.kvcal.safetensors@L2", "codec", "L2"),
+        ("kvz:a.pca.kvcal.safetensors", "codec", "1b"),
+        ("kvz:q0.5", "codec", None),
+        ("zstd-fp16", "peer", None),
+    ],
+)
+def test_configs_grammar(entry: str, kind: str, budget: str | None) -> None:
+    """One parser for every --configs entry (kvtool.eval.configs), budgets through the one Budget parser."""
+    from kvtool.eval.configs import parse_config
+
+    from kvtool.errors import UsageError
+
+    e = parse_config(entry)
+    assert e.kind == kind and (e.budget.label() if e.budget else None) == budget
+    for bad in ("a.kvcal.safetensors@bogus", "kvz:qx", "kvz:a.pca.kvcal.safetensors@r0.5"):
+        with pytest.raises(UsageError):
+            parse_config(bad)

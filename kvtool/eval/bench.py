@@ -15,6 +15,7 @@ from kvtool.artifacts import read_artifact
 from kvtool.calibration import SCHEMA, transform_of
 from kvtool.errors import UsageError
 from kvtool.eval.codec_rows import CodecRow, codec_row, unavailable
+from kvtool.eval.configs import parse_config
 from kvtool.eval.harness import continuation_quality, perplexity
 from kvtool.eval.presets import REFERENCE, parse_preset
 from kvtool.models import LoadedModel, special_prefix, tokenize
@@ -55,17 +56,17 @@ class BenchRow:
 
 
 def config_transform(name: str, lm: LoadedModel) -> KVTransform:
-    """The transform a ``--configs`` entry names: a preset (``kivi-k4v4``), a calibration artifact
-    (``cal.kvcal.safetensors``), or an artifact re-solved at another budget (``cal.kvcal.safetensors@2.5``; see
-    :func:`kvtool.calibrators.resolve_budget` for the budget forms: ``@2.5n``, ``@r0.5k``, ...)."""
-    path, _, budget = name.partition("@")
-    if not path.endswith(".safetensors"):
+    """The transform a ``--configs`` entry names (:func:`kvtool.eval.configs.parse_config`): a preset
+    (``kivi-k4v4``), a calibration artifact (``cal.kvcal.safetensors``), or an artifact re-solved at another budget
+    (``cal.kvcal.safetensors@2.5``, ``@2.5n``, ``@r0.5k``, ``@L2``)."""
+    entry = parse_config(name)
+    if entry.kind != "artifact":
         return parse_preset(name, lm.arch)
     from kvtool.calibrators import resolve_budget
 
-    art = read_artifact(path, expect_schema=SCHEMA, model=lm.fingerprint)
-    if budget:
-        _, transform = resolve_budget(art, budget)
+    art = read_artifact(entry.path, expect_schema=SCHEMA, model=lm.fingerprint)
+    if entry.budget is not None:
+        _, transform = resolve_budget(art, entry.budget)
     else:
         transform = transform_of(art)
     transform.name = name

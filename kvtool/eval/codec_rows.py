@@ -17,11 +17,10 @@ from typing import Any
 import torch
 
 from kvtool.artifacts import Artifact, read_artifact
-from kvtool.budget import Budget
 from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_cache, pick_level
-from kvtool.errors import UsageError
+from kvtool.eval.configs import parse_config
 
 
 @dataclass
@@ -103,28 +102,20 @@ def unavailable(name: str) -> str | None:
 
 
 def codec_row(name: str, lm: Any) -> CodecRow | None:
-    """The :class:`CodecRow` a ``--configs`` entry names, or ``None`` when it is not a codec."""
-    if name == "cachegen":
-        return CacheGenRow(name, lm, CodecSettings(mode="lossless"))
-    if name == "zstd-fp16":
+    """The :class:`CodecRow` a ``--configs`` entry names (:func:`kvtool.eval.configs.parse_config`), or ``None``
+    when it is not a codec."""
+    entry = parse_config(name)
+    if entry.kind == "peer":
+        if name == "cachegen":
+            return CacheGenRow(name, lm, CodecSettings(mode="lossless"))
         return CodecRow(name, lm, CodecSettings(mode="lossless"), cast_fp16=True)
-    if not name.startswith("kvz:"):
+    if entry.kind != "codec":
         return None
-    spec = name[4:]
-    if spec == "lossless":
+    if entry.codec == "lossless":
         return CodecRow(name, lm, CodecSettings(mode="lossless"))
-    if spec.startswith("q"):
-        try:
-            return CodecRow(name, lm, CodecSettings(mode="adaptive", quality=float(spec[1:])))
-        except ValueError as e:
-            raise UsageError(f"'{name}': use kvz:q<step in σ>, e.g. kvz:q0.5") from e
-    path, _, level = spec.partition("@")
-    art = read_artifact(path, expect_schema=CALIBRATION_SCHEMA, model=lm.fingerprint)
-    budget = Budget.parse(level or "1.0")
-    if budget.level is not None:
-        index = budget.level
-    elif budget.bits is not None:
-        index = pick_level(art, budget.bits)
-    else:
-        raise UsageError(f"'{name}': use kvz:<artifact>@<bits> or kvz:<artifact>@L<level>")
+    if entry.codec == "adaptive":
+        return CodecRow(name, lm, CodecSettings(mode="adaptive", quality=entry.quality))
+    art = read_artifact(entry.path, expect_schema=CALIBRATION_SCHEMA, model=lm.fingerprint)
+    budget = entry.budget
+    index = budget.level if budget.level is not None else pick_level(art, budget.bits)
     return CodecRow(name, lm, CodecSettings(mode="calibrated", level=index), calibration=art)

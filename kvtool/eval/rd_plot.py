@@ -4,27 +4,17 @@ method family (``bench --plot rd.png``). Needs matplotlib (``pip install 'kvtool
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from kvtool.errors import UsageError
-
-
-def _stem(path: str) -> str:
-    return re.sub(r"(\.kvcal)?\.safetensors$", "", Path(path).name)
+from kvtool.eval.configs import parse_config
 
 
 def family(name: str) -> str:
     """The curve a row belongs to: ``kvz:A.kvcal.safetensors@L2`` → ``kvz A``, ``kvz:q0.5`` → ``kvz adaptive``,
-    ``kivi-k3v3`` → ``kivi``, ``A.kvcal.safetensors@2.5`` → ``A``."""
-    if name.startswith("kvz:"):
-        spec = name[4:]
-        if spec.startswith("q"):
-            return "kvz adaptive"
-        return "kvz " + (_stem(spec.split("@")[0]) if ".safetensors" in spec else spec)
-    base = name.split("@")[0]
-    return _stem(base) if base.endswith(".safetensors") else base.split("-")[0]
+    ``kivi-k3v3`` → ``kivi``, ``A.kvcal.safetensors@2.5`` → ``A`` (:attr:`kvtool.eval.configs.ConfigEntry.family`)."""
+    return parse_config(name).family
 
 
 def plot_rd(result: dict[str, Any], path: Path) -> None:

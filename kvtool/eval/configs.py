@@ -1,0 +1,74 @@
+"""The ``kvtool bench --configs`` grammar, parsed in one place into a :class:`ConfigEntry`.
+
+An entry is one of:
+
+* a **preset** name (``original``, ``fp16``, ``kivi-k4v2-g32``, ``nf4``: :mod:`kvtool.eval.presets`);
+* a **calibration artifact** ``PATH.safetensors``, optionally re-solved: ``PATH.safetensors@BUDGET`` (the budget
+  grammar of :mod:`kvtool.budget`: ``@2.5``, ``@3.25n``, ``@r0.5k``, ``@L2``);
+* a **codec**: ``kvz:lossless``, ``kvz:q<step in σ>`` (adaptive), ``kvz:PATH.safetensors[@<bits>|@L<n>]``
+  (calibrated; default ``@1.0``), or a peer: ``zstd-fp16``, ``cachegen``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from kvtool.budget import Budget
+from kvtool.errors import UsageError
+
+PEERS = ("zstd-fp16", "cachegen")
+
+
+@dataclass(frozen=True)
+class ConfigEntry:
+    """What a ``--configs`` entry names (``name`` is the entry as written)."""
+
+    name: str
+    kind: Literal["preset", "artifact", "codec", "peer"]
+    path: str | None = None  #: artifact (kind ``artifact``, or a calibrated codec)
+    budget: Budget | None = None  #: ``@…`` suffix of an artifact or a calibrated codec
+    codec: Literal["lossless", "adaptive", "calibrated"] | None = None
+    quality: float | None = None  #: adaptive codec step in standard deviations
+
+    @property
+    def family(self) -> str:
+        """The curve a row belongs to in the RD plot: ``kvz A``, ``kvz adaptive``, ``kivi``, ``A`` ..."""
+        if self.kind == "codec":
+            if self.codec == "adaptive":
+                return "kvz adaptive"
+            return "kvz " + (_stem(self.path) if self.path else "lossless")
+        if self.kind == "artifact":
+            return _stem(self.path or self.name)
+        return self.name.split("-")[0]
+
+
+def _stem(path: str) -> str:
+    return re.sub(r"(\.kvcal)?\.safetensors$", "", Path(path).name)
+
+
+def parse_config(name: str) -> ConfigEntry:
+    """The :class:`ConfigEntry` of one ``--configs`` entry (see the module docstring); a malformed one is a
+    :class:`UsageError` quoting it. Presets are checked when built (:func:`kvtool.eval.presets.parse_preset`)."""
+    if name in PEERS:
+        return ConfigEntry(name, "peer")
+    if name.startswith("kvz:"):
+        spec = name[4:]
+        if spec == "lossless":
+            return ConfigEntry(name, "codec", codec="lossless")
+        if spec.startswith("q"):
+            try:
+                return ConfigEntry(name, "codec", codec="adaptive", quality=float(spec[1:]))
+            except ValueError:
+                raise UsageError(f"'{name}': use kvz:q<step in σ>, e.g. kvz:q0.5") from None
+        path, _, level = spec.partition("@")
+        budget = Budget.parse(level or "1.0")
+        if budget.rank_fraction is not None:
+            raise UsageError(f"'{name}': use kvz:<artifact>@<bits> or kvz:<artifact>@L<level>")
+        return ConfigEntry(name, "codec", path=path, budget=budget, codec="calibrated")
+    path, _, budget = name.partition("@")
+    if path.endswith(".safetensors"):
+        return ConfigEntry(name, "artifact", path=path, budget=Budget.parse(budget) if budget else None)
+    return ConfigEntry(name, "preset")
