@@ -258,9 +258,8 @@ def test_model_given_as_in_encode(model_dir: Path, text_file: Path, tmp_path: Pa
 )
 def test_configs_grammar(entry: str, kind: str, budget: str | None) -> None:
     """One parser for every --configs entry (kvtool.eval.configs), budgets through the one Budget parser."""
-    from kvtool.eval.configs import parse_config
-
     from kvtool.errors import UsageError
+    from kvtool.eval.configs import parse_config
 
     e = parse_config(entry)
     assert e.kind == kind and (e.budget.label() if e.budget else None) == budget
