@@ -52,9 +52,9 @@ class NUQCalibration:
 
     def __post_init__(self) -> None:
         if not self.bits or any(not isinstance(b, int) or not 1 <= b <= 8 for b in self.bits):
-            raise UsageError(f"--bits must be integers in 1..8 (got {self.bits})")
+            raise UsageError(f"bits must be integers in 1..8 (got {self.bits})")
         if not 0.0 <= self.outlier_frac < 0.5:
-            raise UsageError(f"--outlier-frac must be in [0, 0.5) (got {self.outlier_frac})")
+            raise UsageError(f"outlier_frac must be in [0, 0.5) (got {self.outlier_frac})")
         if self.weighting not in ("fisher", "count"):
             raise UsageError(f"weighting must be 'fisher' or 'count' (got '{self.weighting}')")
         if self.num_seqs < 1 or self.seq_len <= self.sink_tokens or self.sink_tokens < 0:

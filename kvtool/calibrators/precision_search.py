@@ -78,20 +78,20 @@ class PrecisionSearch:
 
     def __post_init__(self) -> None:
         if self.accounting not in ACCOUNTINGS:
-            raise UsageError(f"--bits-accounting must be one of {', '.join(ACCOUNTINGS)} (got '{self.accounting}')")
+            raise UsageError(f"accounting must be one of {', '.join(ACCOUNTINGS)} (got '{self.accounting}')")
         if not 0 < self.target_bits <= 16:
-            raise UsageError(f"--target-bits must be in (0, 16] (got {self.target_bits})")
+            raise UsageError(f"target_bits must be in (0, 16] (got {self.target_bits})")
         for layout in [*self.key_layouts, *self.value_layouts]:
             for b in self.bits:
                 layout_quantizer(layout, b)  # validates layout and bits
         if any(not isinstance(b, int) or not 1 <= b <= 8 for b in self.nuq_bits):
             raise UsageError(f"non-uniform candidate bits must be integers in 1..8 (got {self.nuq_bits})")
         if not 0.0 <= self.outlier_frac < 0.5:
-            raise UsageError(f"--outlier-frac must be in [0, 0.5) (got {self.outlier_frac})")
+            raise UsageError(f"outlier_frac must be in [0, 0.5) (got {self.outlier_frac})")
         if self.num_seqs < 1 or self.seq_len < 16:
             raise UsageError("need at least one calibration sequence of at least 16 tokens")
         if self.sink_tokens < 0 or self.recent_tokens < 0 or self.sink_tokens + self.recent_tokens >= self.seq_len:
-            raise UsageError("--sink-tokens and --recent-tokens must be >= 0 and leave tokens to quantize")
+            raise UsageError("sink_tokens and recent_tokens must be >= 0 and leave tokens to quantize")
 
     def candidates(self, kind: str, arch: ArchInfo | None = None) -> list[TensorTransform]:
         """Candidates of a key (``kind="k"``) or value slot: fp16 first, then every layout × bits, then the
@@ -253,7 +253,7 @@ def _add_errors(
 def solve(table: CandidateTable, target_bits: float, accounting: str) -> dict[str, list[int]]:
     """Choose one candidate per slot within ``target_bits`` (mean over all K and V elements)."""
     if accounting not in ACCOUNTINGS:
-        raise UsageError(f"--bits-accounting must be one of {', '.join(ACCOUNTINGS)} (got '{accounting}')")
+        raise UsageError(f"accounting must be one of {', '.join(ACCOUNTINGS)} (got '{accounting}')")
     kinds = ("k", "v")
     layers = len(table.weights)
     costs = [table.bits[k][accounting][i] for k in kinds for i in range(layers)]

@@ -68,17 +68,17 @@ class ProjectionCalibration:
 
     def __post_init__(self) -> None:
         if self.method not in ("pca", "svd"):
-            raise UsageError(f"--method must be pca or svd (got '{self.method}')")
+            raise UsageError(f"method must be pca or svd (got '{self.method}')")
         if self.granularity not in ("head", "layer"):
-            raise UsageError(f"--granularity must be head or layer (got '{self.granularity}')")
+            raise UsageError(f"granularity must be head or layer (got '{self.granularity}')")
         if (self.target_bits is None) == (self.target_rank_fraction is None):
-            raise UsageError("give exactly one of --target-bits and --target-rank-fraction")
+            raise UsageError("give exactly one of target_bits and target_rank_fraction")
         if self.target_bits is not None and not 0 < self.target_bits <= FP16_BITS:
-            raise UsageError(f"--target-bits must be in (0, 16] (got {self.target_bits})")
+            raise UsageError(f"target_bits must be in (0, 16] (got {self.target_bits})")
         if self.target_rank_fraction is not None and not 0 <= self.target_rank_fraction <= 1:
-            raise UsageError(f"--target-rank-fraction must be in [0, 1] (got {self.target_rank_fraction})")
+            raise UsageError(f"target_rank_fraction must be in [0, 1] (got {self.target_rank_fraction})")
         if self.sink_tokens < 0 or self.fit_skip_recent < 0:
-            raise UsageError("--sink-tokens and the recent tokens skipped must be >= 0")
+            raise UsageError("sink_tokens and the recent tokens skipped (fit_skip_recent) must be >= 0")
         if self.seq_len <= self.sink_tokens + self.fit_skip_recent or self.num_seqs < 1:
             raise UsageError("need calibration sequences longer than the sink and skipped recent tokens")
 

@@ -3,6 +3,7 @@ artifact(s)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,17 +52,30 @@ METHODS = ("search", "nuq", "pca", "svd")
 DEFAULT_BITS = {"search": 3.25, "pca": 2.0, "svd": 2.0}
 
 
+#: the calibrators' settings (library errors name them) and the flags that set them
+FIELD_FLAGS = {"target_rank_fraction": "--target-rank-fraction", "target_bits": "--target-bits",
+               "accounting": "--bits-accounting", "outlier_frac": "--outlier-frac", "sink_tokens": "--sink-tokens",
+               "recent_tokens": "--recent-tokens", "fit_skip_recent": "--fit-skip-recent",
+               "granularity": "--granularity", "rank_fraction": "--target-rank-fraction", "method": "--method",
+               "bits": "--bits"}  # fmt: skip
+
+
+def _as_flags(error: UsageError, bits_flag: str = "--bits") -> UsageError:
+    """A library error, which names settings, reworded with the flags that set them."""
+    names = {**FIELD_FLAGS, "bits": bits_flag}
+    text = re.sub(r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b", lambda m: names[m.group(1)],
+                  str(error))  # fmt: skip
+    return UsageError(text)
+
+
 def _budget_from_flags(target_bits: float | None, target_rank_fraction: float | None, accounting: str) -> Budget:
-    """The :class:`~kvtool.budget.Budget` the flags ask for (a library error names a field; here, the flag)."""
-    flags = {"bits": "--target-bits", "accounting": "--bits-accounting", "rank_fraction": "--target-rank-fraction"}
+    """The :class:`~kvtool.budget.Budget` the flags ask for."""
     try:
         if target_rank_fraction is not None:
             return Budget(rank_fraction=target_rank_fraction)
         return Budget(bits=DEFAULT_BITS["search"] if target_bits is None else target_bits, accounting=accounting)
     except ValueError as e:
-        text = str(e)
-        field = text.split(" ", 1)[0]
-        raise UsageError(flags.get(field, field) + text[len(field) :]) from None
+        raise _as_flags(UsageError(str(e)), "--target-bits") from None
 
 
 def _summary(path: Path, art: Artifact, digest: str) -> dict[str, Any]:
@@ -158,7 +172,10 @@ def calibrate(
     jobs: list[tuple[Path, Artifact]] = []
     if resolve is not None:
         budget = _budget_from_flags(target_bits, target_rank_fraction, bits_accounting)
-        art, _ = resolve_budget(read_artifact(resolve, expect_schema=SCHEMA), budget)
+        try:
+            art, _ = resolve_budget(read_artifact(resolve, expect_schema=SCHEMA), budget)
+        except UsageError as e:
+            raise _as_flags(e, "--target-bits") from None
         path = output or default_output(art.model.get("id", "model"), f"-{budget.label()}.kvcal.safetensors")
         jobs.append((check_output(path, overwrite), art))
         if validate:
@@ -184,7 +201,10 @@ def calibrate(
                          "accounting": bits_accounting, "recent_tokens": recent_tokens}  # fmt: skip
         else:
             settings |= {"bits": widths, "outlier_frac": outlier_frac, "qnorm": qnorm}
-        cal = calibrator(method, **settings)
+        try:
+            cal = calibrator(method, **settings)
+        except UsageError as e:
+            raise _as_flags(e) from None
         suffixes = cal.outputs()
         if output is not None and len(suffixes) > 1:
             raise UsageError("-o names one artifact; with several --bits, leave it out (names get .nuq<b>)")
