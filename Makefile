@@ -40,6 +40,8 @@ demo: install
 		--generate " Anne Elliot" --max-new-tokens 24
 	$(VENV)/bin/kvtool decode $(OUT)/persuasion.kvz --calibration $(OUT)/smollm2-135m.pca.kvcal.safetensors \
 		-o $(OUT)/persuasion-kv.safetensors --overwrite -q
+	@echo "== 6b. the engine-connector API: a cache in memory -> .kvz bytes -> K/V (kvtool.encode_kv / decode_kv)" >&2
+	$(PY) examples/connector.py --tokens 1024
 	@echo "== 7. bench: quantizers, searched precision, PCA, and the codec at several rates (+ rate-distortion plot)" >&2
 	$(VENV)/bin/kvtool bench smollm2-135m --tokens 2048 --offsets 0 --plot $(OUT)/rd.png --configs \
 		kivi-k4v4,kivi-k3v3,$(OUT)/smollm2-135m.kvcal.safetensors,$(OUT)/smollm2-135m.pca.kvcal.safetensors@2.5,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L1,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L4,kvz:q0.5,zstd-fp16
@@ -50,11 +52,11 @@ peers: install
 	$(PY) -m pip install -q --no-deps lmcache==0.5.6
 
 test: install
-	$(PY) -m ruff check kvtool tests
+	$(PY) -m ruff check kvtool tests benchmarks examples
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(PY) -m ruff check kvtool tests
+	$(PY) -m ruff check kvtool tests benchmarks examples
 	$(PY) -m ruff format --check kvtool tests
 
 clean:
