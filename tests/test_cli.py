@@ -266,3 +266,17 @@ def test_configs_grammar(entry: str, kind: str, budget: str | None) -> None:
     for bad in ("a.kvcal.safetensors@bogus", "kvz:qx", "kvz:a.pca.kvcal.safetensors@r0.5"):
         with pytest.raises(UsageError):
             parse_config(bad)
+
+
+def test_decode_refuses_another_tokenizer(model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """A .kvz records its tokenizer's digest: the same model with another vocabulary is refused (exit 3), since
+    continuing the cache would feed ids that mean other words."""
+    from kvtool.texts import book
+
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(book("emma")[:20000])  # another text: another vocabulary, the same random weights
+    other = save_model_folder(tmp_path / "other-tokenizer", other_text)
+    kvz = tmp_path / "x.kvz"
+    r = invoke("encode", text_file, "-m", model_dir, "--max-tokens", 40, "--lossless", "-o", kvz, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert_one_line_error(invoke("decode", kvz, "-m", other), 3, "tokenizer")
