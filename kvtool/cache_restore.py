@@ -61,7 +61,8 @@ def restore_cache(
     for i, (k, v) in enumerate(layers):
         k, v = k.to(device, dtype), v.to(device, dtype)
         layer = cache.layers[i] if i < len(cache.layers) else None
-        if type(layer) is DynamicLayer and not layer.is_initialized and k.is_contiguous() and v.is_contiguous():
+        fresh = not getattr(layer, "is_initialized", True) and hasattr(layer, "lazy_initialization")
+        if type(layer) is DynamicLayer and fresh and k.is_contiguous() and v.is_contiguous():
             # A full-attention layer holds exactly what it is given: take the tensors as they are (``update``
             # would concatenate them onto an empty tensor, a copy of the whole cache); checked below like the rest.
             layer.lazy_initialization(k, v)
