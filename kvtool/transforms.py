@@ -66,8 +66,13 @@ class TensorTransform(ABC):
         """Short human label, e.g. ``int4/token-g64``."""
 
 
-def _fp16_roundtrip(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).to(x.dtype)
+FP16_MAX = 65504.0  #: the largest finite fp16 value
+
+
+def fp16_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """``x`` stored in fp16 and read back in its own dtype, saturating at ±:data:`FP16_MAX` (no infinities): the
+    one fp16 round trip (sink and recent tokens, outliers)."""
+    return x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(x.dtype)
 
 
 @dataclass
@@ -123,11 +128,11 @@ class KVTransform:
         n = x.shape[-2]
         sinks, recent = self.kept_tokens(n, first_position)
         mid = x[..., sinks : n - recent, :]
-        parts = [_fp16_roundtrip(x[..., :sinks, :])] if sinks else []
+        parts = [fp16_round_trip(x[..., :sinks, :])] if sinks else []
         if mid.shape[-2]:
             parts.append(t.apply(mid))
         if recent:
-            parts.append(_fp16_roundtrip(x[..., n - recent :, :]))
+            parts.append(fp16_round_trip(x[..., n - recent :, :]))
         return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
     def apply_layer(

@@ -14,12 +14,6 @@ from kvtool.config import register
 from kvtool.transforms import BitCost, TensorTransform
 
 _FORMATS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-FP16_MAX = 65504.0  #: the largest finite fp16 value
-
-
-def fp16_round_trip(x: torch.Tensor) -> torch.Tensor:
-    """``x`` stored in fp16 and read back as float32, saturating at ±:data:`FP16_MAX` (no infinities)."""
-    return x.clamp(-FP16_MAX, FP16_MAX).half().float()
 
 
 @register

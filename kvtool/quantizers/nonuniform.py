@@ -32,8 +32,7 @@ from typing import ClassVar, Literal
 import torch
 
 from kvtool.config import register
-from kvtool.quantizers.float_cast import fp16_round_trip
-from kvtool.transforms import BitCost, TensorTransform
+from kvtool.transforms import BitCost, TensorTransform, fp16_round_trip
 
 #: Tokens per outlier budget: at most ``round(outlier_frac * tokens * heads * head_dim)`` fp16 outliers per block.
 OUTLIER_BLOCK = 256

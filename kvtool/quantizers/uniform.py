@@ -27,8 +27,7 @@ from typing import Literal
 import torch
 
 from kvtool.config import register
-from kvtool.quantizers.float_cast import FP16_MAX
-from kvtool.transforms import BitCost, TensorTransform
+from kvtool.transforms import FP16_MAX, BitCost, TensorTransform
 
 
 @register
