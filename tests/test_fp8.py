@@ -42,3 +42,27 @@ def test_static_scale_equals_dynamic_at_amax_and_saturates_beyond() -> None:
     with pytest.raises(ValueError, match="scale must be"):
         Fp8Quantizer("head", 3, torch.tensor([1.0, -1.0, 1.0]))
     assert Fp8Quantizer("tensor").cost(64, 100).nominal == 8.0
+
+
+def test_nvfp4_grid_ties_blocks_and_cost() -> None:
+    """NVFP4: values on the e2m1 grid (ties to the even code), one e4m3 scale per 16-element block, 4.5 bits."""
+    from kvtool.quantizers import Nvfp4Quantizer
+    from kvtool.quantizers.nvfp4 import round_e2m1
+
+    a = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, 7.0, 0.3])
+    assert round_e2m1(a).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -1.0, 6.0, 0.5]
+    x = _x(3)
+    q = Nvfp4Quantizer()
+    y = q.apply(x)
+    # every block of 16 is (e2m1 values) x (one e4m3 block scale) x (the tensor scale)
+    s_t = float(x.abs().amax()) / (448 * 6)
+    xb, yb = x.reshape(-1, 16), y.reshape(-1, 16)
+    s_b = (xb.abs().amax(1, keepdim=True) / 6 / s_t).to(torch.float8_e4m3fn).float()
+    codes = yb / (s_b * s_t)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    assert bool(((codes.abs()[..., None] - grid).abs().amin(-1) < 1e-5).all())
+    rel = float((y - x).norm() / x.norm())
+    assert rel < 0.2  # ~3 bits of precision per block-scaled value
+    assert q.cost(64, 100).nominal == 4.0 and abs(q.cost(64, 100).all_in - 4.5) < 0.01
+    with pytest.raises(ValueError, match="multiple"):
+        q.apply(torch.randn(1, 1, 4, 24))

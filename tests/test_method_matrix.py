@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from kvtool.attention import transformed_attention
-from kvtool.quantizers import FloatCast, Fp8Quantizer, NonUniformQuantizer, ProjectionQuantizer, UniformQuantizer
+from kvtool.quantizers import (
+    FloatCast,
+    Fp8Quantizer,
+    NonUniformQuantizer,
+    Nvfp4Quantizer,
+    ProjectionQuantizer,
+    UniformQuantizer,
+)
 from kvtool.quantizers.projection import EntropyCodedProjection
 from kvtool.transforms import KVTransform, TensorTransform
 
@@ -60,6 +67,8 @@ METHODS: list[tuple[str, Factory]] = [
     ("bf16", lambda h, d, x: FloatCast("bfloat16")),
     ("fp8-tensor-dynamic", lambda h, d, x: Fp8Quantizer("tensor")),
     ("fp8-head-static", lambda h, d, x: Fp8Quantizer("head", h, x.float().abs().amax(dim=(0, 2, 3)) / 448)),
+    ("nvfp4-dynamic", lambda h, d, x: Nvfp4Quantizer()),
+    ("nvfp4-static", lambda h, d, x: Nvfp4Quantizer(x.float().abs().amax().reshape(1) / (448 * 6))),
     ("int8-token", lambda h, d, x: UniformQuantizer(8, "token")),
     ("int4-token-g8", lambda h, d, x: UniformQuantizer(4, "token", 8)),
     ("int4-token-had", lambda h, d, x: UniformQuantizer(4, "token", rotate=True)),
