@@ -223,25 +223,23 @@ def prefix_rope(
     entry, dev = held[key], str(torch.device(device))
     if dev not in entry:
         entry[dev] = ropes_on(entry["cpu"], torch.device(device))
-    sliced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    out = []
-    for cos, sin in entry[dev]:
-        if id(cos) not in sliced:
-            sliced[id(cos)] = (cos[:, :tokens], sin[:, :tokens])
-        out.append(sliced[id(cos)])
-    return out
+    return _per_table(entry[dev], lambda cos, sin: (cos[:, :tokens], sin[:, :tokens]))
+
+
+def _per_table(ropes: list[tuple[torch.Tensor, ...]], fn: Any) -> list[tuple[torch.Tensor, ...]]:
+    """``fn(cos, sin)`` of every layer's rotary table, computed once per distinct table (layers sharing a rotary
+    module share its tensors, and keep sharing the results)."""
+    done: dict[int, tuple[torch.Tensor, ...]] = {}
+    for cos, sin in ropes:
+        if id(cos) not in done:
+            done[id(cos)] = fn(cos, sin)
+    return [done[id(cos)] for cos, _ in ropes]
 
 
 def ropes_on(ropes: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list[tuple[torch.Tensor, ...]]:
     """Per layer ``(cos, sin)`` of :func:`rope_for_positions` moved to ``device``: one transfer per distinct rotary
     table (layers sharing a rotary module share its tensors there too), not one per layer."""
-    moved: dict[int, tuple[torch.Tensor, ...]] = {}
-    out = []
-    for cos, sin in ropes:
-        if id(cos) not in moved:
-            moved[id(cos)] = (cos.to(device, non_blocking=True), sin.to(device, non_blocking=True))
-        out.append(moved[id(cos)])
-    return out
+    return _per_table(ropes, lambda cos, sin: (cos.to(device, non_blocking=True), sin.to(device, non_blocking=True)))
 
 
 #: per model (weakly held): which rotary candidate each layer uses, found once by a 4-token forward

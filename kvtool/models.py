@@ -258,6 +258,12 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
 _PROBE = "Hello world"
 
 
+def is_loaded_model(model: Any) -> bool:
+    """Whether ``model`` is a kvtool :class:`LoadedModel` (or one of its stand-ins: a transformers model with a
+    fingerprint), not a bare transformers model."""
+    return hasattr(model, "fingerprint") and hasattr(model, "model")
+
+
 def model_record(lm: Any) -> dict[str, Any]:
     """The ``model`` field every artifact records: the fingerprint plus the architecture (``lm``: a
     :class:`LoadedModel`, or anything with ``fingerprint`` and ``arch``)."""

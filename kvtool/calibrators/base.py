@@ -78,17 +78,26 @@ def calibrator(method: str, **settings: Any) -> Calibrator:
     return factories[method](**settings)
 
 
+def calibration_inputs(lm: Any, cal: Calibrator, text: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The calibration text's token ids (text tokens; each sequence gets the tokenizer's special prefix when it is
+    cut) and the ``inputs`` record every calibration artifact carries."""
+    from kvtool.digests import token_digest
+    from kvtool.models import special_prefix, tokenize
+    from kvtool.texts import load_text
+
+    ids = tokenize(lm.tokenizer, load_text(text))
+    inputs = {"text": text, "token_ids_digest": token_digest(ids), "tokens": int(ids.numel()),
+              "num_seqs": cal.num_seqs, "seq_len": cal.seq_len, "seed": cal.seed,
+              "special_prefix": special_prefix(lm.tokenizer)}  # fmt: skip
+    return ids, inputs
+
+
 def calibrate(lm: Any, cal: Calibrator, text: str = "calibration",
               progress: Callable[[int], None] | None = None) -> dict[int, Artifact]:  # fmt: skip
     """Calibrate ``lm`` (a kvtool ``LoadedModel``) with ``cal`` on ``text`` (a book name, file or text): the
     artifacts of :meth:`Calibrator.artifacts`, not yet written (``kvtool.write_artifact`` writes one)."""
-    from kvtool.digests import token_digest
-    from kvtool.models import model_record, special_prefix, tokenize
-    from kvtool.texts import load_text
+    from kvtool.models import model_record
 
-    ids = tokenize(lm.tokenizer, load_text(text))  # text tokens; each sequence starts with the special prefix
-    prefix = special_prefix(lm.tokenizer)
-    inputs = {"text": text, "token_ids_digest": token_digest(ids), "tokens": int(ids.numel()),
-              "num_seqs": cal.num_seqs, "seq_len": cal.seq_len, "seed": cal.seed, "special_prefix": prefix}  # fmt: skip
-    table = cal.fit(lm, ids, special_prefix=prefix, progress=progress)
+    ids, inputs = calibration_inputs(lm, cal, text)
+    table = cal.fit(lm, ids, special_prefix=inputs["special_prefix"], progress=progress)
     return cal.artifacts(model_record(lm), inputs, table)

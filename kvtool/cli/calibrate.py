@@ -13,7 +13,7 @@ from kvtool.artifacts import Artifact, check_model, read_artifact, write_artifac
 from kvtool.budget import Budget
 from kvtool.calibration import SCHEMA, transform_of
 from kvtool.calibrators import resolve_budget
-from kvtool.calibrators.base import calibrator
+from kvtool.calibrators.base import calibration_inputs, calibrator
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import (
     DEFAULT,
@@ -30,11 +30,9 @@ from kvtool.cli._options import (
     output_for,
     pick_model,
 )
-from kvtool.digests import token_digest
 from kvtool.errors import QualityGateError, UsageError
 from kvtool.eval.validation import validate_transform
-from kvtool.models import load_model, model_record, special_prefix, tokenize
-from kvtool.texts import load_text
+from kvtool.models import load_model, model_record
 
 EXAMPLES = """Examples:
   kvtool calibrate                                        # SmolLM2, 3.25 all-in bits -> smollm2-135m.kvcal.safetensors
@@ -212,10 +210,7 @@ def calibrate(
         for p in names.values():
             check_output(p, overwrite)
         lm = load_model(model, device, dtype)
-        ids = tokenize(lm.tokenizer, load_text(text))  # text tokens; each sequence starts with the special prefix
-        inputs = {"text": text, "token_ids_digest": token_digest(ids), "tokens": int(ids.numel()),
-                  "num_seqs": num_seqs, "seq_len": seq_len, "seed": seed,
-                  "special_prefix": special_prefix(lm.tokenizer)}  # fmt: skip
+        ids, inputs = calibration_inputs(lm, cal, text)
         out.log(cal.describe(lm.arch) + " ...")
         with out.progress("fisher passes", num_seqs) as advance:
             table = cal.fit(lm, ids, special_prefix=inputs["special_prefix"], progress=advance)

@@ -35,6 +35,7 @@ from kvtool.codecs.kvz import (
     kvz_artifact,
 )
 from kvtool.errors import UsageError
+from kvtool.models import is_loaded_model
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | torch.Tensor
 
@@ -87,7 +88,7 @@ class _NoTokenizer:
 def codec_model(model: Any, fingerprint: dict[str, str] | None = None, tokenizer: Any = None) -> Any:
     """``model`` as the codec sees it: a kvtool ``LoadedModel`` as it is; a transformers model with its
     architecture, a fingerprint (given, or its config digest and :func:`weights_digest`) and a tokenizer."""
-    if hasattr(model, "fingerprint") and hasattr(model, "model"):
+    if is_loaded_model(model):
         return model
     from kvtool.arch import arch_info
 

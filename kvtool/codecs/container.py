@@ -166,6 +166,13 @@ class Geometry:
             self._segments = _segments(self)
         return self._segments
 
+    def coded_run(self, layer: int) -> tuple[int, int]:
+        """The positions ``[a, b)`` of ``layer`` that are coded: its range less the raw sinks before and the raw
+        recent tokens after (raw positions are only ever those two runs)."""
+        lo, hi = self.layer_range(layer)
+        a = min(max(lo, self.settings.sink_tokens), hi)
+        return a, max(a, min(hi, self.tokens - self.settings.recent_tokens))
+
     def split(self, layer: int, chunk: int) -> tuple[list[int], list[int]]:
         """Positions of ``layer`` in ``chunk``: (coded, raw fp16)."""
         lo, hi = self.layer_range(layer)
@@ -173,11 +180,10 @@ class Geometry:
         start, stop = max(a, lo), min(b, hi)
         if stop <= start:
             return [], []
-        # raw positions are the sinks [0, s) and the recent ones [T - r, T): the coded ones are one run between
-        s = self.settings
-        sink_end = min(s.sink_tokens, self.tokens)
-        recent_start = max(self.tokens - s.recent_tokens, sink_end)
-        c0, c1 = min(max(start, sink_end), stop), max(min(stop, recent_start), min(max(start, sink_end), stop))
+        # the coded positions are the layer's coded run cut to the chunk; the rest are raw (sinks, recent tokens)
+        run_a, run_b = self.coded_run(layer)
+        c0 = min(max(start, run_a), stop)
+        c1 = max(min(stop, run_b), c0)
         return list(range(c0, c1)), [*range(start, c0), *range(c1, stop)]
 
 

@@ -33,6 +33,7 @@ from kvtool.codecs.container import (
 )
 from kvtool.errors import ArtifactError, UsageError
 from kvtool.kernels import pick_backend
+from kvtool.models import is_loaded_model
 
 
 @dataclass
@@ -160,7 +161,7 @@ def bind_model(kvz: KvzFile, model: Any) -> Any:
     config is all there is to check."""
     from kvtool.arch import arch_info
 
-    if hasattr(model, "fingerprint") and hasattr(model, "model"):  # a kvtool LoadedModel
+    if is_loaded_model(model):
         check_tokenizer(kvz, model.tokenizer)
         fingerprint, model = model.fingerprint, model.model
     else:

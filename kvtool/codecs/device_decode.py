@@ -209,7 +209,7 @@ def build_layout(
     # words: the data section as 16-bit words; each chunk's lanes start at its `words` tensor
     if sum(kvz._header[f"chunk.{c:06d}.lanes"]["shape"][0] for c in range(n_chunks)) != n_lanes:
         raise ArtifactError(f"{kvz.path}: the lane index does not match the chunks' layout")
-    mark = stages.mark if stages is not None else (lambda name: None)
+    mark = (stages or _Stages(None, device)).mark
     mark("layout.segments")
     if ready is not None:  # from here on the file's bytes are read on the device
         ready()
@@ -356,10 +356,8 @@ def finish_layer(
     arch, geo, host = kvz.arch, kvz.geometry, layout["host"]
     heads, dim, n_layers = arch.num_kv_heads, arch.head_dim, arch.num_layers
     lo, hi = geo.layer_range(layer)
-    s = kvz.settings
     # raw positions are sinks and recent tokens, so the coded ones are one contiguous run [a, b) of [lo, hi)
-    a = min(max(lo, s.sink_tokens), hi)
-    b = max(a, min(hi, kvz.tokens - s.recent_tokens))
+    a, b = geo.coded_run(layer)
     pair = []
     for kind in range(2):
         slot = kind * n_layers + layer
@@ -428,7 +426,7 @@ def _on_device(q: Any, device: torch.device) -> Any:
     return _ON_DEVICE[key][1]
 
 
-def _pow2(n: int) -> bool:
+def _is_pow2(n: int) -> bool:
     return n >= 2 and not n & (n - 1)
 
 
@@ -450,11 +448,12 @@ def finish_adaptive(
     base = per_layer.cumsum(0) - per_layer
     out = torch.empty(int(per_layer.sum()), dtype=dtype, device=device)
     pre = torch.empty(int(per_layer.sum()) // 2, dtype=dtype, device=device) if keep_pre_rope else None
-    # per segment (chunk c, layer l): the first position of its coded run (sinks before it are raw)
+    # per segment (chunk c, layer l): the first position of the layer's coded run inside the chunk
     lo = torch.tensor([r[0] for r in ranges], dtype=torch.int64)
+    run_a = torch.tensor([geo.coded_run(i)[0] for i in range(n_layers)], dtype=torch.int64)
     a = torch.arange(geo.num_chunks, dtype=torch.int64)[:, None] * s.chunk_tokens
     b = (a + s.chunk_tokens).clamp_max(kvz.tokens)
-    p0 = torch.minimum(torch.maximum(torch.maximum(a, lo[None, :]), torch.tensor(min(s.sink_tokens, kvz.tokens))), b)
+    p0 = torch.minimum(torch.maximum(a, run_a[None, :]), b)
     # distinct rotary tables stacked; per layer its index
     tables: dict[int, int] = {}
     for cos, _ in ropes:
@@ -471,7 +470,7 @@ def finish_adaptive(
             "layer_len": lens.to(device, non_blocking=True), "layer_rope": torch.tensor(
                 [tables[id(c)] for c, _ in ropes], dtype=torch.int64).to(device, non_blocking=True),
             "cos": cos_all, "sin": sin_all, "rope_tokens": cos_all.shape[1]}  # fmt: skip
-    mark = stages.mark if stages is not None else (lambda name: None)
+    mark = (stages or _Stages(None, device)).mark
     mark("finish.args")
     finish_adaptive_triton(args, coef, out, pre)
     mark("finish.kernel")
@@ -484,8 +483,7 @@ def finish_adaptive(
         raw = raws[i]
         if raw.shape[2]:
             # raw positions: the sinks before the coded run and the recent ones after it
-            a_i = min(max(lo_i, s.sink_tokens), hi_i)
-            b_i = max(a_i, min(hi_i, kvz.tokens - s.recent_tokens))
+            a_i, b_i = geo.coded_run(i)
             rows = torch.cat([torch.arange(lo_i, a_i), torch.arange(b_i, hi_i)]).to(device)
             r = raw.to(device, torch.float32)
             cos, sin = ropes[i]
@@ -545,7 +543,7 @@ def decode_file(
         # adaptive files on the Triton backend: one fused kernel finishes every layer (RoPE, cast, layout), and it
         # reads only the symbols the decode kernel wrote, so the coefficients need no zero fill
         # (the decode kernel then stores the symbols, one byte each, and the finish kernel dequantizes them)
-        fused = backend == "triton" and layout["adaptive"] and _pow2(kvz.arch.head_dim)
+        fused = backend == "triton" and layout["adaptive"] and _is_pow2(kvz.arch.head_dim)
         if fused:
             coef = torch.empty(layout["out_size"], dtype=torch.uint8, device=device)
         else:
