@@ -31,6 +31,7 @@ CALIBRATORS: list[tuple[str, dict[str, Any], Budget | None]] = [
     ("nuq", {"bits": [3, 4]}, Budget(bits=3)),
     ("pca", {"target_bits": 3.0}, Budget(rank_fraction=0.5, kinds="k")),
     ("svd", {"target_bits": 3.0, "granularity": "head"}, Budget(bits=2.0)),
+    ("engine", {"kv_dtype": "mixed", "target_bits": 6.0, "granularity": "head", "observer": "mse"}, Budget(bits=8.0)),
 ]
 
 

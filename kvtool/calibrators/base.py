@@ -58,6 +58,7 @@ class Calibrator(Protocol):
 
 def registry() -> dict[str, Callable[..., Calibrator]]:
     """Calibrators by ``--method`` name: each a factory taking the method's settings as keywords."""
+    from kvtool.calibrators.engine_kv import EngineKVCalibration
     from kvtool.calibrators.nuq import NUQCalibration
     from kvtool.calibrators.precision_search import PrecisionSearch
     from kvtool.calibrators.projection import ProjectionCalibration
@@ -67,6 +68,7 @@ def registry() -> dict[str, Callable[..., Calibrator]]:
         "nuq": NUQCalibration,
         "pca": lambda **kw: ProjectionCalibration(method="pca", **kw),
         "svd": lambda **kw: ProjectionCalibration(method="svd", **kw),
+        "engine": EngineKVCalibration,
     }
 
 

@@ -27,7 +27,8 @@ from kvtool.models import with_prefix
 class LayerStats:
     """One layer on one calibration sequence; every tensor ``(batch, kv_heads, seq, head_dim)``, float32, CPU.
 
-    ``keys`` are pre-RoPE; ``key_grad`` is the gradient with respect to those pre-RoPE keys.
+    ``keys`` are pre-RoPE and ``key_grad`` the gradient with respect to them, unless the stats were asked for
+    post-RoPE (``fisher_stats(..., post_rope=True)``: the keys the cache holds, the gradient with respect to those).
     """
 
     keys: torch.Tensor
@@ -55,8 +56,9 @@ def calibration_windows(
     return [with_prefix(special_prefix, token_ids[int(p) * text_len : (int(p) + 1) * text_len]) for p in picks]
 
 
-def fisher_stats(model: Any, windows: list[torch.Tensor]) -> Iterator[list[LayerStats]]:
-    """Yield, per calibration window (shape ``(seq,)``), the :class:`LayerStats` of every layer."""
+def fisher_stats(model: Any, windows: list[torch.Tensor], post_rope: bool = False) -> Iterator[list[LayerStats]]:
+    """Yield, per calibration window (shape ``(seq,)``), the :class:`LayerStats` of every layer (keys pre-RoPE, or
+    as the cache holds them with ``post_rope``: what engines quantize)."""
     device = next(model.parameters()).device
     grads_were = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -84,8 +86,8 @@ def fisher_stats(model: Any, windows: list[torch.Tensor]) -> Iterator[list[Layer
                 key, value, cos, sin = seen[layer]
                 stats.append(
                     LayerStats(
-                        keys=invert_rope(key.detach(), cos, sin).float().cpu(),
-                        key_grad=rope_transpose(key.grad, cos, sin).float().cpu(),
+                        keys=(key.detach() if post_rope else invert_rope(key.detach(), cos, sin)).float().cpu(),
+                        key_grad=(key.grad if post_rope else rope_transpose(key.grad, cos, sin)).float().cpu(),
                         values=value.detach().float().cpu(),
                         value_grad=value.grad.float().cpu(),
                     )

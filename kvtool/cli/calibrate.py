@@ -43,10 +43,13 @@ EXAMPLES = """Examples:
   kvtool calibrate smollm2-135m --method pca --target-bits 2.0 --validate   # -> smollm2-135m.pca.kvcal.safetensors
   kvtool calibrate smollm2-135m --method svd --target-rank-fraction 0.5
   kvtool calibrate --resolve smollm2-135m.pca.kvcal.safetensors --target-rank-fraction 0.25
+  kvtool calibrate smollm2-135m --kv-dtype fp8 --granularity head --validate     # static FP8 scales (vLLM, ModelOpt)
+  kvtool calibrate smollm2-135m --kv-dtype nvfp4 --max-ppl-delta 2  # fewest layers kept in bf16 for ΔPPL <= 2 %
+  kvtool calibrate smollm2-135m --kv-dtype mixed --target-bits 5.0  # per-layer FP8 / NVFP4 / bf16 (ModelOpt)
 """
 
 
-METHODS = ("search", "nuq", "pca", "svd")
+METHODS = ("search", "nuq", "pca", "svd", "engine")
 DEFAULT_BITS = {"search": 3.25, "pca": 2.0, "svd": 2.0}
 
 
@@ -55,7 +58,8 @@ FIELD_FLAGS = {"target_rank_fraction": "--target-rank-fraction", "target_bits": 
                "accounting": "--bits-accounting", "outlier_frac": "--outlier-frac", "sink_tokens": "--sink-tokens",
                "recent_tokens": "--recent-tokens", "fit_skip_recent": "--fit-skip-recent",
                "granularity": "--granularity", "rank_fraction": "--target-rank-fraction", "method": "--method",
-               "bits": "--bits"}  # fmt: skip
+               "bits": "--bits", "kv_dtype": "--kv-dtype", "observer": "--observer",
+               "skip_budget": "--skip-budget"}  # fmt: skip
 
 
 def _as_flags(error: UsageError, bits_flag: str = "--bits") -> UsageError:
@@ -104,20 +108,35 @@ def calibrate(
         typer.Option(
             "--method",
             help="search: per-layer precision search; nuq: non-uniform datatypes; pca / svd: projections with "
-            "per-component bits.",
+            "per-component bits; engine: FP8 / NVFP4 scales and skip layers (implied by --kv-dtype).",
         ),
     ] = "search",
+    kv_dtype: Annotated[
+        str | None,
+        typer.Option("--kv-dtype", help="engine: fp8 or nvfp4 in every layer but the skipped ones, or mixed "
+                     "(per-layer FP8 / NVFP4 / FP8_K_NVFP4_V / bf16 under --target-bits)."),
+    ] = None,
+    observer: Annotated[
+        str, typer.Option("--observer", help="engine: static scales from the calibration amax, or mse (the clip of "
+                          "amax x {1, .9, ..., .5} with the least Fisher-weighted error).")
+    ] = "amax",
+    skip_budget: Annotated[
+        int, typer.Option("--skip-budget", help="engine: layers kept in the model dtype (the most sensitive).", min=0)
+    ] = 0,
     target_bits: Annotated[
         float | None,
-        typer.Option("--target-bits", help="search, pca, svd: budget in bits per element [3.25 search, 2.0 pca/svd]."),
+        typer.Option("--target-bits", help="search, pca, svd, engine: budget in bits per element [3.25 search, "
+                     "2.0 pca/svd; engine: all-in, FP8 8, NVFP4 4.5, bf16 16]."),
     ] = None,
     target_rank_fraction: Annotated[
         float | None,
         typer.Option("--target-rank-fraction", help="pca, svd: keep this fraction of components as fp16 instead."),
     ] = None,
     granularity: Annotated[
-        str, typer.Option("--granularity", help="pca, svd: one basis per 'head' or per 'layer' (heads concatenated).")
-    ] = "layer",
+        str | None,
+        typer.Option("--granularity", help="pca, svd: one basis per 'head' or per 'layer' (heads concatenated) "
+                     "[layer]; engine: FP8 scales per 'tensor' or per KV 'head' [tensor]."),
+    ] = None,
     fit_skip_recent: Annotated[
         int, typer.Option("--fit-skip-recent", help="pca, svd: last tokens of each window left out of the fit.", min=0)
     ] = 0,
@@ -163,6 +182,8 @@ def calibrate(
     """
     out = output_for(json_mode, quiet)
     model = pick_model(model, model_opt, DEFAULT)
+    if kv_dtype is not None and method == "search":
+        method = "engine"  # --kv-dtype names what engines store: the engine calibration
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)} (got '{method}')")
     validate = validate or max_ppl_delta is not None
@@ -188,11 +209,18 @@ def calibrate(
             raise UsageError("--target-bits applies to search, pca and svd; nuq takes --bits")
         if target_rank_fraction is not None and method not in ("pca", "svd"):
             raise UsageError("--target-rank-fraction applies to --method pca or svd")
-        settings: dict[str, Any] = {"num_seqs": num_seqs, "seq_len": seq_len, "seed": seed, "sink_tokens": sink_tokens}
-        if method in ("pca", "svd"):
+        if method != "engine" and (kv_dtype is not None or skip_budget or observer != "amax"):
+            raise UsageError("--kv-dtype, --observer and --skip-budget apply to --method engine")
+        settings: dict[str, Any] = {"num_seqs": num_seqs, "seq_len": seq_len, "seed": seed}
+        if method != "engine":  # engines keep no tokens aside
+            settings["sink_tokens"] = sink_tokens
+        if method == "engine":
+            settings |= {"kv_dtype": kv_dtype or "fp8", "granularity": granularity or "tensor", "observer": observer,
+                         "skip_budget": skip_budget, "target_bits": target_bits}  # fmt: skip
+        elif method in ("pca", "svd"):
             if target_rank_fraction is None and target_bits is None:
                 target_bits = DEFAULT_BITS[method]
-            settings |= {"granularity": granularity, "target_bits": target_bits,
+            settings |= {"granularity": granularity or "layer", "target_bits": target_bits,
                          "target_rank_fraction": target_rank_fraction, "fit_skip_recent": fit_skip_recent}  # fmt: skip
         elif method == "search":
             settings |= {"target_bits": DEFAULT_BITS["search"] if target_bits is None else target_bits,

@@ -1,0 +1,376 @@
+"""What serving engines load today: static FP8 / NVFP4 KV scales and the layers to keep in the model dtype.
+
+vLLM (``--kv-cache-dtype fp8`` with compressed-tensors scales, ``kv_cache_dtype_skip_layers``), TensorRT-LLM and
+ModelOpt (``hf_quant_config.json``, uniform or ``MIXED_PRECISION``) quantize the **post-RoPE** keys and the values
+the cache holds, with no sink or recent tokens kept aside. This calibrator measures, on calibration text:
+
+1. **amax** of the cached keys and values per layer and KV head (a forward pass per sequence); the static scale
+   of the ``amax`` observer is ``amax / 448`` (FP8) or ``amax / (448 · 6)`` (NVFP4's per-tensor scale), what
+   llm-compressor's static min-max observer gives on the same tokens when it keeps the global extremes;
+2. **clip candidates**: each slot (a layer's keys or values) quantized with its scale times every ``alphas``
+   factor, FP8 and NVFP4, and the Fisher-weighted squared error ``Σ g² (x̂ - x)²`` of each (per KV head), from one
+   forward and backward pass per sequence (:mod:`kvtool.calibrators.fisher`, post-RoPE gradients). The ``mse``
+   observer keeps the factor with the least error (per head for FP8 per-head scales): a clip, only where it
+   measurably lowers the loss proxy;
+3. **which layers keep the model dtype**: the ``skip_budget`` layers whose FP8/NVFP4 error is largest, or an exact
+   multiple-choice knapsack (:mod:`kvtool.calibrators.solver`) over per-layer K/V pairs under an all-in
+   ``target_bits`` budget: ``{model dtype, kv_dtype}`` for K and V together (vLLM), or ModelOpt's per-layer
+   ``FP8``, ``NVFP4``, ``FP8_K_NVFP4_V`` and unquantized layers (``kv_dtype="mixed"``). ModelOpt's own search
+   ranks layers by forward KL under a ``kv_effective_bits`` budget; the diagonal Fisher proxy used here is the
+   second-order expansion of that KL's expected loss increase, measured in one pass.
+
+Statistics stream: per sequence only that sequence's K/V and gradients exist; the table is ``(layers, heads,
+candidates)`` floats. The artifact records amax, the chosen scales, the table and the module names of each
+layer's attention (the checkpoint names engines load scales by).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from kvtool import config as kvconfig
+from kvtool.arch import ArchInfo
+from kvtool.artifacts import Artifact
+from kvtool.attention import intercepted_attention
+from kvtool.budget import Budget
+from kvtool.calibration import calibration_artifact, transform_of
+from kvtool.calibrators.fisher import calibration_windows, fisher_stats
+from kvtool.calibrators.solver import solve_budget
+from kvtool.errors import ArtifactError, UsageError
+from kvtool.quantizers.fp8 import E4M3_MAX, Fp8Quantizer
+from kvtool.quantizers.nvfp4 import E2M1_MAX, Nvfp4Quantizer
+from kvtool.transforms import FP16_BITS, KVTransform, TensorTransform
+
+KV_DTYPES = ("fp8", "nvfp4", "mixed")
+OBSERVERS = ("amax", "mse")
+#: ModelOpt's per-layer KV algorithms (``kv_cache_quantized_layers``), as (key dtype, value dtype)
+MODELOPT_PAIRS = {"FP8": ("fp8", "fp8"), "NVFP4": ("nvfp4", "nvfp4"), "FP8_K_NVFP4_V": ("fp8", "nvfp4")}
+MODEL_DTYPE = "model dtype"
+
+
+@kvconfig.register
+@dataclass(frozen=True)
+class EngineKVCalibration:
+    """Settings of the engine-format calibration (the method object is its config; every field is recorded).
+
+    ``kv_dtype``: ``fp8`` or ``nvfp4`` in every layer but the skipped ones, or ``mixed`` (ModelOpt's per-layer
+    FP8 / NVFP4 / FP8_K_NVFP4_V / unquantized under ``target_bits``). ``granularity``: FP8 scales per ``tensor`` or
+    per KV ``head`` (NVFP4 has one per-tensor scale). ``skip_budget``: layers kept in the model dtype (fp8, nvfp4);
+    ``target_bits``: an all-in bits budget instead (required for ``mixed``).
+    """
+
+    version: ClassVar[int] = 1
+    kv_dtype: Literal["fp8", "nvfp4", "mixed"] = "fp8"
+    granularity: Literal["tensor", "head"] = "tensor"
+    observer: Literal["amax", "mse"] = "amax"
+    skip_budget: int = 0
+    target_bits: float | None = None
+    alphas: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    num_seqs: int = 8
+    seq_len: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype not in KV_DTYPES:
+            raise UsageError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (got '{self.kv_dtype}')")
+        if self.granularity not in ("tensor", "head"):
+            raise UsageError(f"granularity must be tensor or head (got '{self.granularity}')")
+        if self.observer not in OBSERVERS:
+            raise UsageError(f"observer must be one of {', '.join(OBSERVERS)} (got '{self.observer}')")
+        if self.skip_budget < 0:
+            raise UsageError(f"skip_budget must be >= 0 (got {self.skip_budget})")
+        if self.skip_budget and self.target_bits is not None:
+            raise UsageError("give skip_budget or target_bits, not both")
+        if self.kv_dtype == "mixed" and self.target_bits is None:
+            raise UsageError("kv_dtype mixed needs target_bits (an all-in bits budget, e.g. 5.0)")
+        if self.kv_dtype == "mixed" and self.skip_budget:
+            raise UsageError("kv_dtype mixed chooses its unquantized layers under target_bits: drop skip_budget")
+        if self.target_bits is not None and not 4.5 <= self.target_bits <= FP16_BITS:
+            raise UsageError(f"target_bits must be in [4.5, 16] for FP8/NVFP4 layers (got {self.target_bits})")
+        if not self.alphas or self.alphas[0] != 1.0 or any(not 0.0 < a <= 1.0 for a in self.alphas):
+            raise UsageError(f"alphas must start with 1.0 (amax) and lie in (0, 1] (got {self.alphas})")
+        if self.num_seqs < 1 or self.seq_len < 16:
+            raise UsageError("need at least one calibration sequence of at least 16 tokens")
+
+    # -- the calibrator protocol (kvtool.calibrators.base) --------------------------------------------------------
+
+    def describe(self, arch: ArchInfo) -> str:
+        what = "FP8/NVFP4 mixed" if self.kv_dtype == "mixed" else self.kv_dtype.upper()
+        return (f"measuring {what} KV scales ({self.observer} observer) and layer sensitivity on "
+                f"{self.num_seqs} x {self.seq_len} tokens")  # fmt: skip
+
+    def outputs(self) -> dict[int, str]:
+        return {0: ".kvcal.safetensors"}
+
+    def fit(self, lm: Any, ids: torch.Tensor, *, special_prefix: list[int],
+            progress: Callable[[int], None] | None = None) -> EngineTable:  # fmt: skip
+        return measure_engine_table(lm.model, lm.arch, ids, self, progress=progress, special_prefix=special_prefix)
+
+    def solve(self, table: EngineTable, budget: Budget | None = None) -> KVTransform:
+        if budget is not None and budget.bits is None:
+            raise UsageError(f"budget '{budget.label()}': an engine calibration is solved for bits")
+        method = self if budget is None else dataclasses.replace(self, target_bits=budget.bits, skip_budget=0)
+        return engine_transform(method, table, choose_layers(method, table))
+
+    def artifacts(self, record: dict[str, Any], inputs: dict[str, Any], table: EngineTable) -> dict[int, Artifact]:
+        return {0: engine_artifact(self, record, inputs, table)}
+
+    def pairs(self) -> dict[str, tuple[str, str] | None]:
+        """The per-layer (key dtype, value dtype) choices: a layer kept in the model dtype is ``None``."""
+        if self.kv_dtype == "mixed":
+            return {MODEL_DTYPE: None, **MODELOPT_PAIRS}
+        return {MODEL_DTYPE: None, self.kv_dtype.upper(): (self.kv_dtype, self.kv_dtype)}
+
+
+@dataclass
+class EngineTable:
+    """What calibration measured.
+
+    ``amax[kind]``: ``(layers, heads)`` max |x| of the cached keys (``"k"``, post-RoPE) or values;
+    ``error[kind]``: ``(layers, heads, 2, len(alphas))`` Fisher-weighted squared error of FP8 (index 0 on axis 2;
+    scale per ``granularity``) and NVFP4 (index 1) at scale × alpha; ``tokens``: ``(layers,)`` tokens each layer
+    caches at ``seq_len`` tokens of context (sliding layers fewer); ``modules``: each layer's attention module name
+    in the model (the checkpoint prefix of its scales); ``kv_proj``: its key / value projection names, if separate.
+    """
+
+    amax: dict[str, np.ndarray]
+    error: dict[str, np.ndarray]
+    tokens: np.ndarray
+    head_dim: int
+    alphas: list[float]
+    granularity: str
+    modules: list[str | None]
+    kv_proj: list[dict[str, str] | None]
+
+    @property
+    def elements(self) -> np.ndarray:
+        """``(layers,)`` cached K (or V) elements per layer."""
+        return self.tokens * self.amax["k"].shape[1] * self.head_dim
+
+    def scale(self, kind: str, layer: int, dtype: str, observer: str) -> torch.Tensor:
+        """The static scale of a slot: FP8 ``(1,)`` or ``(heads,)``, NVFP4 ``(1,)`` (float32)."""
+        amax = self.amax[kind][layer]
+        err = self.error[kind][layer][:, 0 if dtype == "fp8" else 1]  # (heads, alphas)
+        per_head = dtype == "fp8" and self.granularity == "head"
+        if observer == "amax":
+            pick = np.zeros(len(amax) if per_head else 1, dtype=np.int64)
+        else:
+            pick = err.argmin(-1) if per_head else np.array([err.sum(0).argmin()])
+        base = amax if per_head else np.array([amax.max()])
+        top = E4M3_MAX if dtype == "fp8" else E4M3_MAX * E2M1_MAX
+        s = base * np.asarray(self.alphas)[pick] / top
+        return torch.tensor(np.maximum(s, np.finfo(np.float32).tiny), dtype=torch.float32)
+
+    def slot_error(self, kind: str, layer: int, dtype: str, observer: str) -> float:
+        """The proxy error of a slot under the scale :meth:`scale` picks."""
+        err = self.error[kind][layer][:, 0 if dtype == "fp8" else 1]
+        if observer == "amax":
+            return float(err[:, 0].sum())
+        if dtype == "fp8" and self.granularity == "head":
+            return float(err.min(-1).sum())
+        return float(err.sum(0).min())
+
+
+def quantizer(table: EngineTable, kind: str, layer: int, dtype: str, observer: str) -> TensorTransform:
+    """The engine quantizer of a slot with its calibrated static scale."""
+    scale = table.scale(kind, layer, dtype, observer)
+    if dtype == "nvfp4":
+        return Nvfp4Quantizer(scale)
+    return Fp8Quantizer(table.granularity, len(table.amax[kind][layer]) if table.granularity == "head" else 0, scale)
+
+
+def _candidates(table: EngineTable, kind: str, layer: int, x: torch.Tensor) -> list[TensorTransform]:
+    """FP8 then NVFP4 quantizers at every clip factor, for ``x`` of one slot (amax from the first pass)."""
+    amax = torch.as_tensor(table.amax[kind][layer], dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    head = table.granularity == "head"
+    fp8_base = amax if head else amax.max().reshape(1)
+    fp4_base = amax.max().reshape(1)
+    out: list[TensorTransform] = []
+    for a in table.alphas:
+        out.append(Fp8Quantizer(table.granularity, len(amax) if head else 0, (fp8_base * a / E4M3_MAX).clamp_min(tiny)))
+    for a in table.alphas:
+        out.append(Nvfp4Quantizer((fp4_base * a / (E4M3_MAX * E2M1_MAX)).clamp_min(tiny)))
+    return out
+
+
+def attention_modules(model: Any, num_layers: int) -> tuple[list[str | None], list[dict[str, str] | None]]:
+    """Each layer's attention module name (``model.layers.3.self_attn`` in Llama, Qwen2, Mistral, Gemma3) and, where
+    it has separate key / value projections, their names: found through the ``layer_idx`` transformers' attention
+    modules carry, not by assuming a model's module names."""
+    names: list[str | None] = [None] * num_layers
+    proj: list[dict[str, str] | None] = [None] * num_layers
+    for name, module in model.named_modules():
+        idx = getattr(module, "layer_idx", None)
+        if not isinstance(idx, int) or not 0 <= idx < num_layers or not type(module).__name__.endswith("Attention"):
+            continue
+        if names[idx] is None:
+            names[idx] = name
+            children = dict(module.named_children())
+            if "k_proj" in children and "v_proj" in children:
+                proj[idx] = {"k": f"{name}.k_proj", "v": f"{name}.v_proj"}
+    return names, proj
+
+
+@torch.no_grad()
+def _amax_pass(model: Any, windows: list[torch.Tensor], layers: int, heads: int) -> dict[str, np.ndarray]:
+    """Max |x| per layer and KV head of the cached keys and values over every window (forward passes only)."""
+    amax = {k: torch.zeros(layers, heads, dtype=torch.float64) for k in ("k", "v")}
+    device = next(model.parameters()).device
+
+    def observe(layer: int, key: torch.Tensor, value: torch.Tensor, cos: Any, sin: Any):
+        for kind, x in (("k", key), ("v", value)):
+            m = x.detach().float().abs().amax(dim=(0, 2, 3)).double().cpu()
+            amax[kind][layer] = torch.maximum(amax[kind][layer], m)
+        return key, value
+
+    with intercepted_attention(model, observe):
+        for ids in windows:
+            model(input_ids=ids[None].to(device), use_cache=False)
+    return {k: v.numpy() for k, v in amax.items()}
+
+
+def measure_engine_table(
+    model: Any,
+    arch: ArchInfo,
+    token_ids: torch.Tensor,
+    cal: EngineKVCalibration,
+    progress: Callable[[int], None] | None = None,
+    special_prefix: list[int] | tuple[int, ...] = (),
+) -> EngineTable:
+    """The two streaming passes (amax, then Fisher-weighted errors of every clip candidate) on the calibration
+    windows of ``token_ids`` (see :func:`~kvtool.calibrators.fisher.calibration_windows`)."""
+    windows = calibration_windows(token_ids, cal.seq_len, cal.num_seqs, cal.seed, special_prefix)
+    layers, heads = arch.num_layers, arch.num_kv_heads
+    modules, kv_proj = attention_modules(model, layers)
+    table = EngineTable(
+        amax=_amax_pass(model, windows, layers, heads),
+        error={k: np.zeros((layers, heads, 2, len(cal.alphas))) for k in ("k", "v")},
+        tokens=np.array([arch.cached_tokens(i, cal.seq_len) for i in range(layers)], dtype=np.float64),
+        head_dim=arch.head_dim,
+        alphas=list(cal.alphas),
+        granularity=cal.granularity,
+        modules=modules,
+        kv_proj=kv_proj,
+    )
+    n = len(cal.alphas)
+    for stats in fisher_stats(model, windows, post_rope=True):
+        for i, st in enumerate(stats):
+            for kind, x, g in (("k", st.keys, st.key_grad), ("v", st.values, st.value_grad)):
+                g2 = g.square()
+                errs = [(g2 * (c.apply(x) - x).square()).sum(dim=(0, 2, 3)) for c in _candidates(table, kind, i, x)]
+                e = torch.stack(errs, dim=-1).double().numpy()  # (heads, 2 * alphas)
+                table.error[kind][i] += e.reshape(heads, 2, n)
+        if progress:
+            progress(1)
+    return table
+
+
+# -- choosing the layers ------------------------------------------------------------------------------------------
+
+
+def _pair_bits(head_dim: int, tokens: int, pair: tuple[str, str] | None) -> float:
+    """All-in bits per element of one layer's K and V together under ``pair`` (``None``: the model dtype)."""
+    if pair is None:
+        return float(FP16_BITS)
+    costs = {"fp8": Fp8Quantizer().cost(head_dim, tokens).all_in,
+             "nvfp4": Nvfp4Quantizer().cost(head_dim, tokens).all_in}  # fmt: skip
+    return (costs[pair[0]] + costs[pair[1]]) / 2
+
+
+def choose_layers(cal: EngineKVCalibration, table: EngineTable) -> list[str]:
+    """The per-layer choice (keys of :meth:`EngineKVCalibration.pairs`): the ``skip_budget`` most sensitive layers
+    kept in the model dtype, or the least total proxy error under ``target_bits``, or every layer quantized."""
+    pairs = cal.pairs()
+    names = list(pairs)
+    layers = len(table.elements)
+    quant = names[1] if cal.kv_dtype != "mixed" else None
+    if cal.target_bits is None:
+        sens = [sum(table.slot_error(k, i, cal.kv_dtype, cal.observer) for k in ("k", "v")) for i in range(layers)]
+        skipped = set(np.argsort(sens, kind="stable")[::-1][: cal.skip_budget].tolist())
+        return [MODEL_DTYPE if i in skipped else str(quant) for i in range(layers)]
+    costs, errors = [], []
+    for i in range(layers):
+        costs.append(np.array([_pair_bits(table.head_dim, int(table.tokens[i]), p) for p in pairs.values()]))
+        err = [0.0 if p is None else table.slot_error("k", i, p[0], cal.observer)
+               + table.slot_error("v", i, p[1], cal.observer) for p in pairs.values()]  # fmt: skip
+        errors.append(np.array(err))
+    picks = solve_budget(costs, errors, list(table.elements), float(cal.target_bits))
+    return [names[j] for j in picks]
+
+
+def engine_transform(cal: EngineKVCalibration, table: EngineTable, choice: list[str]) -> KVTransform:
+    """The per-layer transform of a choice: engine quantizers on post-RoPE keys and values, no fp16 tokens."""
+    pairs = cal.pairs()
+    keys: list[TensorTransform | None] = []
+    values: list[TensorTransform | None] = []
+    for i, name in enumerate(choice):
+        pair = pairs[name]
+        keys.append(None if pair is None else quantizer(table, "k", i, pair[0], cal.observer))
+        values.append(None if pair is None else quantizer(table, "v", i, pair[1], cal.observer))
+    label = "mixed" if cal.kv_dtype == "mixed" else cal.kv_dtype
+    return KVTransform(keys, values, keys_pre_rope=False, sink_tokens=0, recent_tokens=0,
+                       name=f"engine-{label}-{cal.observer}")  # fmt: skip
+
+
+# -- artifact -----------------------------------------------------------------------------------------------------
+
+
+def engine_artifact(cal: EngineKVCalibration, record: dict[str, Any], inputs: dict[str, Any],
+                    table: EngineTable) -> Artifact:  # fmt: skip
+    choice = choose_layers(cal, table)
+    transform = engine_transform(cal, table, choice)
+    tensors = {f"{k}_amax": torch.from_numpy(table.amax[k].copy()) for k in ("k", "v")}
+    tensors |= {f"{k}_clip_error": torch.from_numpy(table.error[k].copy()) for k in ("k", "v")}
+    tensors["layer_tokens"] = torch.from_numpy(table.tokens.copy())
+    extra = {"engine": {
+        "choice": choice,
+        "skip_layers": [i for i, c in enumerate(choice) if c == MODEL_DTYPE],
+        "modules": table.modules,
+        "kv_proj": table.kv_proj,
+        "alphas": table.alphas,
+        "granularity": table.granularity,
+        "sensitivity": [
+            {kind: {d: table.slot_error(kind, i, d, cal.observer) for d in ("fp8", "nvfp4")} for kind in ("k", "v")}
+            for i in range(len(choice))
+        ],
+    }}  # fmt: skip
+    return calibration_artifact(record, cal, inputs, transform, extra, tensors, cal.seq_len)
+
+
+def engine_table_from(art: Artifact) -> tuple[EngineKVCalibration, EngineTable]:
+    """Inverse of :func:`engine_artifact`'s table part (for re-solving and exports)."""
+    method = kvconfig.from_dict(art.method)
+    if not isinstance(method, EngineKVCalibration):
+        raise ArtifactError(f"made by {type(method).__name__}, not the engine calibration")
+    try:
+        eng = art.extra["engine"]
+        table = EngineTable(
+            amax={k: art.tensors[f"{k}_amax"].numpy() for k in ("k", "v")},
+            error={k: art.tensors[f"{k}_clip_error"].numpy() for k in ("k", "v")},
+            tokens=art.tensors["layer_tokens"].numpy(),
+            head_dim=ArchInfo.from_dict(art.model["arch"]).head_dim,
+            alphas=list(eng["alphas"]),
+            granularity=str(eng["granularity"]),
+            modules=list(eng["modules"]),
+            kv_proj=list(eng["kv_proj"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"malformed engine calibration record ({type(e).__name__}: {e})") from None
+    return method, table
+
+
+def resolve_engine(art: Artifact, budget: Budget) -> tuple[Artifact, KVTransform]:
+    """Re-choose an engine calibration's layers for an all-in bits budget, without the model."""
+    method, table = engine_table_from(art)
+    if budget.bits is None:
+        raise UsageError(f"budget '{budget.label()}': an engine calibration is re-solved for bits, e.g. 5.0")
+    cal = dataclasses.replace(method, target_bits=budget.bits, skip_budget=0)
+    new = engine_artifact(cal, art.model, art.inputs, table)
+    return new, transform_of(new)
