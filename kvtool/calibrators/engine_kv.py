@@ -5,8 +5,11 @@ ModelOpt (``hf_quant_config.json``, uniform or ``MIXED_PRECISION``) quantize the
 the cache holds, with no sink or recent tokens kept aside. This calibrator measures, on calibration text:
 
 1. **amax** of the cached keys and values per layer and KV head (a forward pass per sequence); the static scale
-   of the ``amax`` observer is ``amax / 448`` (FP8) or ``amax / (448 · 6)`` (NVFP4's per-tensor scale), what
-   llm-compressor's static min-max observer gives on the same tokens when it keeps the global extremes;
+   of the ``amax`` observer is ``amax / 448`` for FP8 and NVFP4 alike (the checkpoint ``k_scale`` / ``v_scale``
+   of both engines' formats), what llm-compressor's ``static_minmax`` observer gives on the same tokens; the
+   ``minmax`` observer is llm-compressor's default for KV scales (``llmcompressor/observers/min_max.py``,
+   ``MinMaxObserver``): per calibration batch the min and max, averaged over batches as ``old · 0.99 + new · 0.01``
+   seeded by the first batch, then ``max(|min|, |max|) / 448``;
 2. **clip candidates**: each slot (a layer's keys or values) quantized with its scale times every ``alphas``
    factor, FP8 and NVFP4, and the Fisher-weighted squared error ``Σ g² (x̂ - x)²`` of each (per KV head), from one
    forward and backward pass per sequence (:mod:`kvtool.calibrators.fisher`, post-RoPE gradients). The ``mse``
@@ -44,11 +47,13 @@ from kvtool.calibrators.fisher import calibration_windows, fisher_stats
 from kvtool.calibrators.solver import solve_budget
 from kvtool.errors import ArtifactError, UsageError
 from kvtool.quantizers.fp8 import E4M3_MAX, Fp8Quantizer
-from kvtool.quantizers.nvfp4 import E2M1_MAX, Nvfp4Quantizer
+from kvtool.quantizers.nvfp4 import Nvfp4Quantizer
 from kvtool.transforms import FP16_BITS, KVTransform, TensorTransform
 
 KV_DTYPES = ("fp8", "nvfp4", "mixed")
-OBSERVERS = ("amax", "mse")
+OBSERVERS = ("amax", "mse", "minmax")
+#: llm-compressor's MinMaxObserver default ``averaging_constant``
+EMA_CONSTANT = 0.01
 #: ModelOpt's per-layer KV algorithms (``kv_cache_quantized_layers``), as (key dtype, value dtype)
 MODELOPT_PAIRS = {"FP8": ("fp8", "fp8"), "NVFP4": ("nvfp4", "nvfp4"), "FP8_K_NVFP4_V": ("fp8", "nvfp4")}
 MODEL_DTYPE = "model dtype"
@@ -147,6 +152,10 @@ class EngineTable:
     granularity: str
     modules: list[str | None]
     kv_proj: list[dict[str, str] | None]
+    #: ``(windows, layers, heads)`` per calibration sequence min / max of the cached K (``"k"``) or V, for the
+    #: ``minmax`` observer
+    window_min: dict[str, np.ndarray] = field(default_factory=dict)
+    window_max: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def elements(self) -> np.ndarray:
@@ -158,19 +167,35 @@ class EngineTable:
         amax = self.amax[kind][layer]
         err = self.error[kind][layer][:, 0 if dtype == "fp8" else 1]  # (heads, alphas)
         per_head = dtype == "fp8" and self.granularity == "head"
+        if observer == "minmax":
+            return self._ema_scale(kind, layer, per_head)
         if observer == "amax":
             pick = np.zeros(len(amax) if per_head else 1, dtype=np.int64)
         else:
             pick = err.argmin(-1) if per_head else np.array([err.sum(0).argmin()])
         base = amax if per_head else np.array([amax.max()])
-        top = E4M3_MAX if dtype == "fp8" else E4M3_MAX * E2M1_MAX
-        s = base * np.asarray(self.alphas)[pick] / top
+        s = base * np.asarray(self.alphas)[pick] / E4M3_MAX  # both engines' checkpoint scales are amax / 448
+        return torch.tensor(np.maximum(s, np.finfo(np.float32).tiny), dtype=torch.float32)
+
+    def _ema_scale(self, kind: str, layer: int, per_head: bool) -> torch.Tensor:
+        """llm-compressor's ``MinMaxObserver``: the per-batch min and max (over all heads unless ``per_head``),
+        averaged over batches as ``old · (1 - c) + new · c`` from the first batch, then ``max(|min|, |max|) / 448``
+        (``calculate_qparams`` clamps min ≤ 0 ≤ max)."""
+        lo, hi = self.window_min[kind][:, layer], self.window_max[kind][:, layer]  # (windows, heads)
+        if not per_head:
+            lo, hi = lo.min(1, keepdims=True), hi.max(1, keepdims=True)
+        ema_lo, ema_hi = lo[0].copy(), hi[0].copy()
+        for w in range(1, len(lo)):
+            ema_lo = ema_lo * (1 - EMA_CONSTANT) + lo[w] * EMA_CONSTANT
+            ema_hi = ema_hi * (1 - EMA_CONSTANT) + hi[w] * EMA_CONSTANT
+        s = np.maximum(np.abs(np.minimum(ema_lo, 0)), np.maximum(ema_hi, 0)) / E4M3_MAX
         return torch.tensor(np.maximum(s, np.finfo(np.float32).tiny), dtype=torch.float32)
 
     def slot_error(self, kind: str, layer: int, dtype: str, observer: str) -> float:
-        """The proxy error of a slot under the scale :meth:`scale` picks."""
+        """The proxy error of a slot under the scale :meth:`scale` picks (the ``minmax`` observer's moving average
+        is not on the measured grid: its amax column stands for it)."""
         err = self.error[kind][layer][:, 0 if dtype == "fp8" else 1]
-        if observer == "amax":
+        if observer in ("amax", "minmax"):
             return float(err[:, 0].sum())
         if dtype == "fp8" and self.granularity == "head":
             return float(err.min(-1).sum())
@@ -196,7 +221,7 @@ def _candidates(table: EngineTable, kind: str, layer: int, x: torch.Tensor) -> l
     for a in table.alphas:
         out.append(Fp8Quantizer(table.granularity, len(amax) if head else 0, (fp8_base * a / E4M3_MAX).clamp_min(tiny)))
     for a in table.alphas:
-        out.append(Nvfp4Quantizer((fp4_base * a / (E4M3_MAX * E2M1_MAX)).clamp_min(tiny)))
+        out.append(Nvfp4Quantizer((fp4_base * a / E4M3_MAX).clamp_min(tiny)))
     return out
 
 
@@ -219,21 +244,25 @@ def attention_modules(model: Any, num_layers: int) -> tuple[list[str | None], li
 
 
 @torch.no_grad()
-def _amax_pass(model: Any, windows: list[torch.Tensor], layers: int, heads: int) -> dict[str, np.ndarray]:
-    """Max |x| per layer and KV head of the cached keys and values over every window (forward passes only)."""
-    amax = {k: torch.zeros(layers, heads, dtype=torch.float64) for k in ("k", "v")}
+def _range_pass(model: Any, windows: list[torch.Tensor], layers: int, heads: int) -> dict[str, np.ndarray]:
+    """``{"k_min", "k_max", "v_min", "v_max"}``: ``(windows, layers, heads)`` min and max of the cached keys and
+    values per window, layer and KV head (forward passes only)."""
+    out = {f"{k}_{m}": torch.zeros(len(windows), layers, heads, dtype=torch.float64)
+           for k in ("k", "v") for m in ("min", "max")}  # fmt: skip
     device = next(model.parameters()).device
+    w = 0
 
     def observe(layer: int, key: torch.Tensor, value: torch.Tensor, cos: Any, sin: Any):
         for kind, x in (("k", key), ("v", value)):
-            m = x.detach().float().abs().amax(dim=(0, 2, 3)).double().cpu()
-            amax[kind][layer] = torch.maximum(amax[kind][layer], m)
+            xf = x.detach().float()
+            out[f"{kind}_min"][w, layer] = xf.amin(dim=(0, 2, 3)).double().cpu()
+            out[f"{kind}_max"][w, layer] = xf.amax(dim=(0, 2, 3)).double().cpu()
         return key, value
 
     with intercepted_attention(model, observe):
-        for ids in windows:
+        for w, ids in enumerate(windows):  # noqa: B007 - ``observe`` reads the window index
             model(input_ids=ids[None].to(device), use_cache=False)
-    return {k: v.numpy() for k, v in amax.items()}
+    return {k: v.numpy() for k, v in out.items()}
 
 
 def measure_engine_table(
@@ -249,8 +278,9 @@ def measure_engine_table(
     windows = calibration_windows(token_ids, cal.seq_len, cal.num_seqs, cal.seed, special_prefix)
     layers, heads = arch.num_layers, arch.num_kv_heads
     modules, kv_proj = attention_modules(model, layers)
+    ranges = _range_pass(model, windows, layers, heads)
     table = EngineTable(
-        amax=_amax_pass(model, windows, layers, heads),
+        amax={k: np.maximum(-ranges[f"{k}_min"], ranges[f"{k}_max"]).max(0) for k in ("k", "v")},
         error={k: np.zeros((layers, heads, 2, len(cal.alphas))) for k in ("k", "v")},
         tokens=np.array([arch.cached_tokens(i, cal.seq_len) for i in range(layers)], dtype=np.float64),
         head_dim=arch.head_dim,
@@ -258,6 +288,8 @@ def measure_engine_table(
         granularity=cal.granularity,
         modules=modules,
         kv_proj=kv_proj,
+        window_min={k: ranges[f"{k}_min"] for k in ("k", "v")},
+        window_max={k: ranges[f"{k}_max"] for k in ("k", "v")},
     )
     n = len(cal.alphas)
     for stats in fisher_stats(model, windows, post_rope=True):
@@ -328,6 +360,8 @@ def engine_artifact(cal: EngineKVCalibration, record: dict[str, Any], inputs: di
     transform = engine_transform(cal, table, choice)
     tensors = {f"{k}_amax": torch.from_numpy(table.amax[k].copy()) for k in ("k", "v")}
     tensors |= {f"{k}_clip_error": torch.from_numpy(table.error[k].copy()) for k in ("k", "v")}
+    tensors |= {f"{k}_window_{m}": torch.from_numpy(getattr(table, f"window_{m}")[k].copy())
+                for k in ("k", "v") for m in ("min", "max")}  # fmt: skip
     tensors["layer_tokens"] = torch.from_numpy(table.tokens.copy())
     extra = {"engine": {
         "choice": choice,
@@ -360,6 +394,8 @@ def engine_table_from(art: Artifact) -> tuple[EngineKVCalibration, EngineTable]:
             granularity=str(eng["granularity"]),
             modules=list(eng["modules"]),
             kv_proj=list(eng["kv_proj"]),
+            window_min={k: art.tensors[f"{k}_window_min"].numpy() for k in ("k", "v")},
+            window_max={k: art.tensors[f"{k}_window_max"].numpy() for k in ("k", "v")},
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"malformed engine calibration record ({type(e).__name__}: {e})") from None

@@ -117,8 +117,9 @@ def calibrate(
                      "(per-layer FP8 / NVFP4 / FP8_K_NVFP4_V / bf16 under --target-bits)."),
     ] = None,
     observer: Annotated[
-        str, typer.Option("--observer", help="engine: static scales from the calibration amax, or mse (the clip of "
-                          "amax x {1, .9, ..., .5} with the least Fisher-weighted error).")
+        str, typer.Option("--observer", help="engine: static scales from the calibration amax; mse: the clip of "
+                          "amax x {1, .9, ..., .5} with the least Fisher-weighted error; minmax: llm-compressor's "
+                          "default (moving average of per-sequence min/max).")
     ] = "amax",
     skip_budget: Annotated[
         int, typer.Option("--skip-budget", help="engine: layers kept in the model dtype (the most sensitive).", min=0)

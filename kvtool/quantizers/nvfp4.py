@@ -1,10 +1,13 @@
-"""NVFP4 KV storage as NVIDIA's engines define it (TensorRT-LLM, ModelOpt, vLLM ``nvfp4``): values in FP4 e2m1
-(±{0, 0.5, 1, 1.5, 2, 3, 4, 6}) in blocks of 16 consecutive elements of a head's vector, each block with an FP8
-e4m3 scale, and one fp32 scale per tensor: ``x ≈ q · s_block · s_tensor``.
+"""NVFP4 KV storage as NVIDIA's engines define it (TensorRT-LLM, ModelOpt, vLLM ``--kv-cache-dtype nvfp4``):
+values in FP4 e2m1 (±{0, 0.5, 1, 1.5, 2, 3, 4, 6}) in blocks of 16 consecutive elements of a head's vector, each
+block with an FP8 e4m3 scale computed when the cache is written, and one fp32 global scale per tensor, the
+checkpoint's ``k_scale`` / ``v_scale``: ``x ≈ q · s_block · s_global``.
 
-``s_tensor = amax / (448 · 6)`` (static when ``scale`` is set, else from the tensor itself), ``s_block =
-e4m3(block_amax / 6 / s_tensor)``, ``q = e2m1(x / (s_block · s_tensor))`` rounded to the nearest grid value (ties
-to the even code). Stored bits: 4 per element + 8 per block of 16 = 4.5, plus the tensor scale.
+``s_global = amax / 448`` (ModelOpt exports "amax / 448 for both FP8 and NVFP4 KV cache", unified_export_hf.py;
+static when ``scale`` is set, else from the tensor itself), ``s_block = e4m3(block_amax / (6 · s_global))`` (at
+most 448 / 6), ``q = e2m1(x / (s_block · s_global))`` rounded to the nearest grid value, ties to the even code
+(FlashInfer's ``nvfp4_append_quantize_block``, which vLLM calls). Stored bits: 4 per element + 8 per block of 16 =
+4.5, plus the global scale.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def round_e2m1(a: torch.Tensor) -> torch.Tensor:
 @register
 @dataclass(frozen=True)
 class Nvfp4Quantizer(TensorTransform):
-    """NVFP4 (see module docstring); ``scale``: a static per-tensor fp32 scale ``(1,)``, or ``None`` (dynamic)."""
+    """NVFP4 (see module docstring); ``scale``: a static global fp32 scale ``(1,)`` (amax / 448), or ``None``
+    (dynamic: from the tensor's own amax)."""
 
     scale: torch.Tensor | None = None
 
@@ -46,7 +50,7 @@ class Nvfp4Quantizer(TensorTransform):
 
     def __post_init__(self) -> None:
         if self.scale is not None and (tuple(self.scale.shape) != (1,) or not bool((self.scale > 0).all())):
-            raise ValueError("scale must be one positive value (the per-tensor fp32 scale)")
+            raise ValueError("scale must be one positive value (the global fp32 scale)")
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         return (1,)
@@ -62,12 +66,12 @@ class Nvfp4Quantizer(TensorTransform):
         if d % BLOCK:
             raise ValueError(f"NVFP4 blocks are {BLOCK} elements: head_dim {d} is not a multiple")
         xf = x.float()
-        s_tensor = (self.scale.to(x.device, torch.float32) if self.scale is not None
-                    else (xf.abs().amax() / (E4M3_MAX * E2M1_MAX)).reshape(1))  # fmt: skip
-        s_tensor = s_tensor.clamp_min(torch.finfo(torch.float32).tiny)
+        s_global = (self.scale.to(x.device, torch.float32) if self.scale is not None
+                    else (xf.abs().amax() / E4M3_MAX).reshape(1))  # fmt: skip
+        s_global = s_global.clamp_min(torch.finfo(torch.float32).tiny)
         blocks = xf.reshape(*x.shape[:-1], d // BLOCK, BLOCK)
-        s_block = (blocks.abs().amax(-1, keepdim=True) / E2M1_MAX / s_tensor).clamp(max=E4M3_MAX)
+        s_block = (blocks.abs().amax(-1, keepdim=True) / (E2M1_MAX * s_global)).clamp(max=E4M3_MAX)
         s_block = s_block.to(torch.float8_e4m3fn).float()
-        denom = torch.where(s_block > 0, s_block * s_tensor, torch.ones_like(s_block))
+        denom = torch.where(s_block > 0, s_block * s_global, torch.ones_like(s_block))
         q = round_e2m1((blocks / denom).clamp(-E2M1_MAX, E2M1_MAX))
-        return (q * s_block * s_tensor).reshape(x.shape).to(x.dtype)
+        return (q * s_block * s_global).reshape(x.shape).to(x.dtype)
