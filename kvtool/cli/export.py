@@ -1,7 +1,8 @@
 """``kvtool export``: write a calibration's per-layer choices in a format another tool reads.
 
-The file contents go to stdout (nothing else), or atomically to ``-o FILE``; what the format cannot represent is
-one ``lossy export: ...`` warning on stderr. The formats themselves live in :mod:`kvtool.exports`.
+The file contents go to stdout (nothing else), or atomically to ``-o FILE``; formats of several files (a config
+and a safetensors file of scales) are written atomically as the folder ``-o DIR``. What the format cannot
+represent is one ``lossy export: ...`` warning on stderr. The formats themselves live in :mod:`kvtool.exports`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from typing import Annotated
 import typer
 
 from kvtool.arch import ArchInfo
-from kvtool.atomic import write_bytes_atomic
+from kvtool.atomic import write_bytes_atomic, write_folder_atomic
 from kvtool.calibration import load_calibration
 from kvtool.cli._errors import handle_errors
 from kvtool.cli._options import JsonOpt, OverwriteOpt, QuietOpt, check_output, is_stdout, output_for
 from kvtool.errors import ArtifactError, UsageError
-from kvtool.exports import FORMATS
+from kvtool.exports import FORMATS, REMOVED
 from kvtool.exports import export as export_transform
+from kvtool.exports.engines import scale_sites
 
 
 def _write_atomic(path: Path, text: str) -> int:
@@ -39,17 +41,20 @@ def export(
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Export a calibration to KVTuner's per-layer YAML, engines' per-layer dtype ranges, or transformers'
-    QuantizedCache config (see docs/exports.md).
+    """Export a calibration to KVTuner's per-layer YAML, transformers' QuantizedCache config, or what serving
+    engines load: compressed-tensors or ModelOpt KV scales, vLLM's skip-layer flags (see docs/exports.md).
 
     Without -o the file contents are printed on stdout (with --json, their JSON form); with -o the file is
-    written and its path printed. What the format cannot represent is warned on stderr ("lossy export: ...").
+    written and its path printed. compressed-tensors and modelopt are folders (a config, the scales, an index
+    patch): they need -o DIR. What the format cannot represent is warned on stderr ("lossy export: ...").
 
     Examples: kvtool export cal.safetensors --to kvtuner-yaml -o llama_kvtuner.yaml;
-    kvtool export cal.safetensors --to layer-dtypes --json;
-    kvtool export cal.safetensors --to hf-cache-config > cache_config.json
+    kvtool export fp8.kvcal.safetensors --to compressed-tensors -o llama-fp8-kv/;
+    vllm serve llama $(kvtool export fp8.kvcal.safetensors --to vllm-skip-layers)
     """
     out = output_for(json_mode, quiet)
+    if to in REMOVED:
+        raise UsageError(f"export format '{to}' was removed: {REMOVED[to]}")
     if to not in FORMATS:
         raise UsageError(f"unknown export format '{to}' (expected one of: {', '.join(FORMATS)})")
     if is_stdout(output):  # `-o -` is what no -o does already
@@ -61,9 +66,18 @@ def export(
         arch = ArchInfo.from_dict(art.model["arch"])
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{artifact}: malformed model architecture record ({type(e).__name__}: {e})") from e
-    result = export_transform(to, transform, arch)
+    result = export_transform(to, transform, arch, scale_sites(art))
+    if result.files and output is None and not json_mode:
+        raise UsageError(f"--to {to} writes a folder ({', '.join(result.files)}): give -o DIR")
     if result.lossy:
         out.warning("lossy export: " + "; ".join(result.lossy))
+    if result.files and output is not None:
+        write_folder_atomic(output, result.files, overwrite=overwrite)
+        size = sum(len(b) for b in result.files.values())
+        out.log(f"wrote {to} ({len(result.files)} files, {size} bytes) to {output}/")
+        out.result({"path": str(output), "format": to, "bytes": size, "files": sorted(result.files),
+                    "lossy": result.lossy}, primary="path")  # fmt: skip
+        return
     if output is None:
         text = json.dumps(result.data, indent=2) + "\n" if json_mode else result.text
         out.raw(text)

@@ -52,7 +52,23 @@ def _calibration_layers(a: Artifact) -> tuple[list[str], list[list[Any]]]:
             for row, s in zip(rows, spectrum[kind], strict=True):
                 row += [f"{s['rank']}/{s['dims']}", f"{s['energy_kept']:.4f}", s["rank90"]]
             cols += [f"{kind.upper()} rank", f"{kind.upper()} energy", f"{kind.upper()} rank90"]
+    engine = a.extra.get("engine")
+    if engine:  # engine formats: the layer's choice, its static scales and the calibration amax
+        for i, row in enumerate(rows):
+            row.insert(1, engine["choice"][i])
+            for kind, slot in (("k", t.keys[i]), ("v", t.values[i])):
+                row += [_scale_text(getattr(slot, "scale", None)), f"{float(a.tensors[f'{kind}_amax'][i].max()):.4g}"]
+        cols.insert(1, "choice")
+        cols += ["K scale", "K amax", "V scale", "V amax"]
     return cols, rows
+
+
+def _scale_text(scale: Any) -> str:
+    """A static scale: its value, or the range of its per-head values; ``-`` when none (model dtype, dynamic)."""
+    if scale is None:
+        return "-"
+    values = scale.flatten().tolist()
+    return f"{values[0]:.4g}" if len(values) == 1 else f"{min(values):.4g}..{max(values):.4g} ({len(values)} heads)"
 
 
 #: schema -> per-layer table builder
