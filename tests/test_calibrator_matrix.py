@@ -51,8 +51,10 @@ def test_calibrator(name: str, settings: dict[str, Any], budget: Budget | None, 
                     tmp_path: Path) -> None:  # fmt: skip
     cal = calibrator(name, **SMALL, **settings)
     assert isinstance(cal, Calibrator)
-    arts = calibrate(lm, cal, text=str(text_file))
+    calls: list[int] = []
+    arts = calibrate(lm, cal, text=str(text_file), progress=calls.append)
     assert sorted(arts) == sorted(cal.outputs())
+    assert sum(calls) == SMALL["num_seqs"] * cal.passes  # what the CLI's progress bar counts to
     ids = tokenize(lm.tokenizer, load_text(str(text_file)))
     table = cal.fit(lm, ids, special_prefix=special_prefix(lm.tokenizer))
     again = cal.artifacts(model_record(lm), {}, table)

@@ -42,6 +42,12 @@ class Calibrator(Protocol):
         """The artifacts it writes: ``{key: file suffix}`` (most methods one, nuq one per bit width)."""
         ...
 
+    @property
+    def passes(self) -> int:
+        """Passes :meth:`fit` makes over the ``num_seqs`` calibration sequences (``progress`` is called once per
+        sequence of each): statistics stream, so a method that needs the data twice reads it twice."""
+        ...
+
     def fit(self, lm: Any, ids: torch.Tensor, *, special_prefix: list[int],
             progress: Callable[[int], None] | None = None) -> Any:  # fmt: skip
         """Measure on ``ids`` (calibration text tokens; each sequence starts with ``special_prefix``)."""

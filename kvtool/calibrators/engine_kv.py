@@ -113,6 +113,10 @@ class EngineKVCalibration:
     def outputs(self) -> dict[int, str]:
         return {0: ".kvcal.safetensors"}
 
+    @property
+    def passes(self) -> int:
+        return 2  # the range pass (forward only), then the Fisher pass
+
     def fit(self, lm: Any, ids: torch.Tensor, *, special_prefix: list[int],
             progress: Callable[[int], None] | None = None) -> EngineTable:  # fmt: skip
         return measure_engine_table(lm.model, lm.arch, ids, self, progress=progress, special_prefix=special_prefix)
@@ -249,7 +253,8 @@ def attention_modules(model: Any, num_layers: int) -> tuple[list[str | None], li
 
 
 @torch.no_grad()
-def _range_pass(model: Any, windows: list[torch.Tensor], layers: int, heads: int) -> dict[str, np.ndarray]:
+def _range_pass(model: Any, windows: list[torch.Tensor], layers: int, heads: int,
+                progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """``{"k_min", "k_max", "v_min", "v_max"}``: ``(windows, layers, heads)`` min and max of the cached keys and
     values per window, layer and KV head (forward passes only)."""
     out = {f"{k}_{m}": torch.zeros(len(windows), layers, heads, dtype=torch.float64)
@@ -267,6 +272,8 @@ def _range_pass(model: Any, windows: list[torch.Tensor], layers: int, heads: int
     with intercepted_attention(model, observe):
         for w, ids in enumerate(windows):  # noqa: B007 - ``observe`` reads the window index
             model(input_ids=ids[None].to(device), use_cache=False)
+            if progress:
+                progress(1)
     return {k: v.numpy() for k, v in out.items()}
 
 
@@ -283,7 +290,7 @@ def measure_engine_table(
     windows = calibration_windows(token_ids, cal.seq_len, cal.num_seqs, cal.seed, special_prefix)
     layers, heads = arch.num_layers, arch.num_kv_heads
     modules, kv_proj = attention_modules(model, layers)
-    ranges = _range_pass(model, windows, layers, heads)
+    ranges = _range_pass(model, windows, layers, heads, progress)
     table = EngineTable(
         amax={k: np.maximum(-ranges[f"{k}_min"], ranges[f"{k}_max"]).max(0) for k in ("k", "v")},
         error={k: np.zeros((layers, heads, 2, len(cal.alphas))) for k in ("k", "v")},
@@ -302,7 +309,7 @@ def measure_engine_table(
             for kind, x, g in (("k", st.keys, st.key_grad), ("v", st.values, st.value_grad)):
                 g2 = g.square()
                 errs = [(g2 * (c.apply(x) - x).square()).sum(dim=(0, 2, 3)) for c in _candidates(table, kind, i, x)]
-                e = torch.stack(errs, dim=-1).double().numpy()  # (heads, 2 * alphas)
+                e = torch.stack(errs, dim=-1).double().cpu().numpy()  # (heads, 2 * alphas)
                 table.error[kind][i] += e.reshape(heads, 2, n)
         if progress:
             progress(1)

@@ -25,7 +25,8 @@ from kvtool.models import with_prefix
 
 @dataclass
 class LayerStats:
-    """One layer on one calibration sequence; every tensor ``(batch, kv_heads, seq, head_dim)``, float32, CPU.
+    """One layer on one calibration sequence; every tensor ``(batch, kv_heads, seq, head_dim)``, float32, on the
+    model's device (a GPU calibration measures its candidates there; only tables reach the host).
 
     ``keys`` are pre-RoPE and ``key_grad`` the gradient with respect to them, unless the stats were asked for
     post-RoPE (``fisher_stats(..., post_rope=True)``: the keys the cache holds, the gradient with respect to those).
@@ -86,10 +87,10 @@ def fisher_stats(model: Any, windows: list[torch.Tensor], post_rope: bool = Fals
                 key, value, cos, sin = seen[layer]
                 stats.append(
                     LayerStats(
-                        keys=(key.detach() if post_rope else invert_rope(key.detach(), cos, sin)).float().cpu(),
-                        key_grad=(key.grad if post_rope else rope_transpose(key.grad, cos, sin)).float().cpu(),
-                        values=value.detach().float().cpu(),
-                        value_grad=value.grad.float().cpu(),
+                        keys=(key.detach() if post_rope else invert_rope(key.detach(), cos, sin)).float(),
+                        key_grad=(key.grad if post_rope else rope_transpose(key.grad, cos, sin)).float(),
+                        values=value.detach().float(),
+                        value_grad=value.grad.float(),
                     )
                 )
             seen.clear()

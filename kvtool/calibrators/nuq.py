@@ -17,6 +17,7 @@ Every bit width in ``bits`` comes out of the same passes; each becomes one per-l
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -68,6 +69,10 @@ class NUQCalibration:
     def outputs(self) -> dict[int, str]:
         return {b: f".nuq{b}.kvcal.safetensors" for b in sorted(set(self.bits))}
 
+    @property
+    def passes(self) -> int:
+        return NuqAccumulator.passes
+
     def fit(self, lm: Any, ids: torch.Tensor, *, special_prefix: list[int],
             progress: Callable[[int], None] | None = None) -> dict[int, KVTransform]:  # fmt: skip
         """The table of this method is its fitted transforms, one per bit width."""
@@ -92,9 +97,9 @@ class NUQCalibration:
 def _histogram(a: torch.Tensor, w: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted histogram of inliers ``a`` in ``[-1, 1]``: (bin centres, summed weights), float64."""
     idx = ((a.clamp(-1, 1) + 1) * (bins / 2)).long().clamp_(0, bins - 1)
-    hist = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, w.double())
+    hist = torch.zeros(bins, dtype=torch.float64, device=a.device).index_add_(0, idx, w.double())
     centres = (torch.arange(bins, dtype=torch.float64) + 0.5) * (2 / bins) - 1
-    return centres, hist
+    return centres, hist.cpu()
 
 
 def weighted_kmeans_1d(centres: torch.Tensor, weights: torch.Tensor, k: int, iters: int) -> torch.Tensor:
@@ -116,55 +121,141 @@ def weighted_kmeans_1d(centres: torch.Tensor, weights: torch.Tensor, k: int, ite
     return levels.float()
 
 
-@dataclass
-class _LayerAccumulator:
-    """Everything one layer needs across calibration sequences."""
-
-    keys: list[torch.Tensor] = field(default_factory=list)  # (tokens, heads, head_dim)
-    key_g2: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-    value_g2: list[torch.Tensor] = field(default_factory=list)
-
-
 def _tokens_major(x: torch.Tensor) -> torch.Tensor:
     """``(1, heads, tokens, head_dim)`` → ``(tokens, heads, head_dim)``."""
     return x[0].permute(1, 0, 2).contiguous()
 
 
+def tail_quantile(tail: torch.Tensor, count: int, q: float, upper: bool = False) -> torch.Tensor:
+    """``torch.quantile(data, q, dim=0)`` (linear interpolation, positions in float32 as torch computes them) of
+    the ``count`` rows of ``data`` from its extreme rows only: ``tail`` ``(k, columns)``, the ``k`` smallest values
+    ascending (or, with ``upper``, the ``k`` largest descending), ``k`` at least :func:`tail_length`."""
+    pos = torch.tensor(q, dtype=torch.float32) * (count - 1)
+    below = int(pos.floor())
+    frac = pos - pos.floor()
+    at = (lambda r: tail[count - 1 - r]) if upper else (lambda r: tail[r])  # noqa: E731 - rank -> row
+    lo, hi = at(below), at(min(below + 1, count - 1))
+    return torch.lerp(lo, hi, frac.expand_as(lo))
+
+
+def tail_length(count: int, q: float) -> int:
+    """How many extreme values :func:`tail_quantile` needs for quantile ``q`` (or ``1 - q``) of ``count``."""
+    return min(math.floor(min(q, 1 - q) * (count - 1)) + 2, count)
+
+
+@dataclass
+class _Histogram:
+    """A streamed weighted histogram of normalised inliers in ``[-1, 1]`` (``bins`` bins), with the plain counts
+    and the exact first two moments of the inliers (for Q-Norm)."""
+
+    bins: int
+    weighted: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    moments: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # n, Σa, Σa²
+
+    def add(self, a: torch.Tensor, w: torch.Tensor) -> None:
+        inlier = a.abs() <= 1
+        ai = a[inlier]
+        centres, hist = _histogram(ai, w[inlier], self.bins)
+        _, counts = _histogram(ai, torch.ones_like(ai), self.bins)
+        self.weighted = hist if self.weighted is None else self.weighted + hist
+        self.counts = counts if self.counts is None else self.counts + counts
+        ad = ai.double()
+        self.moments = [self.moments[0] + ai.numel(), self.moments[1] + float(ad.sum()),
+                        self.moments[2] + float(ad.square().sum())]  # fmt: skip
+
+
+@dataclass
+class _LayerAccumulator:
+    """What one layer's fit keeps across calibration sequences: the key tails per channel (exact percentile
+    thresholds), and the histograms of normalised values (first pass) and keys (second pass)."""
+
+    count: int = 0  #: key tokens seen (sinks excluded)
+    smallest: torch.Tensor | None = None  #: (k, heads * head_dim) the smallest keys so far, ascending
+    largest: torch.Tensor | None = None  #: (k, heads * head_dim) the largest keys so far, descending
+    key_hist: _Histogram | None = None
+    value_hist: _Histogram | None = None
+
+
+def _keep_smallest(kept: torch.Tensor | None, new: torch.Tensor, k: int) -> torch.Tensor:
+    both = new if kept is None else torch.cat([kept, new])
+    return both.topk(min(k, both.shape[0]), dim=0, largest=False, sorted=True).values
+
+
+def _keep_largest(kept: torch.Tensor | None, new: torch.Tensor, k: int) -> torch.Tensor:
+    both = new if kept is None else torch.cat([kept, new])
+    return both.topk(min(k, both.shape[0]), dim=0, largest=True, sorted=True).values
+
+
 class NuqAccumulator:
-    """Collects, layer by layer, what the fit needs from the Fisher passes (sinks excluded)."""
+    """The fit's statistics from the Fisher passes, streamed (sinks excluded): two passes over the calibration
+    sequences, because keys are normalised by thresholds that only the whole first pass determines.
+
+    Pass 0 keeps, per layer and (KV head, channel), only the smallest and largest ``outlier_frac / 2`` of the
+    pre-RoPE keys (the exact percentile thresholds, as ``torch.quantile`` over all tokens would give), and the
+    histogram of the per-token-normalised values; pass 1 the histogram of the threshold-normalised keys. Memory is
+    a few tails and histograms per layer, whatever the number of calibration tokens.
+    """
+
+    passes = 2
 
     def __init__(self, arch: ArchInfo, cfg: NUQCalibration):
         self.arch, self.cfg = arch, cfg
         self.layers = [_LayerAccumulator() for _ in range(arch.num_layers)]
+        self.thresholds: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._shape = {"heads": arch.num_kv_heads, "head_dim": arch.head_dim, "outlier_frac": cfg.outlier_frac}
 
-    def add(self, stats: list[LayerStats]) -> None:
+    def _weights(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return g.square() if self.cfg.weighting == "fisher" else torch.ones_like(a)
+
+    def add(self, stats: list[LayerStats], pass_index: int = 0) -> None:
+        """Add one calibration sequence's statistics to pass ``pass_index`` (all of pass 0 before any of pass 1)."""
+        cfg = self.cfg
+        if pass_index == 1 and not self.thresholds:
+            self.thresholds = [self._thresholds(acc) for acc in self.layers]
         for i, st in enumerate(stats):
             n = st.keys.shape[-2]
-            sinks = max(0, self.cfg.sink_tokens - (self.cfg.seq_len - n))  # sliding layers hold recent tokens only
+            sinks = max(0, cfg.sink_tokens - (cfg.seq_len - n))  # sliding layers hold recent tokens only
             acc = self.layers[i]
-            acc.keys.append(_tokens_major(st.keys[..., sinks:, :]))
-            acc.key_g2.append(_tokens_major(st.key_grad[..., sinks:, :].square()))
-            acc.values.append(_tokens_major(st.values[..., sinks:, :]))
-            acc.value_g2.append(_tokens_major(st.value_grad[..., sinks:, :].square()))
+            keys, kg = st.keys[..., sinks:, :], st.key_grad[..., sinks:, :]
+            if pass_index == 0:
+                total = cfg.num_seqs * (n - sinks)
+                flat = _tokens_major(keys).reshape(keys.shape[-2], -1).float()
+                k = tail_length(total, cfg.outlier_frac / 2)
+                acc.smallest = _keep_smallest(acc.smallest, flat, k)
+                acc.largest = _keep_largest(acc.largest, flat, k)
+                acc.count += flat.shape[0]
+                values, vg = st.values[..., sinks:, :], st.value_grad[..., sinks:, :]
+                a, _, _ = NonUniformQuantizer(1, "token", **self._shape).normalize(values.float())
+                acc.value_hist = acc.value_hist or _Histogram(cfg.bins)
+                acc.value_hist.add(_tokens_major(a).reshape(-1), _tokens_major(self._weights(vg, a)).reshape(-1))
+            else:
+                lo, hi = self.thresholds[i]
+                base = NonUniformQuantizer(1, "channel", thr_lo=lo, thr_hi=hi, **self._shape)
+                a, _, _ = base.normalize(keys.float())
+                acc.key_hist = acc.key_hist or _Histogram(cfg.bins)
+                acc.key_hist.add(_tokens_major(a).reshape(-1), _tokens_major(self._weights(kg, a)).reshape(-1))
+
+    def _thresholds(self, acc: _LayerAccumulator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (KV head, channel) ``outlier_frac / 2`` and ``1 - outlier_frac / 2`` percentiles of the keys."""
+        assert acc.smallest is not None and acc.largest is not None
+        q = self.cfg.outlier_frac / 2
+        shape = (self.arch.num_kv_heads, self.arch.head_dim)
+        lo = tail_quantile(acc.smallest, acc.count, q) if q else acc.smallest[0]
+        hi = tail_quantile(acc.largest, acc.count, 1 - q, upper=True) if q else acc.largest[0]
+        return lo.reshape(shape).cpu(), hi.reshape(shape).cpu()
 
     def fit(self) -> dict[int, KVTransform]:
         """One per-layer transform per bit width (thresholds, Fisher-weighted LUTs, optional Q-Norm)."""
-        cfg, arch = self.cfg, self.arch
+        cfg = self.cfg
         out: dict[int, tuple[list[NonUniformQuantizer], list[NonUniformQuantizer]]] = {b: ([], []) for b in cfg.bits}
-        q = cfg.outlier_frac / 2
-        shape = {"heads": arch.num_kv_heads, "head_dim": arch.head_dim, "outlier_frac": cfg.outlier_frac}
-        for layer in self.layers:
-            keys, kg2 = torch.cat(layer.keys), torch.cat(layer.key_g2)  # (T, H, D)
-            values, vg2 = torch.cat(layer.values), torch.cat(layer.value_g2)
-            flat = keys.reshape(keys.shape[0], -1)
-            lo = (torch.quantile(flat, q, dim=0) if q else flat.amin(0)).reshape(keys.shape[1:])
-            hi = (torch.quantile(flat, 1 - q, dim=0) if q else flat.amax(0)).reshape(keys.shape[1:])
-            for slot, x, g2, base in (
-                (0, keys, kg2, NonUniformQuantizer(1, "channel", thr_lo=lo, thr_hi=hi, **shape)),
-                (1, values, vg2, NonUniformQuantizer(1, "token", **shape)),
+        for acc, (lo, hi) in zip(self.layers, self.thresholds, strict=True):
+            assert acc.key_hist is not None and acc.value_hist is not None, "fit() needs both passes"
+            for slot, hist, base in (
+                (0, acc.key_hist, NonUniformQuantizer(1, "channel", thr_lo=lo, thr_hi=hi, **self._shape)),
+                (1, acc.value_hist, NonUniformQuantizer(1, "token", **self._shape)),
             ):
-                for b, fitted in _fit_tables(base, x, g2, cfg).items():
+                for b, fitted in _fit_tables(base, hist, cfg).items():
                     out[b][slot].append(fitted)
         return {
             b: KVTransform(ks, vs, keys_pre_rope=True, sink_tokens=cfg.sink_tokens, name=f"nuq{b}")
@@ -172,24 +263,26 @@ class NuqAccumulator:
         }
 
 
-def _fit_tables(
-    base: NonUniformQuantizer, x: torch.Tensor, g2: torch.Tensor, cfg: NUQCalibration
-) -> dict[int, NonUniformQuantizer]:
-    """LUTs of every bit width for one slot: weighted k-means on the histogram of the normalised inliers."""
-    a, _, _ = base.normalize(x.permute(1, 0, 2)[None])  # (T, H, D) -> (1, H, T, D)
-    a = a[0].permute(1, 0, 2).reshape(-1)
-    w = g2.reshape(-1) if cfg.weighting == "fisher" else torch.ones_like(a)
-    inlier = a.abs() <= 1
-    centres, hist = _histogram(a[inlier], w[inlier], cfg.bins)
+def _fit_tables(base: NonUniformQuantizer, hist: _Histogram, cfg: NUQCalibration) -> dict[int, NonUniformQuantizer]:
+    """LUTs of every bit width for one slot: weighted k-means on the histogram of the normalised inliers. Q-Norm
+    restores the inliers' exact mean and standard deviation, the dequantized ones taken from the count histogram
+    (each bin at its centre's level)."""
+    assert hist.weighted is not None and hist.counts is not None
+    centres = (torch.arange(cfg.bins, dtype=torch.float64) + 0.5) * (2 / cfg.bins) - 1
     fitted = {}
     for b in cfg.bits:
-        lut = weighted_kmeans_1d(centres, hist, 1 << b, cfg.kmeans_iters)
+        lut = weighted_kmeans_1d(centres, hist.weighted, 1 << b, cfg.kmeans_iters)
         fitted[b] = dataclasses.replace(base, bits=b, lut=lut)
         if cfg.qnorm:
-            ai = a[inlier]
-            deq = lut[fitted[b].codes(ai)]
-            s = float(ai.std() / deq.std().clamp_min(1e-12))
-            fitted[b] = dataclasses.replace(fitted[b], qnorm=[s, float(ai.mean() - deq.mean() * s)])
+            n, s1, s2 = hist.moments
+            mean = s1 / max(n, 1)
+            std = math.sqrt(max(s2 / max(n, 1) - mean * mean, 0.0) * n / max(n - 1, 1))
+            deq = lut.double()[fitted[b].codes(centres.float())]
+            c = hist.counts
+            dmean = float((c * deq).sum() / c.sum().clamp_min(1))
+            dstd = math.sqrt(max(float((c * (deq - dmean).square()).sum() / (c.sum() - 1).clamp_min(1)), 0.0))
+            scale = std / max(dstd, 1e-12)
+            fitted[b] = dataclasses.replace(fitted[b], qnorm=[scale, mean - dmean * scale])
     return fitted
 
 
@@ -205,5 +298,7 @@ def fit_nuq(
     with ``special_prefix`` (see :func:`~kvtool.calibrators.fisher.calibration_windows`); return one per-layer
     transform per bit width in ``cfg.bits``."""
     acc = NuqAccumulator(arch, cfg)
-    accumulate(model, token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed, acc.add, progress, special_prefix)
+    for p in range(acc.passes):
+        accumulate(model, token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed, lambda st, p=p: acc.add(st, p), progress,
+                   special_prefix)  # fmt: skip
     return acc.fit()

@@ -122,6 +122,10 @@ class PrecisionSearch:
     def outputs(self) -> dict[int, str]:
         return {0: ".kvcal.safetensors"}
 
+    @property
+    def passes(self) -> int:
+        return search_passes(self)
+
     def fit(self, lm: Any, ids: torch.Tensor, *, special_prefix: list[int],
             progress: Callable[[int], None] | None = None) -> CandidateTable:  # fmt: skip
         return measure_candidates(lm.model, lm.arch, ids, self, progress=progress, special_prefix=special_prefix)
@@ -205,31 +209,38 @@ def measure_candidates(
     ``special_prefix`` (see :func:`~kvtool.calibrators.fisher.calibration_windows`), and fill the
     :class:`CandidateTable`.
 
-    The passes' statistics are kept in memory when non-uniform candidates are searched: their tables are fitted on
-    them first (:class:`~kvtool.calibrators.nuq.NuqAccumulator`), then every candidate is measured.
+    Statistics stream (one sequence at a time). With non-uniform candidates the passes are repeated: their tables
+    are fitted first (:class:`~kvtool.calibrators.nuq.NuqAccumulator`, two passes, during the first of which every
+    other candidate is measured), then a last pass measures the fitted non-uniform candidates.
     """
     windows = calibration_windows(token_ids, search.seq_len, search.num_seqs, search.seed, special_prefix)
     shell = search.shell(arch.num_layers)
     cands = {k: search.candidates(k, arch) for k in ("k", "v")}
     error = {k: np.zeros((arch.num_layers, len(cands[k]))) for k in cands}
-    kept: list[list[LayerStats]] = []
-    acc = NuqAccumulator(arch, search.nuq()) if search.nuq_bits else None
-    for stats in fisher_stats(model, windows):
-        if acc is not None:
-            acc.add(stats)
-            kept.append(stats)
-        else:
-            _add_errors(error, stats, lambda kind, i, j: cands[kind][j], shell, search, cands)
-        if progress:
-            progress(1)
     weights = np.array([arch.cached_tokens(i, search.seq_len) for i in range(arch.num_layers)], dtype=np.float64)
     bits = {k: candidate_bits(search, arch, k) for k in cands}
     table = CandidateTable(cands, error, bits, weights * arch.num_kv_heads * arch.head_dim)
-    if acc is not None:
-        table.nuq = acc.fit()
-        for stats in kept:
-            _add_errors(error, stats, table.candidate, shell, search, cands)
+    fitted = {k: [j for j, c in enumerate(cands[k]) if isinstance(c, NonUniformQuantizer)] for k in cands}
+    plain = {k: [j for j in range(len(cands[k])) if j not in fitted[k]] for k in cands}
+    acc = NuqAccumulator(arch, search.nuq()) if search.nuq_bits else None
+    for p in range(1 + (acc.passes if acc is not None else 0)):
+        for stats in fisher_stats(model, windows):
+            if p == 0:
+                _add_errors(error, stats, table.candidate, shell, search, plain)
+            if acc is not None and p < acc.passes:
+                acc.add(stats, p)
+            elif p > 0:
+                _add_errors(error, stats, table.candidate, shell, search, fitted)
+            if progress:
+                progress(1)
+        if acc is not None and p == acc.passes - 1:
+            table.nuq = acc.fit()
     return table
+
+
+def search_passes(search: PrecisionSearch) -> int:
+    """Fisher passes over the calibration sequences :func:`measure_candidates` makes."""
+    return 1 + (NuqAccumulator.passes if search.nuq_bits else 0)
 
 
 def _add_errors(
@@ -238,16 +249,18 @@ def _add_errors(
     candidate: Callable[[str, int, int], TensorTransform],
     shell: KVTransform,
     search: PrecisionSearch,
-    cands: dict[str, list[TensorTransform]],
+    which: dict[str, list[int]],
 ) -> None:
-    """Add one calibration sequence's Fisher-weighted errors of every candidate of every slot."""
+    """Add one calibration sequence's Fisher-weighted errors of candidates ``which`` of every slot."""
     for i, st in enumerate(stats):
         n = st.keys.shape[-2]
         sinks, recent = shell.kept_tokens(n, search.seq_len - n)
         mid = slice(sinks, n - recent)
         for kind, x, g in (("k", st.keys, st.key_grad), ("v", st.values, st.value_grad)):
-            layer_cands = [candidate(kind, i, j) for j in range(len(cands[kind]))]
-            error[kind][i] += _slot_errors(layer_cands, x[..., mid, :], g[..., mid, :].square())
+            if not which[kind]:
+                continue
+            layer_cands = [candidate(kind, i, j) for j in which[kind]]
+            error[kind][i, which[kind]] += _slot_errors(layer_cands, x[..., mid, :], g[..., mid, :].square())
 
 
 def solve(table: CandidateTable, target_bits: float, accounting: str) -> dict[str, list[int]]:

@@ -90,6 +90,10 @@ class ProjectionCalibration:
     def outputs(self) -> dict[int, str]:
         return {0: f".{self.method}.kvcal.safetensors"}
 
+    @property
+    def passes(self) -> int:
+        return 1
+
     def fit(self, lm: Any, ids: torch.Tensor, *, special_prefix: list[int],
             progress: Callable[[int], None] | None = None) -> ProjectionTable:  # fmt: skip
         table = fit_projection(lm.model, lm.arch, ids, self, progress=progress, special_prefix=special_prefix)
@@ -167,8 +171,28 @@ class ProjectionTable:
 
 @dataclass
 class _Slot:
-    x: list[torch.Tensor] = field(default_factory=list)  # (tokens, G, d)
+    """One layer's keys or values across calibration sequences, streamed: the moments the basis needs and the
+    seeded sample of tokens the distortion table is measured on (the full data is never held)."""
+
+    picks: torch.Tensor  #: sorted indices, among all the slot's calibration tokens, of the table sample
+    count: int = 0  #: tokens seen
+    total: torch.Tensor | None = None  #: (G, d) float64 sum
+    gram: torch.Tensor | None = None  #: (G, d, d) float64 sum of outer products
+    x: list[torch.Tensor] = field(default_factory=list)  # sampled (tokens, G, d)
     g: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Add one sequence's ``(tokens, G, d)`` vectors and gradients."""
+        xd = x.double()
+        total = xd.sum(0).cpu()
+        outer = (xd.transpose(0, 1).transpose(1, 2) @ xd.transpose(0, 1)).cpu()  # (G, d, d), on the data's device
+        self.total = total if self.total is None else self.total + total
+        self.gram = outer if self.gram is None else self.gram + outer
+        lo, hi = self.count, self.count + x.shape[0]
+        mine = (self.picks[(self.picks >= lo) & (self.picks < hi)] - lo).to(x.device)
+        self.x.append(x[mine].cpu())  # the table sample is measured on the host, as the fit's tables are
+        self.g.append(g[mine].cpu())
+        self.count = hi
 
 
 def _blocks(t: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -177,14 +201,14 @@ def _blocks(t: torch.Tensor, granularity: str) -> torch.Tensor:
     return x if granularity == "head" else x.reshape(x.shape[0], 1, -1)
 
 
-def _eigenbasis(x: torch.Tensor, centred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean ``(G, d)``, basis ``(G, d, d)`` and eigenvalues ``(G, d)`` (descending) of ``x`` ``(T, G, d)``.
+def _eigenbasis(slot: _Slot, centred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean ``(G, d)``, basis ``(G, d, d)`` and eigenvalues ``(G, d)`` (descending) of a slot's vectors, from its
+    streamed moments (float64: ``E[x xᵀ] - μ μᵀ``).
 
     Signs are fixed (largest-magnitude entry of each vector positive) so the basis is deterministic."""
-    xd = x.double()
-    mean = xd.mean(0) if centred else torch.zeros_like(xd[0])
-    xc = (xd - mean).transpose(0, 1)  # (G, T, d)
-    cov = xc.transpose(1, 2) @ xc / x.shape[0]
+    assert slot.total is not None and slot.gram is not None
+    mean = slot.total / slot.count if centred else torch.zeros_like(slot.total)
+    cov = slot.gram / slot.count - mean[:, :, None] * mean[:, None, :]
     evals, evecs = torch.linalg.eigh(cov)
     evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
     pivot = evecs.abs().argmax(dim=1, keepdim=True)
@@ -228,35 +252,43 @@ class ProjectionAccumulator:
 
     def __init__(self, arch: ArchInfo, cfg: ProjectionCalibration):
         self.arch, self.cfg = arch, cfg
-        self.slots = {k: [_Slot() for _ in range(arch.num_layers)] for k in KINDS}
+        self.slots: dict[str, list[_Slot]] = {}
+
+    def _span(self, n: int) -> tuple[int, int]:
+        """(start, stop) of the tokens of one calibration sequence a layer holding ``n`` of them fits on: sinks and
+        skipped recent tokens excluded (sliding layers may hold the most recent tokens only)."""
+        cfg = self.cfg
+        start = max(0, cfg.sink_tokens - (cfg.seq_len - n))
+        return start, n - min(cfg.fit_skip_recent, n - start)
 
     def add(self, stats: list[LayerStats]) -> None:
         cfg = self.cfg
-        for i, st in enumerate(stats):
-            n = st.keys.shape[-2]
-            first = cfg.seq_len - n  # sliding layers hold the most recent tokens only
-            start = max(0, cfg.sink_tokens - first)
-            stop = n - min(cfg.fit_skip_recent, n - start)
+        spans = [self._span(st.keys.shape[-2]) for st in stats]
+        if not self.slots:
+            # The table sample: ``table_tokens`` seeded picks among each slot's calibration tokens (all sequences
+            # together), drawn before the first sequence so the picked tokens are kept as they stream by.
+            gen = torch.Generator().manual_seed(cfg.seed)
+            self.slots = {k: [_Slot(torch.randperm(cfg.num_seqs * (stop - start), generator=gen)[: cfg.table_tokens]
+                                    .sort().values) for start, stop in spans] for k in KINDS}  # fmt: skip
+        for i, (st, (start, stop)) in enumerate(zip(stats, spans, strict=True)):
             for k, x, g in (("k", st.keys, st.key_grad), ("v", st.values, st.value_grad)):
-                self.slots[k][i].x.append(_blocks(x[..., start:stop, :], cfg.granularity))
-                self.slots[k][i].g.append(_blocks(g[..., start:stop, :], cfg.granularity))
+                self.slots[k][i].add(_blocks(x[..., start:stop, :], cfg.granularity),
+                                     _blocks(g[..., start:stop, :], cfg.granularity))  # fmt: skip
 
     def fit(self) -> ProjectionTable:
         cfg, arch = self.cfg, self.arch
         parts: dict[str, dict[str, list[torch.Tensor]]] = {k: {} for k in KINDS}
         options: list[OptionTable] = []
-        gen = torch.Generator().manual_seed(cfg.seed)
         for k in KINDS:
             for slot in self.slots[k]:
                 x, g = torch.cat(slot.x), torch.cat(slot.g)
                 slot.x, slot.g = [], []
-                mean, basis, evals = _eigenbasis(x, centred=cfg.method == "pca")
-                pick = torch.randperm(x.shape[0], generator=gen)[: cfg.table_tokens].sort().values
-                c = ((x[pick] - mean)[:, :, None, :] @ basis[None]).squeeze(2)  # (T, G, d)
-                gc = (g[pick][:, :, None, :] @ basis[None]).squeeze(2)
+                mean, basis, evals = _eigenbasis(slot, centred=cfg.method == "pca")
+                c = ((x - mean)[:, :, None, :] @ basis[None]).squeeze(2)  # (T, G, d)
+                gc = (g[:, :, None, :] @ basis[None]).squeeze(2)
                 big, d = c.shape[1], c.shape[2]
                 # The table is measured on a sample; scale it to the whole calibration set.
-                scale = x.shape[0] / pick.numel()
+                scale = slot.count / x.shape[0]
                 dist, lo, step = _grid_table(c.reshape(-1, big * d), gc.square().reshape(-1, big * d),
                                              evals.reshape(-1).sqrt())  # fmt: skip
                 opt = measure_options(

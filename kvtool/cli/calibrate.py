@@ -243,7 +243,7 @@ def calibrate(
         lm = load_model(model, device, dtype)
         ids, inputs = calibration_inputs(lm, cal, text)
         out.log(cal.describe(lm.arch) + " ...")
-        with out.progress("fisher passes", num_seqs) as advance:
+        with out.progress("calibration passes", num_seqs * cal.passes) as advance:
             table = cal.fit(lm, ids, special_prefix=inputs["special_prefix"], progress=advance)
         if isinstance(cal, EngineKVCalibration) and max_ppl_delta is not None and cal.chooses_skips_by_quality():
             out.log(f"choosing the fewest layers to keep in the model dtype for ΔPPL <= {max_ppl_delta:g}% ...")
