@@ -26,8 +26,18 @@ demo: install
 	@mkdir -p $(OUT)
 	@echo "== 1. calibrate: per-layer K/V precision search for SmolLM2-135M under 3.6 all-in bits (Emma + Mansfield Park)" >&2
 	$(VENV)/bin/kvtool calibrate smollm2-135m --target-bits 3.6 --num-seqs 2 -o $(OUT)/smollm2-135m.kvcal.safetensors --overwrite -q
-	@echo "== 2. export it as per-layer dtype strings for a serving engine" >&2
-	$(VENV)/bin/kvtool export $(OUT)/smollm2-135m.kvcal.safetensors --to layer-dtypes
+	@echo "== 2. calibrate what serving engines load: static FP8 KV scales per head, exported for vLLM" >&2
+	$(VENV)/bin/kvtool calibrate smollm2-135m --kv-dtype fp8 --granularity head --num-seqs 2 \
+		-o $(OUT)/smollm2-135m.fp8.kvcal.safetensors --overwrite -q
+	$(VENV)/bin/kvtool export $(OUT)/smollm2-135m.fp8.kvcal.safetensors --to compressed-tensors \
+		-o $(OUT)/smollm2-135m-fp8-kv --overwrite
+	cat $(OUT)/smollm2-135m-fp8-kv/config_patch.json
+	@echo "== 2b. the mixed FP8 / NVFP4 / bf16 per-layer search at 5.0 bits, checked on Persuasion, as ModelOpt's config" >&2
+	$(VENV)/bin/kvtool calibrate smollm2-135m --kv-dtype mixed --target-bits 5.0 --observer mse --num-seqs 2 \
+		--validate --validate-tokens 4096 -o $(OUT)/smollm2-135m.mixed.kvcal.safetensors --overwrite
+	$(VENV)/bin/kvtool export $(OUT)/smollm2-135m.mixed.kvcal.safetensors --to modelopt \
+		-o $(OUT)/smollm2-135m-mixed-kv --overwrite
+	head -c 400 $(OUT)/smollm2-135m-mixed-kv/hf_quant_config.json; echo " ..."
 	@echo "== 3. calibrate PCA projections of K and V with per-component bits (and the codec's rate levels)" >&2
 	$(VENV)/bin/kvtool calibrate smollm2-135m --method pca --num-seqs 2 -o $(OUT)/smollm2-135m.pca.kvcal.safetensors --overwrite -q
 	@echo "== 4. inspect it: kept rank, variance kept and rank90 per layer, for keys and values" >&2
@@ -45,7 +55,7 @@ demo: install
 	$(PY) examples/connector.py --tokens 1024
 	@echo "== 7. bench: quantizers, searched precision, PCA, and the codec at several rates (+ rate-distortion plot)" >&2
 	$(VENV)/bin/kvtool bench smollm2-135m --tokens 2048 --offsets 0 --plot $(OUT)/rd.png --configs \
-		kivi-k4v4,kivi-k3v3,$(OUT)/smollm2-135m.kvcal.safetensors,$(OUT)/smollm2-135m.pca.kvcal.safetensors@2.5,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L1,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L4,kvz:q0.5,zstd-fp16
+		kivi-k4v4,kivi-k3v3,$(OUT)/smollm2-135m.kvcal.safetensors,$(OUT)/smollm2-135m.mixed.kvcal.safetensors,$(OUT)/smollm2-135m.pca.kvcal.safetensors@2.5,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L1,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L4,kvz:q0.5,zstd-fp16
 
 # The LMCache CacheGen peer for `kvtool bench --configs cachegen` (its CPU codec; the rest of LMCache is not needed).
 peers: install

@@ -360,3 +360,17 @@ def test_inspect_shows_choice_scales_and_amax(engine_arts: dict[str, Path]) -> N
         lo, hi = float(t.keys[i].scale.min()), float(t.keys[i].scale.max())
         assert row["K scale"] == f"{lo:.4g}..{hi:.4g} ({t.keys[i].scale.numel()} heads)"
         assert row["V amax"] == f"{float(art.tensors['v_amax'][i].max()):.4g}"
+
+
+def test_resolve_rechooses_layers_without_the_model(engine_arts: dict[str, Path], lm: Any, tmp_path: Path) -> None:
+    out = tmp_path / "r.kvcal.safetensors"
+    r = invoke("calibrate", "--resolve", engine_arts["mixed"], "--target-bits", 5.0, "-o", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    art = read_artifact(out)
+    assert art.extra["bits"]["all_in"] <= 5.0 + 1e-9 and art.method["_data"]["target_bits"] == 5.0
+    assert transform_of(art).bits  # a loadable transform
+    nv = tmp_path / "n.kvcal.safetensors"
+    one_skipped = (16 + (lm.arch.num_layers - 1) * 4.6) / lm.arch.num_layers  # room for one layer in bf16
+    r = invoke("calibrate", "--resolve", engine_arts["nvfp4"], "--target-bits", one_skipped, "-o", nv)
+    assert r.exit_code == 0, r.stderr
+    assert 0 < len(read_artifact(nv).extra["engine"]["skip_layers"])  # NVFP4 4.5 bits + some bf16 layers
