@@ -95,6 +95,10 @@ def _summary(path: Path, art: Artifact, digest: str) -> dict[str, Any]:
         data = art.method["_data"]
         result |= {"target_bits": data["target_bits"], "accounting": data["accounting"]}
         result |= {"proxy_error": art.extra["search"]["summary"]["proxy"], "choice": art.extra["search"]["choice"]}
+    if "engine" in art.extra:
+        data, eng = art.method["_data"], art.extra["engine"]
+        result |= {"kv_dtype": data["kv_dtype"], "granularity": data["granularity"], "observer": data["observer"],
+                   "skip_layers": eng["skip_layers"], "choice": eng["choice"]}  # fmt: skip
     if "projection" in art.extra:
         result |= {"budget": art.extra["projection"]["budget"], "spectrum": art.extra["projection"]["spectrum"]}
     return result
