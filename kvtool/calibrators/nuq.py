@@ -135,7 +135,7 @@ def tail_quantile(tail: torch.Tensor, count: int, q: float, upper: bool = False)
     frac = pos - pos.floor()
     at = (lambda r: tail[count - 1 - r]) if upper else (lambda r: tail[r])  # noqa: E731 - rank -> row
     lo, hi = at(below), at(min(below + 1, count - 1))
-    return torch.lerp(lo, hi, frac.expand_as(lo))
+    return torch.lerp(lo, hi, frac.to(lo.device).expand_as(lo))
 
 
 def tail_length(count: int, q: float) -> int:
