@@ -374,3 +374,38 @@ def test_resolve_rechooses_layers_without_the_model(engine_arts: dict[str, Path]
     r = invoke("calibrate", "--resolve", engine_arts["nvfp4"], "--target-bits", one_skipped, "-o", nv)
     assert r.exit_code == 0, r.stderr
     assert 0 < len(read_artifact(nv).extra["engine"]["skip_layers"])  # NVFP4 4.5 bits + some bf16 layers
+
+
+def test_every_architecture_calibrates_and_exports(tiny: Any, tmp_path: Path) -> None:
+    """Llama, Mistral, Qwen2 and Gemma 3 (sliding windows shorter than the calibration sequences): the engine
+    calibration finds every layer's attention module and projections through the model itself, and the exported
+    scale names are modules of that model; a Gemma 3 calibration with its sliding layers skipped exports vLLM's
+    ``sliding_window`` entry."""
+    from tiny_models import TinyLM
+
+    from kvtool.models import model_record
+
+    lm = TinyLM(tiny)
+    ids = torch.randint(0, lm.arch.vocab_size, (4 * 64,), generator=torch.Generator().manual_seed(0))
+    cal = calibrator("engine", kv_dtype="fp8", num_seqs=2, seq_len=64)
+    table = cal.fit(lm, ids, special_prefix=[])
+    art = cal.artifacts(model_record(lm), {}, table)[0]
+    modules = {n for n, _ in lm.model.named_modules()}
+    sites = scale_sites(art)
+    assert sites is not None and all(m in modules for m in sites.attention)
+    assert all(p is not None and p["k"] in modules and p["v"] in modules for p in sites.kv_proj)
+    for fmt in ("compressed-tensors", "modelopt"):
+        e = export(fmt, transform_of(art), lm.arch, sites)
+        assert e.files
+    sliding = [i for i, t in enumerate(lm.arch.layer_types) if t == "sliding_attention"]
+    if sliding:
+        assert max(lm.arch.sliding_window or 0, 1) < 64  # the windows are shorter than the sequences
+        t = transform_of(art)
+        for i in sliding:
+            t.keys[i] = t.values[i] = None
+        if len(sliding) < lm.arch.num_layers:
+            got = export("vllm-skip-layers", t, lm.arch, sites).data["kv_cache_dtype_skip_layers"]
+            assert got == ["sliding_window"]
+        else:  # Mistral: every layer slides; skipping them all leaves nothing to quantize
+            with pytest.raises(UsageError, match="no layer is quantized"):
+                export("vllm-skip-layers", t, lm.arch, sites)
