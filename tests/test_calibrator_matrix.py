@@ -77,3 +77,22 @@ def test_calibrator(name: str, settings: dict[str, Any], budget: Budget | None, 
     other = cal.solve(table, budget)
     r = perplexity(lm.model, ids[:96], 48, other)
     assert torch.isfinite(torch.tensor(r.ppl))
+
+
+def test_fisher_passes_replay_equals_recompute(lm: Any, text_file: Path) -> None:
+    """A second pass read back from the CPU spill holds exactly what recomputing it gives (what an accelerator
+    does), and the spill folder is gone afterwards."""
+    from kvtool.calibrators.fisher import FisherPasses, calibration_windows
+
+    ids = tokenize(lm.tokenizer, load_text(str(text_file)))
+    windows = calibration_windows(ids, 48, 2, 0, special_prefix(lm.tokenizer))
+    with FisherPasses(lm.model, windows, spill=True) as spilled, FisherPasses(lm.model, windows, spill=False) as fresh:
+        first = list(spilled)
+        folder = spilled._folder
+        assert folder is not None and len(list(folder.iterdir())) == len(windows)
+        for a, b, c in zip(spilled, fresh, first, strict=True):  # second pass: replay vs recompute vs first pass
+            for x, y, z in zip(a, b, c, strict=True):
+                for name in ("keys", "key_grad", "values", "value_grad"):
+                    assert torch.equal(getattr(x, name), getattr(y, name))
+                    assert torch.equal(getattr(x, name), getattr(z, name))
+    assert not folder.exists()

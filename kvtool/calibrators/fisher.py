@@ -4,14 +4,19 @@ For each calibration sequence, one forward and one backward pass of the summed n
 the pre-RoPE keys and the values as attention reads them, and the gradient of the loss with respect to each of
 their elements. The squared gradient is the diagonal empirical Fisher information that KVQuant (arXiv:2401.18079,
 §3.4) uses to weight quantization error: ``Σ g² (x̂ - x)²`` approximates, to second order, the loss increase a
-quantizer causes. Statistics are yielded per sequence so callers accumulate what they need (nothing is dumped to
-disk, unlike KVQuant's 32 GiB Fisher checkpoint).
+quantizer causes. Statistics are yielded per sequence so callers accumulate what they need: one sequence's
+statistics in memory at a time. A method that reads the data more than once (:class:`FisherPasses`) re-reads it
+from a temporary spill of the first pass on a CPU (deleted when it is done; KVQuant keeps a 32 GiB Fisher
+checkpoint) and recomputes it on an accelerator.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,6 +104,56 @@ def fisher_stats(model: Any, windows: list[torch.Tensor], post_rope: bool = Fals
     finally:
         for p, was in zip(model.parameters(), grads_were, strict=True):
             p.requires_grad_(was)
+
+
+class FisherPasses:
+    """The Fisher statistics of ``windows``, read once per iteration (a pass), one sequence at a time.
+
+    With ``spill`` (default: the model is on the CPU, where a forward and backward pass is the cost of a
+    calibration), the first pass also writes each sequence's statistics to a temporary folder (``TMPDIR``;
+    float32, exactly what was computed) and later passes read them back; without it (an accelerator, where a pass
+    costs less than moving the statistics to a disk), later passes recompute them, which gives the same values.
+    If the spill cannot be written (a full disk), later passes recompute. Use as a context manager: the folder
+    is removed on exit.
+    """
+
+    def __init__(self, model: Any, windows: list[torch.Tensor], post_rope: bool = False,
+                 spill: bool | None = None) -> None:  # fmt: skip
+        self.model, self.windows, self.post_rope = model, windows, post_rope
+        self.spill = next(model.parameters()).device.type == "cpu" if spill is None else spill
+        self._folder: Path | None = None
+        self._spilled = 0  #: sequences written by the first pass
+
+    def __enter__(self) -> FisherPasses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def __iter__(self) -> Iterator[list[LayerStats]]:
+        if self._spilled == len(self.windows) and self._folder is not None:
+            for i in range(len(self.windows)):
+                saved = torch.load(self._folder / f"{i}.pt", weights_only=True)
+                yield [LayerStats(*t) for t in saved]
+            return
+        writing = self.spill and self._folder is None
+        if writing:
+            self._folder = Path(tempfile.mkdtemp(prefix="kvtool-fisher-"))
+        for i, stats in enumerate(fisher_stats(self.model, self.windows, post_rope=self.post_rope)):
+            if writing:
+                try:
+                    torch.save([(s.keys, s.key_grad, s.values, s.value_grad) for s in stats],
+                               self._folder / f"{i}.pt")  # type: ignore[operator]  # fmt: skip
+                    self._spilled = i + 1
+                except OSError:
+                    writing = False
+                    self.close()  # later passes recompute
+            yield stats
 
 
 def accumulate(

@@ -28,7 +28,7 @@ from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
 from kvtool.artifacts import Artifact
 from kvtool.budget import Budget
-from kvtool.calibrators.fisher import LayerStats, accumulate
+from kvtool.calibrators.fisher import FisherPasses, LayerStats, calibration_windows
 from kvtool.errors import UsageError
 from kvtool.quantizers.nonuniform import NonUniformQuantizer
 from kvtool.transforms import KVTransform
@@ -298,7 +298,11 @@ def fit_nuq(
     with ``special_prefix`` (see :func:`~kvtool.calibrators.fisher.calibration_windows`); return one per-layer
     transform per bit width in ``cfg.bits``."""
     acc = NuqAccumulator(arch, cfg)
-    for p in range(acc.passes):
-        accumulate(model, token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed, lambda st, p=p: acc.add(st, p), progress,
-                   special_prefix)  # fmt: skip
+    windows = calibration_windows(token_ids, cfg.seq_len, cfg.num_seqs, cfg.seed, special_prefix)
+    with FisherPasses(model, windows) as passes:
+        for p in range(acc.passes):
+            for stats in passes:
+                acc.add(stats, p)
+                if progress:
+                    progress(1)
     return acc.fit()

@@ -32,7 +32,7 @@ from kvtool.arch import ArchInfo
 from kvtool.artifacts import Artifact
 from kvtool.budget import Budget
 from kvtool.calibration import calibration_artifact
-from kvtool.calibrators.fisher import LayerStats, calibration_windows, fisher_stats
+from kvtool.calibrators.fisher import FisherPasses, LayerStats, calibration_windows
 from kvtool.calibrators.nuq import NuqAccumulator, NUQCalibration
 from kvtool.calibrators.solver import pareto_mask, solve_budget
 from kvtool.errors import ArtifactError, UsageError
@@ -223,18 +223,19 @@ def measure_candidates(
     fitted = {k: [j for j, c in enumerate(cands[k]) if isinstance(c, NonUniformQuantizer)] for k in cands}
     plain = {k: [j for j in range(len(cands[k])) if j not in fitted[k]] for k in cands}
     acc = NuqAccumulator(arch, search.nuq()) if search.nuq_bits else None
-    for p in range(1 + (acc.passes if acc is not None else 0)):
-        for stats in fisher_stats(model, windows):
-            if p == 0:
-                _add_errors(error, stats, table.candidate, shell, search, plain)
-            if acc is not None and p < acc.passes:
-                acc.add(stats, p)
-            elif p > 0:
-                _add_errors(error, stats, table.candidate, shell, search, fitted)
-            if progress:
-                progress(1)
-        if acc is not None and p == acc.passes - 1:
-            table.nuq = acc.fit()
+    with FisherPasses(model, windows) as passes:
+        for p in range(search_passes(search)):
+            for stats in passes:
+                if p == 0:
+                    _add_errors(error, stats, table.candidate, shell, search, plain)
+                if acc is not None and p < acc.passes:
+                    acc.add(stats, p)
+                elif p > 0:
+                    _add_errors(error, stats, table.candidate, shell, search, fitted)
+                if progress:
+                    progress(1)
+            if acc is not None and p == acc.passes - 1:
+                table.nuq = acc.fit()
     return table
 
 
