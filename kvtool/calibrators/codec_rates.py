@@ -41,29 +41,31 @@ class OptionTable:
 
 
 def measure_options(c: torch.Tensor, w: torch.Tensor, sigma: torch.Tensor) -> OptionTable:
-    """Measure every step option on coefficients ``c`` with Fisher weights ``w`` (both ``(T, N)``)."""
+    """Measure every step option on coefficients ``c`` with Fisher weights ``w`` (both ``(T, N)``), on their
+    device; the table comes back on the host."""
     t, n = c.shape
     alphabet = 2 * MAX_K + 1
-    rate = torch.zeros(n, 1 + STEPS, dtype=torch.float64)
-    dist = torch.zeros(n, 1 + STEPS, dtype=torch.float64)
+    dev = c.device
+    rate = torch.zeros(n, 1 + STEPS, dtype=torch.float64, device=dev)
+    dist = torch.zeros(n, 1 + STEPS, dtype=torch.float64, device=dev)
     dist[:, 0] = (w * c.square()).sum(0, dtype=torch.float64)
-    counts = torch.zeros(n, STEPS, alphabet, dtype=torch.int64)
-    kmaxs = torch.zeros(n, STEPS)
-    steps = torch.zeros(n, STEPS)
+    counts = torch.zeros(n, STEPS, alphabet, dtype=torch.int64, device=dev)
+    kmaxs = torch.zeros(n, STEPS, device=dev)
+    steps = torch.zeros(n, STEPS, device=dev)
     peak = c.abs().amax(0)
     for q, ratio in enumerate(step_ratios().tolist()):
         step = (sigma.clamp_min(1e-8) * ratio).half().float().clamp_min(6e-8)
         kmax = torch.ceil(peak / step).clamp(1, MAX_K)
         s = quantize(c, step, kmax)
         err = (w * (dequantize(s, step, kmax) - c).square()).sum(0, dtype=torch.float64)
-        hist = torch.zeros(n, alphabet, dtype=torch.int64)
-        hist.scatter_add_(1, s.T.contiguous(), torch.ones(n, t, dtype=torch.int64))
+        hist = torch.zeros(n, alphabet, dtype=torch.int64, device=dev)
+        hist.scatter_add_(1, s.T.contiguous(), torch.ones(n, t, dtype=torch.int64, device=dev))
         p = hist.double() / t
         rate[:, 1 + q] = -(p * torch.log2(p.clamp_min(1e-300))).sum(1)
         dist[:, 1 + q] = err
         counts[:, q] = hist
         kmaxs[:, q], steps[:, q] = kmax, step
-    return OptionTable(rate, dist, counts, kmaxs, steps)
+    return OptionTable(rate.cpu(), dist.cpu(), counts.cpu(), kmaxs.cpu(), steps.cpu())
 
 
 def allocate_levels(

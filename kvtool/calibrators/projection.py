@@ -190,8 +190,8 @@ class _Slot:
         self.gram = outer if self.gram is None else self.gram + outer
         lo, hi = self.count, self.count + x.shape[0]
         mine = (self.picks[(self.picks >= lo) & (self.picks < hi)] - lo).to(x.device)
-        self.x.append(x[mine].cpu())  # the table sample is measured on the host, as the fit's tables are
-        self.g.append(g[mine].cpu())
+        self.x.append(x[mine].clone())  # the table sample stays on the data's device, where it is measured
+        self.g.append(g[mine].clone())
         self.count = hi
 
 
@@ -220,18 +220,18 @@ def _grid_table(c: torch.Tensor, w: torch.Tensor, sigma: torch.Tensor) -> tuple[
     """Per component (``c``, ``w``: ``(T, N)``), the best grid of each bit width and every option's error.
 
     Returns ``distortion (N, len(OPTION_BITS))``, ``lo (N, 8)``, ``step (N, 8)``; float64 errors summed over
-    tokens."""
-    n = c.shape[1]
-    dist = torch.zeros(n, len(OPTION_BITS), dtype=torch.float64)
-    los = torch.zeros(n, MAX_CODE_BITS)
-    steps = torch.zeros(n, MAX_CODE_BITS)
+    tokens; computed on the coefficients' device, returned on the host."""
+    n, dev = c.shape[1], c.device
+    dist = torch.zeros(n, len(OPTION_BITS), dtype=torch.float64, device=dev)
+    los = torch.zeros(n, MAX_CODE_BITS, device=dev)
+    steps = torch.zeros(n, MAX_CODE_BITS, device=dev)
     dist[:, 0] = (w * c.square()).sum(0, dtype=torch.float64)
     c16 = c.half().float()
     dist[:, -1] = (w * (c16 - c).square()).sum(0, dtype=torch.float64)
     sig = sigma.clamp_min(1e-12)
     for b in range(1, MAX_CODE_BITS + 1):
         levels = float(2**b)
-        best = torch.full((n,), float("inf"), dtype=torch.float64)
+        best = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
         for k in CLIP_SIGMAS:
             lo = -k * sig
             step = (2 * k * sig / levels).half().float().clamp_min(1e-30)  # stored as fp16
@@ -243,7 +243,7 @@ def _grid_table(c: torch.Tensor, w: torch.Tensor, sigma: torch.Tensor) -> tuple[
             los[:, b - 1] = torch.where(better, lo, los[:, b - 1])
             steps[:, b - 1] = torch.where(better, step, steps[:, b - 1])
         dist[:, b] = best
-    return dist, los, steps
+    return dist.cpu(), los.cpu(), steps.cpu()
 
 
 class ProjectionAccumulator:
@@ -284,15 +284,16 @@ class ProjectionAccumulator:
                 x, g = torch.cat(slot.x), torch.cat(slot.g)
                 slot.x, slot.g = [], []
                 mean, basis, evals = _eigenbasis(slot, centred=cfg.method == "pca")
-                c = ((x - mean)[:, :, None, :] @ basis[None]).squeeze(2)  # (T, G, d)
-                gc = (g[:, :, None, :] @ basis[None]).squeeze(2)
+                on = x.device
+                c = ((x - mean.to(on))[:, :, None, :] @ basis.to(on)[None]).squeeze(2)  # (T, G, d)
+                gc = (g[:, :, None, :] @ basis.to(on)[None]).squeeze(2)
                 big, d = c.shape[1], c.shape[2]
                 # The table is measured on a sample; scale it to the whole calibration set.
                 scale = slot.count / x.shape[0]
                 dist, lo, step = _grid_table(c.reshape(-1, big * d), gc.square().reshape(-1, big * d),
-                                             evals.reshape(-1).sqrt())  # fmt: skip
+                                             evals.reshape(-1).sqrt().to(on))  # fmt: skip
                 opt = measure_options(
-                    c.reshape(-1, big * d), gc.square().reshape(-1, big * d), evals.reshape(-1).sqrt()
+                    c.reshape(-1, big * d), gc.square().reshape(-1, big * d), evals.reshape(-1).sqrt().to(on)
                 )
                 opt.dist *= scale
                 options.append(opt)
