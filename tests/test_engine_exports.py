@@ -409,3 +409,17 @@ def test_every_architecture_calibrates_and_exports(tiny: Any, tmp_path: Path) ->
         else:  # Mistral: every layer slides; skipping them all leaves nothing to quantize
             with pytest.raises(UsageError, match="no layer is quantized"):
                 export("vllm-skip-layers", t, lm.arch, sites)
+
+
+def test_engine_presets_with_dynamic_scales_run_in_attention(lm: Any) -> None:
+    """``fp8``, ``fp8-head``, ``nvfp4`` in ``bench --configs``: the engine formats with each tensor's own amax as its
+    scale, post-RoPE, every token quantized."""
+    from kvtool.eval.harness import perplexity
+    from kvtool.eval.presets import parse_preset
+
+    ids = torch.randint(0, lm.arch.vocab_size, (96,), generator=torch.Generator().manual_seed(0))
+    for name, bits in (("fp8", 8.0), ("fp8-head", 8.0), ("nvfp4", 4.5)):
+        t = parse_preset(name, lm.arch)
+        assert not t.keys_pre_rope and t.sink_tokens == t.recent_tokens == 0
+        assert bits <= t.bits(lm.arch, 48)["all_in"] < bits + 0.1
+        assert torch.isfinite(torch.tensor(perplexity(lm.model, ids, 48, t).ppl))

@@ -11,6 +11,10 @@ and values normalised per token at run time, ``<b>``-bit NormalFloat levels, 1 %
 
 ``original`` is the untouched cache (the identity transform, the reference of every comparison); ``fp16`` and
 ``bf16`` round K/V to that 16-bit format (what a serving engine stores). Keys and values may differ in bits.
+
+``fp8``, ``fp8-head``, ``nvfp4``: the engines' KV formats with *dynamic* scales (each tensor's own amax, per tensor
+or per KV head), post-RoPE keys, no fp16 tokens: what an engine does without calibrated scales. Their static,
+calibrated form is ``kvtool calibrate --kv-dtype`` (an artifact in ``--configs``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import re
 
 from kvtool.arch import ArchInfo
 from kvtool.errors import UsageError
-from kvtool.quantizers import FloatCast, NonUniformQuantizer, UniformQuantizer
+from kvtool.quantizers import FloatCast, Fp8Quantizer, NonUniformQuantizer, Nvfp4Quantizer, UniformQuantizer
 from kvtool.transforms import KVTransform
 
 REFERENCE = "original"
@@ -39,6 +43,9 @@ _PATTERN = re.compile(
     r"^(?P<family>token|kivi)-k(?P<kb>\d)v(?P<vb>\d)(?:-g(?P<g>\d+))?(?:-s(?P<s>\d+))?(?:-r(?P<r>\d+))?(?P<post>-post)?$"
 )
 
+
+#: engine KV formats with dynamic scales (the tensor's own amax), as engines quantize: post-RoPE, every token
+ENGINE_DYNAMIC = {"fp8": Fp8Quantizer("tensor"), "fp8-head": Fp8Quantizer("head"), "nvfp4": Nvfp4Quantizer()}
 
 _NF = re.compile(r"^nf(?P<b>\d)(?:-o(?P<o>\d+(?:\.\d+)?))?(?:-s(?P<s>\d+))?$")
 
@@ -60,6 +67,9 @@ def parse_preset(name: str, arch: ArchInfo) -> KVTransform:
     if name in ("fp16", "bf16"):
         cast = FloatCast("float16" if name == "fp16" else "bfloat16")
         return KVTransform.uniform(arch.num_layers, cast, cast, keys_pre_rope=False, name=name)
+    if name in ENGINE_DYNAMIC:
+        q = ENGINE_DYNAMIC[name]
+        return KVTransform.uniform(arch.num_layers, q, q, keys_pre_rope=False, name=name)
     if nf := _NF.match(name):
         return _normal_float(name, nf, arch)
     m = _PATTERN.match(name)
