@@ -268,8 +268,13 @@ def calibrate(
             t = transform_of(art)
             rows = [[i, t.keys[i].label() if t.keys[i] else "-", t.values[i].label() if t.values[i] else "-"]
                     for i in range(len(t.keys))]  # fmt: skip
+            cols = ["layer", "keys", "values"]
+            if "kv_dtype" in r:  # an engine calibration: each layer's format as the engine names it
+                cols.insert(1, "format")
+                for row, choice in zip(rows, r["choice"], strict=True):
+                    row.insert(1, choice)
             title = f"{path.name}: {r['nominal_bits']:.3f} nominal / {r['all_in_bits']:.3f} all-in bits per element"
-            out.show(out.table(title, ["layer", "keys", "values"], rows))
+            out.show(out.table(title, cols, rows))
     out.result(results[0] if len(results) == 1 else {"artifacts": results}, primary=None)
     if out.mode != "json":
         for r in results:
