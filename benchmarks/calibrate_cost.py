@@ -33,35 +33,38 @@ METHODS = {
 }
 
 
-def run_one(method: str, shape: str, num_seqs: int, seq_len: int) -> dict[str, Any]:
+def run_one(method: str, shape: str, num_seqs: int, seq_len: int, device: str = "cuda") -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).parent))
     from kvz_gpu_pipeline import BenchLM, build_model, text_ids
 
     from kvtool.calibrators.base import calibrator
     from kvtool.models import model_record
 
+    gpu = device == "cuda"
     t0 = time.perf_counter()
-    lm = BenchLM(build_model(shape))
+    lm = BenchLM(build_model(shape, device, torch.bfloat16 if gpu else torch.float32))
     build_s = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base_mem = torch.cuda.memory_allocated()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated() if gpu else 0
     name = "engine" if method.startswith("engine") else method
     cal = calibrator(name, num_seqs=num_seqs, seq_len=seq_len, **METHODS[method])
     ids = text_ids(num_seqs * seq_len * 4, lm.arch.vocab_size)
     t0 = time.perf_counter()
     table = cal.fit(lm, ids, special_prefix=[])
     arts = cal.artifacts(model_record(lm), {"text": "persuasion (hashed words)"}, table)
-    torch.cuda.synchronize()
+    if gpu:
+        torch.cuda.synchronize()
     fit_s = time.perf_counter() - t0
     bits = {k: round(a.extra["bits"]["all_in"], 4) for k, a in arts.items()}
     return {
         "method": method, "shape": shape, "num_seqs": num_seqs, "seq_len": seq_len, "passes": cal.passes,
         "build_s": round(build_s, 2), "fit_s": round(fit_s, 2),
-        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
         "model_gpu_gb": round(base_mem / 1e9, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-        "all_in_bits": bits, "device": torch.cuda.get_device_name(),
+        "all_in_bits": bits, "device": torch.cuda.get_device_name() if gpu else "cpu",
     }  # fmt: skip
 
 
@@ -71,16 +74,17 @@ def main() -> int:
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument("--num-seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run at small shapes")
     ap.add_argument("--one", action="store_true", help="run the one --method in this process, print its JSON line")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.method, args.shape, args.num_seqs, args.seq_len)), flush=True)
+        print(json.dumps(run_one(args.method, args.shape, args.num_seqs, args.seq_len, args.device)), flush=True)
         return 0
     rows = []
     for method in args.method.split(","):
         cmd = [sys.executable, __file__, "--one", "--method", method, "--shape", args.shape,
-               "--num-seqs", str(args.num_seqs), "--seq-len", str(args.seq_len)]  # fmt: skip
+               "--num-seqs", str(args.num_seqs), "--seq-len", str(args.seq_len), "--device", args.device]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True)
         line = r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else ""
         row = json.loads(line) if line.startswith("{") else {

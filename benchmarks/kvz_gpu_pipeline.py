@@ -60,7 +60,7 @@ class BenchLM:
         self.tokenizer = _Tok(self.arch.vocab_size)
 
 
-def build_model(shape: str) -> Any:
+def build_model(shape: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     layers, kv, heads, dim, hidden, inter, vocab = SHAPES[shape]
@@ -69,8 +69,8 @@ def build_model(shape: str) -> Any:
                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False,
                       attn_implementation="sdpa")  # fmt: skip
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        torch.set_default_dtype(dtype)
         model = LlamaForCausalLM(cfg)
         torch.set_default_dtype(torch.float32)
     for p in model.parameters():  # a spread that keeps activations finite over 32 layers

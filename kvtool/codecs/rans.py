@@ -62,15 +62,12 @@ def quantize_counts(counts: torch.Tensor, alphabet_sizes: torch.Tensor) -> torch
     # Hand out the remainder one by one to the largest counts (stable order: ties go to the lower symbol).
     order = torch.sort(torch.where(live, counts, torch.full_like(counts, -1)), dim=1, descending=True, stable=True)
     rank = torch.empty_like(order.indices).scatter_(1, order.indices, torch.arange(a).expand(n, a).contiguous())
-    extra = (rank < left[:, None]) & live
-    # When a row has fewer live symbols than the remainder (never with counts; only all-zero rows), loop.
-    freq = freq + extra.to(torch.int64)
-    left = PROB_SCALE - freq.sum(1)
-    while bool((left > 0).any()):
-        bump = (rank < left[:, None]) & live
-        freq = freq + bump.to(torch.int64)
-        left = PROB_SCALE - freq.sum(1)
-    return freq
+    # Round-robin over the live symbols in that order: a row with fewer live symbols than the remainder (an
+    # all-zero row) goes round several times; each symbol gets the full rounds, plus one if its rank is below the
+    # rest (the closed form of handing out one at a time).
+    n_live = live.sum(1)
+    rounds, rest = left // n_live, left % n_live
+    return freq + (rounds[:, None] + (rank < rest[:, None]).to(torch.int64)) * live.to(torch.int64)
 
 
 def build_tables(freq: torch.Tensor, check: bool = True) -> Tables:
