@@ -98,6 +98,7 @@ def engine_arts(lm: Any, text_file: Path, tmp_path_factory: pytest.TempPathFacto
         "fp8-head": {"kv_dtype": "fp8", "granularity": "head", "observer": "mse"},
         "nvfp4": {"kv_dtype": "nvfp4"},
         "mixed": {"kv_dtype": "mixed", "target_bits": 7.0, "observer": "mse"},
+        "mixed-kl": {"kv_dtype": "mixed", "target_bits": 7.0, "observer": "mse", "sensitivity": "kl"},
     }
     out = {}
     for name, s in settings.items():
@@ -423,3 +424,16 @@ def test_engine_presets_with_dynamic_scales_run_in_attention(lm: Any) -> None:
         assert not t.keys_pre_rope and t.sink_tokens == t.recent_tokens == 0
         assert bits <= t.bits(lm.arch, 48)["all_in"] < bits + 0.1
         assert torch.isfinite(torch.tensor(perplexity(lm.model, ids, 48, t).ppl))
+
+
+def test_kl_sensitivity_is_measured_recorded_and_ranks_the_layers(engine_arts: dict[str, Path], lm: Any) -> None:
+    """``--sensitivity kl``: per layer and ModelOpt format the measured KL of quantizing that layer alone, kept in
+    the artifact; the search's choice is the knapsack on it (re-solving the recorded table gives the same)."""
+    from kvtool.calibrators.engine_kv import MODELOPT_PAIRS, choose_layers, engine_table_from
+
+    art = read_artifact(engine_arts["mixed-kl"])
+    kl = art.tensors["layer_kl"]
+    assert tuple(kl.shape) == (lm.arch.num_layers, len(MODELOPT_PAIRS)) and bool((kl >= 0).all())
+    cal, table = engine_table_from(art)
+    assert cal.sensitivity == "kl" and choose_layers(cal, table) == art.extra["engine"]["choice"]
+    assert art.extra["bits"]["all_in"] <= 7.0 + 1e-9

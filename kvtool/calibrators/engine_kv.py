@@ -52,6 +52,8 @@ from kvtool.transforms import FP16_BITS, KVTransform, TensorTransform
 
 KV_DTYPES = ("fp8", "nvfp4", "mixed")
 OBSERVERS = ("amax", "mse", "minmax")
+#: how layers are ranked: the Fisher proxy of the passes, or the measured KL of quantizing one layer at a time
+SENSITIVITIES = ("fisher", "kl")
 #: llm-compressor's MinMaxObserver default ``averaging_constant``
 EMA_CONSTANT = 0.01
 #: ModelOpt's per-layer KV algorithms (``kv_cache_quantized_layers``), as (key dtype, value dtype)
@@ -73,7 +75,8 @@ class EngineKVCalibration:
     version: ClassVar[int] = 1
     kv_dtype: Literal["fp8", "nvfp4", "mixed"] = "fp8"
     granularity: Literal["tensor", "head"] = "tensor"
-    observer: Literal["amax", "mse"] = "amax"
+    observer: Literal["amax", "mse", "minmax"] = "amax"
+    sensitivity: Literal["fisher", "kl"] = "fisher"
     skip_budget: int = 0
     target_bits: float | None = None
     alphas: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
@@ -88,6 +91,8 @@ class EngineKVCalibration:
             raise UsageError(f"granularity must be tensor or head (got '{self.granularity}')")
         if self.observer not in OBSERVERS:
             raise UsageError(f"observer must be one of {', '.join(OBSERVERS)} (got '{self.observer}')")
+        if self.sensitivity not in SENSITIVITIES:
+            raise UsageError(f"sensitivity must be one of {', '.join(SENSITIVITIES)} (got '{self.sensitivity}')")
         if self.skip_budget < 0:
             raise UsageError(f"skip_budget must be >= 0 (got {self.skip_budget})")
         if self.skip_budget and self.target_bits is not None:
@@ -115,7 +120,7 @@ class EngineKVCalibration:
 
     @property
     def passes(self) -> int:
-        return 2  # the range pass (forward only), then the Fisher pass
+        return 2 + (self.sensitivity == "kl")  # the range pass, the Fisher pass, and the per-layer KL
 
     def fit(self, lm: Any, ids: torch.Tensor, *, special_prefix: list[int],
             progress: Callable[[int], None] | None = None) -> EngineTable:  # fmt: skip
@@ -161,6 +166,8 @@ class EngineTable:
     granularity: str
     modules: list[str | None]
     kv_proj: list[dict[str, str] | None]
+    #: ``(layers, 3)`` measured KL of quantizing one layer alone as each of ModelOpt's formats (``sensitivity="kl"``)
+    kl: np.ndarray | None = None
     #: ``(windows, layers, heads)`` per calibration sequence min / max of the cached K (``"k"``) or V, for the
     #: ``minmax`` observer
     window_min: dict[str, np.ndarray] = field(default_factory=dict)
@@ -313,7 +320,35 @@ def measure_engine_table(
                 table.error[kind][i] += e.reshape(heads, 2, n)
         if progress:
             progress(1)
+    if cal.sensitivity == "kl":
+        table.kl = _layer_kl(model, windows[0], table, cal)
+        if progress:
+            progress(cal.num_seqs)
     return table
+
+
+@torch.no_grad()
+def _layer_kl(model: Any, ids: torch.Tensor, table: EngineTable, cal: EngineKVCalibration) -> np.ndarray:
+    """ModelOpt's layer score, measured: the mean KL(p_model ‖ p_quantized) over the next-token distributions of
+    one calibration sequence ``ids`` when only layer ``i``'s K/V are quantized as each of ``MODELOPT_PAIRS``
+    (``layers × 3`` forward passes). Summed over layers it is the search's error (additive, as ModelOpt assumes)."""
+    import torch.nn.functional as F
+
+    from kvtool.attention import transformed_attention
+
+    layers = len(table.tokens)
+    x = ids[None].to(next(model.parameters()).device)
+    ref = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
+    out = np.zeros((layers, len(MODELOPT_PAIRS)))
+    for i in range(layers):
+        for j, (kd, vd) in enumerate(MODELOPT_PAIRS.values()):
+            keys: list[TensorTransform | None] = [None] * layers
+            values: list[TensorTransform | None] = [None] * layers
+            keys[i], values[i] = quantizer(table, "k", i, kd, cal.observer), quantizer(table, "v", i, vd, cal.observer)
+            with transformed_attention(model, KVTransform(keys, values, keys_pre_rope=False)):
+                logp = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
+            out[i, j] = float((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).mean())
+    return out
 
 
 # -- choosing the layers ------------------------------------------------------------------------------------------
@@ -328,6 +363,15 @@ def _pair_bits(head_dim: int, tokens: int, pair: tuple[str, str] | None) -> floa
     return (costs[pair[0]] + costs[pair[1]]) / 2
 
 
+def _pair_error(cal: EngineKVCalibration, table: EngineTable, layer: int, pair: tuple[str, str]) -> float:
+    """A layer's error as (key dtype, value dtype): its measured KL, or the summed Fisher proxy of its slots."""
+    if cal.sensitivity == "kl":
+        if table.kl is None:
+            raise ArtifactError("sensitivity kl: this calibration has no measured per-layer KL")
+        return float(table.kl[layer, list(MODELOPT_PAIRS.values()).index(pair)])
+    return table.slot_error("k", layer, pair[0], cal.observer) + table.slot_error("v", layer, pair[1], cal.observer)
+
+
 def choose_layers(cal: EngineKVCalibration, table: EngineTable) -> list[str]:
     """The per-layer choice (keys of :meth:`EngineKVCalibration.pairs`): the ``skip_budget`` most sensitive layers
     kept in the model dtype, or the least total proxy error under ``target_bits``, or every layer quantized."""
@@ -336,15 +380,13 @@ def choose_layers(cal: EngineKVCalibration, table: EngineTable) -> list[str]:
     layers = len(table.elements)
     quant = names[1] if cal.kv_dtype != "mixed" else None
     if cal.target_bits is None:
-        sens = [sum(table.slot_error(k, i, cal.kv_dtype, cal.observer) for k in ("k", "v")) for i in range(layers)]
+        sens = [_pair_error(cal, table, i, (cal.kv_dtype, cal.kv_dtype)) for i in range(layers)]
         skipped = set(np.argsort(sens, kind="stable")[::-1][: cal.skip_budget].tolist())
         return [MODEL_DTYPE if i in skipped else str(quant) for i in range(layers)]
     costs, errors = [], []
     for i in range(layers):
         costs.append(np.array([_pair_bits(table.head_dim, int(table.tokens[i]), p) for p in pairs.values()]))
-        err = [0.0 if p is None else table.slot_error("k", i, p[0], cal.observer)
-               + table.slot_error("v", i, p[1], cal.observer) for p in pairs.values()]  # fmt: skip
-        errors.append(np.array(err))
+        errors.append(np.array([0.0 if p is None else _pair_error(cal, table, i, p) for p in pairs.values()]))
     picks = solve_budget(costs, errors, list(table.elements), float(cal.target_bits))
     return [names[j] for j in picks]
 
@@ -375,6 +417,8 @@ def engine_artifact(cal: EngineKVCalibration, record: dict[str, Any], inputs: di
     tensors |= {f"{k}_window_{m}": torch.from_numpy(getattr(table, f"window_{m}")[k].copy())
                 for k in ("k", "v") for m in ("min", "max")}  # fmt: skip
     tensors["layer_tokens"] = torch.from_numpy(table.tokens.copy())
+    if table.kl is not None:
+        tensors["layer_kl"] = torch.from_numpy(table.kl.copy())
     extra = {"engine": {
         "choice": choice,
         "skip_layers": [i for i, c in enumerate(choice) if c == MODEL_DTYPE],
@@ -408,6 +452,7 @@ def engine_table_from(art: Artifact) -> tuple[EngineKVCalibration, EngineTable]:
             kv_proj=list(eng["kv_proj"]),
             window_min={k: art.tensors[f"{k}_window_min"].numpy() for k in ("k", "v")},
             window_max={k: art.tensors[f"{k}_window_max"].numpy() for k in ("k", "v")},
+            kl=art.tensors["layer_kl"].numpy() if "layer_kl" in art.tensors else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"malformed engine calibration record ({type(e).__name__}: {e})") from None

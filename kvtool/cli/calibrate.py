@@ -60,7 +60,7 @@ FIELD_FLAGS = {"target_rank_fraction": "--target-rank-fraction", "target_bits": 
                "recent_tokens": "--recent-tokens", "fit_skip_recent": "--fit-skip-recent",
                "granularity": "--granularity", "rank_fraction": "--target-rank-fraction", "method": "--method",
                "bits": "--bits", "kv_dtype": "--kv-dtype", "observer": "--observer",
-               "skip_budget": "--skip-budget"}  # fmt: skip
+               "skip_budget": "--skip-budget", "sensitivity": "--sensitivity"}  # fmt: skip
 
 
 def _as_flags(error: UsageError, bits_flag: str = "--bits") -> UsageError:
@@ -126,6 +126,10 @@ def calibrate(
                           "amax x {1, .9, ..., .5} with the least Fisher-weighted error; minmax: llm-compressor's "
                           "default (moving average of per-sequence min/max).")
     ] = "amax",
+    sensitivity: Annotated[
+        str, typer.Option("--sensitivity", help="engine: rank layers by the Fisher proxy of the passes, or by kl: the "
+                          "measured KL of quantizing each layer alone (ModelOpt's score; layers x 3 forward passes).")
+    ] = "fisher",
     skip_budget: Annotated[
         int, typer.Option("--skip-budget", help="engine: layers kept in the model dtype (the most sensitive).", min=0)
     ] = 0,
@@ -216,14 +220,16 @@ def calibrate(
             raise UsageError("--target-bits applies to search, pca and svd; nuq takes --bits")
         if target_rank_fraction is not None and method not in ("pca", "svd"):
             raise UsageError("--target-rank-fraction applies to --method pca or svd")
-        if method != "engine" and (kv_dtype is not None or skip_budget or observer != "amax"):
-            raise UsageError("--kv-dtype, --observer and --skip-budget apply to --method engine")
+        engine_only = kv_dtype is not None or skip_budget or observer != "amax" or sensitivity != "fisher"
+        if method != "engine" and engine_only:
+            raise UsageError("--kv-dtype, --observer, --sensitivity and --skip-budget apply to --method engine")
         settings: dict[str, Any] = {"num_seqs": num_seqs, "seq_len": seq_len, "seed": seed}
         if method != "engine":  # engines keep no tokens aside
             settings["sink_tokens"] = sink_tokens
         if method == "engine":
             settings |= {"kv_dtype": kv_dtype or "fp8", "granularity": granularity or "tensor", "observer": observer,
-                         "skip_budget": skip_budget, "target_bits": target_bits}  # fmt: skip
+                         "sensitivity": sensitivity, "skip_budget": skip_budget,
+                         "target_bits": target_bits}  # fmt: skip
         elif method in ("pca", "svd"):
             if target_rank_fraction is None and target_bits is None:
                 target_bits = DEFAULT_BITS[method]
