@@ -6,6 +6,7 @@ A killed or failed write never leaves a half-written output: either the old file
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from kvtool.errors import KvtoolError
@@ -43,8 +44,6 @@ def write_folder_atomic(path: str | os.PathLike[str], files: dict[str, bytes], o
     """Write ``files`` (``{name: bytes}``, plain names) as the folder ``path``: a temporary folder beside it filled
     and renamed into place, so the folder appears whole or not at all. An existing folder is replaced only with
     ``overwrite`` (moved aside, then removed); a file-system failure is a one-line :class:`KvtoolError`."""
-    import shutil
-
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     old = target.with_name(f".{target.name}.old-{os.getpid()}")

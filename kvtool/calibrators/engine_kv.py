@@ -36,11 +36,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
 from kvtool.artifacts import Artifact
-from kvtool.attention import intercepted_attention
+from kvtool.attention import intercepted_attention, transformed_attention
 from kvtool.budget import Budget
 from kvtool.calibration import calibration_artifact, transform_of
 from kvtool.calibrators.fisher import calibration_windows, fisher_stats
@@ -51,6 +52,8 @@ from kvtool.quantizers.nvfp4 import Nvfp4Quantizer
 from kvtool.transforms import FP16_BITS, KVTransform, TensorTransform
 
 KV_DTYPES = ("fp8", "nvfp4", "mixed")
+#: the quantized formats, in the order of the error table's format axis
+DTYPES = ("fp8", "nvfp4")
 OBSERVERS = ("amax", "mse", "minmax")
 #: how layers are ranked: the Fisher proxy of the passes, or the measured KL of quantizing one layer at a time
 SENSITIVITIES = ("fisher", "kl")
@@ -178,20 +181,37 @@ class EngineTable:
         """``(layers,)`` cached K (or V) elements per layer."""
         return self.tokens * self.amax["k"].shape[1] * self.head_dim
 
-    def scale(self, kind: str, layer: int, dtype: str, observer: str) -> torch.Tensor:
-        """The static scale of a slot: FP8 ``(1,)`` or ``(heads,)``, NVFP4 ``(1,)`` (float32)."""
+    def per_head(self, dtype: str) -> bool:
+        """Whether a slot in ``dtype`` has one scale per KV head (FP8 with per-head granularity)."""
+        return dtype == "fp8" and self.granularity == "head"
+
+    def _errors(self, kind: str, layer: int, dtype: str) -> np.ndarray:
+        """``(heads, alphas)`` measured errors of a slot in ``dtype``."""
+        return self.error[kind][layer][:, DTYPES.index(dtype)]
+
+    def _scaled(self, kind: str, layer: int, dtype: str, alpha: np.ndarray | float) -> torch.Tensor:
+        """The amax of a slot (per head or over the heads) times ``alpha`` (a clip factor, or one per head) over
+        448: both engines' checkpoint scales are ``amax / 448``. Float32, ``(heads,)`` or ``(1,)``."""
         amax = self.amax[kind][layer]
-        err = self.error[kind][layer][:, 0 if dtype == "fp8" else 1]  # (heads, alphas)
-        per_head = dtype == "fp8" and self.granularity == "head"
+        base = amax if self.per_head(dtype) else np.array([amax.max()])
+        return torch.tensor(np.maximum(base * alpha / E4M3_MAX, np.finfo(np.float32).tiny), dtype=torch.float32)
+
+    def candidate_scales(self, kind: str, layer: int, dtype: str) -> list[torch.Tensor]:
+        """The scale of a slot at every clip factor: what the Fisher pass measures."""
+        return [self._scaled(kind, layer, dtype, a) for a in self.alphas]
+
+    def scale(self, kind: str, layer: int, dtype: str, observer: str) -> torch.Tensor:
+        """The static scale of a slot: FP8 ``(1,)`` or ``(heads,)``, NVFP4 ``(1,)`` (float32); for ``amax`` and
+        ``mse`` exactly one of :meth:`candidate_scales`."""
+        per_head = self.per_head(dtype)
         if observer == "minmax":
             return self._ema_scale(kind, layer, per_head)
+        err = self._errors(kind, layer, dtype)
         if observer == "amax":
-            pick = np.zeros(len(amax) if per_head else 1, dtype=np.int64)
+            pick = np.zeros(len(err) if per_head else 1, dtype=np.int64)
         else:
             pick = err.argmin(-1) if per_head else np.array([err.sum(0).argmin()])
-        base = amax if per_head else np.array([amax.max()])
-        s = base * np.asarray(self.alphas)[pick] / E4M3_MAX  # both engines' checkpoint scales are amax / 448
-        return torch.tensor(np.maximum(s, np.finfo(np.float32).tiny), dtype=torch.float32)
+        return self._scaled(kind, layer, dtype, np.asarray(self.alphas)[pick])
 
     def _ema_scale(self, kind: str, layer: int, per_head: bool) -> torch.Tensor:
         """llm-compressor's ``MinMaxObserver``: the per-batch min and max (over all heads unless ``per_head``),
@@ -210,35 +230,29 @@ class EngineTable:
     def slot_error(self, kind: str, layer: int, dtype: str, observer: str) -> float:
         """The proxy error of a slot under the scale :meth:`scale` picks (the ``minmax`` observer's moving average
         is not on the measured grid: its amax column stands for it)."""
-        err = self.error[kind][layer][:, 0 if dtype == "fp8" else 1]
+        err = self._errors(kind, layer, dtype)
         if observer in ("amax", "minmax"):
             return float(err[:, 0].sum())
-        if dtype == "fp8" and self.granularity == "head":
+        if self.per_head(dtype):
             return float(err.min(-1).sum())
         return float(err.sum(0).min())
 
 
-def quantizer(table: EngineTable, kind: str, layer: int, dtype: str, observer: str) -> TensorTransform:
-    """The engine quantizer of a slot with its calibrated static scale."""
-    scale = table.scale(kind, layer, dtype, observer)
+def _engine_quantizer(dtype: str, scale: torch.Tensor, per_head: bool) -> TensorTransform:
+    """FP8 (one scale per tensor, or per KV head) or NVFP4 with a static ``scale``."""
     if dtype == "nvfp4":
         return Nvfp4Quantizer(scale)
-    return Fp8Quantizer(table.granularity, len(table.amax[kind][layer]) if table.granularity == "head" else 0, scale)
+    return Fp8Quantizer("head", scale.numel(), scale) if per_head else Fp8Quantizer("tensor", 0, scale)
 
 
-def _candidates(table: EngineTable, kind: str, layer: int, x: torch.Tensor) -> list[TensorTransform]:
-    """FP8 then NVFP4 quantizers at every clip factor, for ``x`` of one slot (amax from the first pass)."""
-    amax = torch.as_tensor(table.amax[kind][layer], dtype=torch.float32)
-    tiny = torch.finfo(torch.float32).tiny
-    head = table.granularity == "head"
-    fp8_base = amax if head else amax.max().reshape(1)
-    fp4_base = amax.max().reshape(1)
-    out: list[TensorTransform] = []
-    for a in table.alphas:
-        out.append(Fp8Quantizer(table.granularity, len(amax) if head else 0, (fp8_base * a / E4M3_MAX).clamp_min(tiny)))
-    for a in table.alphas:
-        out.append(Nvfp4Quantizer((fp4_base * a / E4M3_MAX).clamp_min(tiny)))
-    return out
+def quantizer(table: EngineTable, kind: str, layer: int, dtype: str, observer: str) -> TensorTransform:
+    """The engine quantizer of a slot with its calibrated static scale."""
+    return _engine_quantizer(dtype, table.scale(kind, layer, dtype, observer), table.per_head(dtype))
+
+
+def _candidates(table: EngineTable, kind: str, layer: int) -> list[TensorTransform]:
+    """FP8 then NVFP4 quantizers of one slot at every clip factor (amax from the range pass)."""
+    return [_engine_quantizer(d, s, table.per_head(d)) for d in DTYPES for s in table.candidate_scales(kind, layer, d)]
 
 
 def attention_modules(model: Any, num_layers: int) -> tuple[list[str | None], list[dict[str, str] | None]]:
@@ -292,8 +306,9 @@ def measure_engine_table(
     progress: Callable[[int], None] | None = None,
     special_prefix: list[int] | tuple[int, ...] = (),
 ) -> EngineTable:
-    """The two streaming passes (amax, then Fisher-weighted errors of every clip candidate) on the calibration
-    windows of ``token_ids`` (see :func:`~kvtool.calibrators.fisher.calibration_windows`)."""
+    """The streaming passes (ranges, then Fisher-weighted errors of every clip candidate, then with
+    ``sensitivity="kl"`` the per-layer KL on the first window) on the calibration windows of ``token_ids`` (see
+    :func:`~kvtool.calibrators.fisher.calibration_windows`)."""
     windows = calibration_windows(token_ids, cal.seq_len, cal.num_seqs, cal.seed, special_prefix)
     layers, heads = arch.num_layers, arch.num_kv_heads
     modules, kv_proj = attention_modules(model, layers)
@@ -315,7 +330,7 @@ def measure_engine_table(
         for i, st in enumerate(stats):
             for kind, x, g in (("k", st.keys, st.key_grad), ("v", st.values, st.value_grad)):
                 g2 = g.square()
-                errs = [(g2 * (c.apply(x) - x).square()).sum(dim=(0, 2, 3)) for c in _candidates(table, kind, i, x)]
+                errs = [(g2 * (c.apply(x) - x).square()).sum(dim=(0, 2, 3)) for c in _candidates(table, kind, i)]
                 e = torch.stack(errs, dim=-1).double().cpu().numpy()  # (heads, 2 * alphas)
                 table.error[kind][i] += e.reshape(heads, 2, n)
         if progress:
@@ -332,10 +347,6 @@ def _layer_kl(model: Any, ids: torch.Tensor, table: EngineTable, cal: EngineKVCa
     """ModelOpt's layer score, measured: the mean KL(p_model ‖ p_quantized) over the next-token distributions of
     one calibration sequence ``ids`` when only layer ``i``'s K/V are quantized as each of ``MODELOPT_PAIRS``
     (``layers × 3`` forward passes). Summed over layers it is the search's error (additive, as ModelOpt assumes)."""
-    import torch.nn.functional as F
-
-    from kvtool.attention import transformed_attention
-
     layers = len(table.tokens)
     x = ids[None].to(next(model.parameters()).device)
     ref = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
@@ -377,7 +388,7 @@ def choose_layers(cal: EngineKVCalibration, table: EngineTable) -> list[str]:
     kept in the model dtype, or the least total proxy error under ``target_bits``, or every layer quantized."""
     pairs = cal.pairs()
     names = list(pairs)
-    layers = len(table.elements)
+    layers = len(table.tokens)
     quant = names[1] if cal.kv_dtype != "mixed" else None
     if cal.target_bits is None:
         sens = [_pair_error(cal, table, i, (cal.kv_dtype, cal.kv_dtype)) for i in range(layers)]
@@ -427,7 +438,7 @@ def engine_artifact(cal: EngineKVCalibration, record: dict[str, Any], inputs: di
         "alphas": table.alphas,
         "granularity": table.granularity,
         "sensitivity": [
-            {kind: {d: table.slot_error(kind, i, d, cal.observer) for d in ("fp8", "nvfp4")} for kind in ("k", "v")}
+            {kind: {d: table.slot_error(kind, i, d, cal.observer) for d in DTYPES} for kind in ("k", "v")}
             for i in range(len(choice))
         ],
     }}  # fmt: skip

@@ -94,12 +94,19 @@ class NUQCalibration:
                 for b, t in table.items()}  # fmt: skip
 
 
-def _histogram(a: torch.Tensor, w: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted histogram of inliers ``a`` in ``[-1, 1]``: (bin centres, summed weights), float64."""
-    idx = ((a.clamp(-1, 1) + 1) * (bins / 2)).long().clamp_(0, bins - 1)
-    hist = torch.zeros(bins, dtype=torch.float64, device=a.device).index_add_(0, idx, w.double())
-    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) * (2 / bins) - 1
-    return centres, hist.cpu()
+def bin_centres(bins: int) -> torch.Tensor:
+    """The centres of ``bins`` equal bins over ``[-1, 1]`` (float64)."""
+    return (torch.arange(bins, dtype=torch.float64) + 0.5) * (2 / bins) - 1
+
+
+def _bin_index(a: torch.Tensor, bins: int) -> torch.Tensor:
+    """The bin of each inlier ``a`` in ``[-1, 1]``."""
+    return ((a.clamp(-1, 1) + 1) * (bins / 2)).long().clamp_(0, bins - 1)
+
+
+def _bin_sums(idx: torch.Tensor, w: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per bin the summed weights ``w`` of the elements in bins ``idx`` (float64, on the host)."""
+    return torch.zeros(bins, dtype=torch.float64, device=idx.device).index_add_(0, idx, w.double()).cpu()
 
 
 def weighted_kmeans_1d(centres: torch.Tensor, weights: torch.Tensor, k: int, iters: int) -> torch.Tensor:
@@ -156,8 +163,9 @@ class _Histogram:
     def add(self, a: torch.Tensor, w: torch.Tensor) -> None:
         inlier = a.abs() <= 1
         ai = a[inlier]
-        centres, hist = _histogram(ai, w[inlier], self.bins)
-        _, counts = _histogram(ai, torch.ones_like(ai), self.bins)
+        idx = _bin_index(ai, self.bins)
+        hist = _bin_sums(idx, w[inlier], self.bins)
+        counts = _bin_sums(idx, torch.ones_like(ai), self.bins)
         self.weighted = hist if self.weighted is None else self.weighted + hist
         self.counts = counts if self.counts is None else self.counts + counts
         ad = ai.double()
@@ -177,14 +185,10 @@ class _LayerAccumulator:
     value_hist: _Histogram | None = None
 
 
-def _keep_smallest(kept: torch.Tensor | None, new: torch.Tensor, k: int) -> torch.Tensor:
+def _keep_extremes(kept: torch.Tensor | None, new: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Per column the ``k`` smallest (ascending) or largest (descending) values of ``kept`` and ``new`` rows."""
     both = new if kept is None else torch.cat([kept, new])
-    return both.topk(min(k, both.shape[0]), dim=0, largest=False, sorted=True).values
-
-
-def _keep_largest(kept: torch.Tensor | None, new: torch.Tensor, k: int) -> torch.Tensor:
-    both = new if kept is None else torch.cat([kept, new])
-    return both.topk(min(k, both.shape[0]), dim=0, largest=True, sorted=True).values
+    return both.topk(min(k, both.shape[0]), dim=0, largest=largest, sorted=True).values
 
 
 class NuqAccumulator:
@@ -222,8 +226,8 @@ class NuqAccumulator:
                 total = cfg.num_seqs * (n - sinks)
                 flat = _tokens_major(keys).reshape(keys.shape[-2], -1).float()
                 k = tail_length(total, cfg.outlier_frac / 2)
-                acc.smallest = _keep_smallest(acc.smallest, flat, k)
-                acc.largest = _keep_largest(acc.largest, flat, k)
+                acc.smallest = _keep_extremes(acc.smallest, flat, k, largest=False)
+                acc.largest = _keep_extremes(acc.largest, flat, k, largest=True)
                 acc.count += flat.shape[0]
                 values, vg = st.values[..., sinks:, :], st.value_grad[..., sinks:, :]
                 a, _, _ = NonUniformQuantizer(1, "token", **self._shape).normalize(values.float())
@@ -268,7 +272,7 @@ def _fit_tables(base: NonUniformQuantizer, hist: _Histogram, cfg: NUQCalibration
     restores the inliers' exact mean and standard deviation, the dequantized ones taken from the count histogram
     (each bin at its centre's level)."""
     assert hist.weighted is not None and hist.counts is not None
-    centres = (torch.arange(cfg.bins, dtype=torch.float64) + 0.5) * (2 / cfg.bins) - 1
+    centres = bin_centres(cfg.bins)
     fitted = {}
     for b in cfg.bits:
         lut = weighted_kmeans_1d(centres, hist.weighted, 1 << b, cfg.kmeans_iters)

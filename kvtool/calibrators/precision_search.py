@@ -209,9 +209,10 @@ def measure_candidates(
     ``special_prefix`` (see :func:`~kvtool.calibrators.fisher.calibration_windows`), and fill the
     :class:`CandidateTable`.
 
-    Statistics stream (one sequence at a time). With non-uniform candidates the passes are repeated: their tables
-    are fitted first (:class:`~kvtool.calibrators.nuq.NuqAccumulator`, two passes, during the first of which every
-    other candidate is measured), then a last pass measures the fitted non-uniform candidates.
+    Statistics stream (one sequence at a time). With non-uniform candidates the data is read three times
+    (:class:`~kvtool.calibrators.fisher.FisherPasses`: computed once and re-read from a spill on a CPU): their
+    tables are fitted first (:class:`~kvtool.calibrators.nuq.NuqAccumulator`, two passes, during the first of which
+    every other candidate is measured), then a last pass measures the fitted non-uniform candidates.
     """
     windows = calibration_windows(token_ids, search.seq_len, search.num_seqs, search.seed, special_prefix)
     shell = search.shell(arch.num_layers)

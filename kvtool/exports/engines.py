@@ -30,7 +30,8 @@ import torch
 from kvtool._version import __version__
 from kvtool.arch import ArchInfo
 from kvtool.artifacts import Artifact
-from kvtool.errors import ArtifactError, UsageError
+from kvtool.calibrators.engine_kv import MODELOPT_PAIRS, engine_table_from
+from kvtool.errors import UsageError
 from kvtool.exports._common import Export, Note, ScaleSites, layer_ranges
 from kvtool.quantizers import FloatCast, Fp8Quantizer, Nvfp4Quantizer
 from kvtool.quantizers.fp8 import E4M3_MAX
@@ -38,21 +39,17 @@ from kvtool.transforms import KVTransform, TensorTransform
 
 SCALES_FILE = "kv_cache_scales.safetensors"
 INDEX_PATCH = "model.safetensors.index.patch.json"
-#: ModelOpt's per-layer KV algorithms by (key dtype, value dtype)
-MODELOPT_ALGOS = {("fp8", "fp8"): "FP8", ("nvfp4", "nvfp4"): "NVFP4", ("fp8", "nvfp4"): "FP8_K_NVFP4_V"}
+#: ModelOpt's per-layer KV algorithms by (key dtype, value dtype): the calibrator's names, inverted
+MODELOPT_ALGOS = {pair: algo for algo, pair in MODELOPT_PAIRS.items()}
 _HOW = "calibrate with kvtool calibrate --kv-dtype fp8|nvfp4|mixed"
 
 
 def scale_sites(art: Artifact) -> ScaleSites | None:
     """Where the checkpoint holds KV scales, as an engine calibration recorded it (``None`` for other artifacts)."""
-    eng = art.extra.get("engine")
-    if not isinstance(eng, dict):
+    if "engine" not in art.extra:
         return None
-    try:
-        amax = {k: art.tensors[f"{k}_amax"].numpy() for k in ("k", "v")} if "k_amax" in art.tensors else None
-        return ScaleSites(list(eng["modules"]), list(eng["kv_proj"]), amax)
-    except (KeyError, TypeError) as e:
-        raise ArtifactError(f"malformed engine calibration record ({type(e).__name__}: {e})") from None
+    _, table = engine_table_from(art)
+    return ScaleSites(table.modules, table.kv_proj, table.amax)
 
 
 def _dtype(t: TensorTransform | None, layer: int, kind: str, fmt: str) -> str | None:
