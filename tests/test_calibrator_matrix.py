@@ -96,3 +96,19 @@ def test_fisher_passes_replay_equals_recompute(lm: Any, text_file: Path) -> None
                     assert torch.equal(getattr(x, name), getattr(y, name))
                     assert torch.equal(getattr(x, name), getattr(z, name))
     assert not folder.exists()
+
+
+def test_fisher_passes_without_a_writable_tmpdir_recompute(lm: Any, text_file: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """No writable ``TMPDIR``: the spill is skipped, not a traceback; the second pass recomputes the same values."""
+    import tempfile
+
+    from kvtool.calibrators.fisher import FisherPasses, calibration_windows
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    ids = tokenize(lm.tokenizer, load_text(str(text_file)))
+    windows = calibration_windows(ids, 48, 1, 0, special_prefix(lm.tokenizer))
+    with FisherPasses(lm.model, windows, spill=True) as passes:
+        first, second = list(passes), list(passes)
+        assert passes._folder is None
+    assert all(torch.equal(a.key_grad, b.key_grad) for a, b in zip(first[0], second[0], strict=True))

@@ -437,3 +437,20 @@ def test_kl_sensitivity_is_measured_recorded_and_ranks_the_layers(engine_arts: d
     cal, table = engine_table_from(art)
     assert cal.sensitivity == "kl" and choose_layers(cal, table) == art.extra["engine"]["choice"]
     assert art.extra["bits"]["all_in"] <= 7.0 + 1e-9
+
+
+def test_a_malformed_engine_record_is_exit_3(engine_arts: dict[str, Path], tmp_path: Path) -> None:
+    """An engine artifact whose record lacks what the exports and --resolve read (a consistent digest: written by
+    kvtool's own writer, so only the content is wrong) is refused with one line and exit 3."""
+    art = read_artifact(engine_arts["fp8-tensor"])
+    del art.extra["engine"]["modules"]
+    bad = tmp_path / "bad.kvcal.safetensors"
+    write_artifact(bad, art)
+    assert_one_line_error(invoke("export", bad, "--to", "compressed-tensors", "-o", tmp_path / "x"), 3,
+                          "malformed engine calibration record")  # fmt: skip
+    assert not (tmp_path / "x").exists()
+    art = read_artifact(engine_arts["fp8-tensor"])
+    del art.tensors["k_clip_error"]
+    write_artifact(bad, art)
+    assert_one_line_error(invoke("calibrate", "--resolve", bad, "--target-bits", 8.0, "-o", tmp_path / "r.kvcal"), 3,
+                          "malformed engine calibration record")  # fmt: skip

@@ -113,8 +113,8 @@ class FisherPasses:
     calibration), the first pass also writes each sequence's statistics to a temporary folder (``TMPDIR``;
     float32, exactly what was computed) and later passes read them back; without it (an accelerator, where a pass
     costs less than moving the statistics to a disk), later passes recompute them, which gives the same values.
-    If the spill cannot be written (a full disk), later passes recompute. Use as a context manager: the folder
-    is removed on exit.
+    If the spill cannot be written (a full disk, no writable ``TMPDIR``), later passes recompute. Use as a context
+    manager: the folder is removed on exit.
     """
 
     def __init__(self, model: Any, windows: list[torch.Tensor], post_rope: bool = False,
@@ -143,7 +143,10 @@ class FisherPasses:
             return
         writing = self.spill and self._folder is None
         if writing:
-            self._folder = Path(tempfile.mkdtemp(prefix="kvtool-fisher-"))
+            try:
+                self._folder = Path(tempfile.mkdtemp(prefix="kvtool-fisher-"))
+            except OSError:  # no writable TMPDIR: later passes recompute
+                writing = False
         for i, stats in enumerate(fisher_stats(self.model, self.windows, post_rope=self.post_rope)):
             if writing:
                 try:
