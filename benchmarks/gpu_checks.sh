@@ -24,4 +24,4 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 python3 benchmarks/kvz_bitexact_gpu.py check --dir .carry/bx 2>&1 | grep -v Warning | tee "$OUT/bitexact.log"
 python3 tests/kernel_checks.py --device cuda 2>&1 | tail -1 | tee "$OUT/kernel_checks.log"
 python3 benchmarks/kvz_gpu_pipeline.py --shapes llama-3.1-8b,smollm2 --tokens 2048,8192,32768 --repeats 3 \
-    --lmcache --json "$OUT/pipeline.json" 2>&1 | grep -v -i "warn\|LMCache INFO" | tee "$OUT/pipeline.log"
+    --lmcache --profile --json "$OUT/pipeline.json" 2>&1 | grep -v -i "warn\|LMCache INFO" | tee "$OUT/pipeline.log"

@@ -213,6 +213,9 @@ def run(
                 prof = cProfile.Profile()
                 prof.runcall(decode_file, kvz, model, coder, torch.device("cuda"), torch.bfloat16, "triton")
                 pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+                prof = cProfile.Profile()  # and of one encode of the cached KV (the connector's encode_kv)
+                prof.runcall(kvtool.encode_kv, lm, cache, ids, settings=settings)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(20)
             fp16_bytes = 2 * sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
             row = {"shape": shape, "tokens": t, "mode": settings.mode, "bytes": info["bytes"],
                    "bits_per_element": info["bits_per_element"], "prefill_s": prefill_s, "encode_s": encode_s,
@@ -245,7 +248,7 @@ def main() -> int:
     ap.add_argument("--quality", type=float, default=1.5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--profile", action="store_true", help="cProfile one decode at the longest prefix")
+    ap.add_argument("--profile", action="store_true", help="cProfile one decode and one encode at the longest prefix")
     ap.add_argument("--lmcache", action="store_true", help="LMCache's CacheGen CUDA codec on the same KV (lmcache)")
     args = ap.parse_args()
     from kvtool.codecs.kvz import CodecSettings

@@ -132,26 +132,33 @@ def batch_layers(
     keys are the same bits on every device (and whatever the batch)."""
     a0, b0 = geo.chunk_span(batch[0])[0], geo.chunk_span(batch[-1])[1]
     out: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]] = [([], []) for _ in batch]
+    raw_of: list[list[torch.Tensor]] = [[] for _ in batch]  # per chunk its raw parts, on the cache's device
     for i, layer in enumerate(cache.layers):
         lo, hi = geo.layer_range(i)
         s, e = max(a0, lo), max(min(b0, hi), max(a0, lo))  # this layer's positions in the batch: [s, e)
         cos, sin = rope[i]
         k = layer.keys[0, :, s - lo : e - lo]
         kp = invert_rope(k[None].float().to(cos.device), cos[:, s:e], sin[:, s:e])[0]  # (heads, e - s, head_dim)
-        v = layer.values[0, :, s - lo : e - lo]
-        for (coded_layers, raw_parts), chunk in zip(out, batch, strict=True):
+        v = layer.values[0, :, s - lo : e - lo].float().to(kp.device)
+        kd, vd = (kp, v) if kp.device == device else (kp.to(device), v.to(device))
+        for (coded_layers, _), raws, chunk in zip(out, raw_of, batch, strict=True):
             coded, raw = geo.split(i, chunk)
             c0 = coded[0] - s if coded else 0  # the coded positions are one run
-            coded_layers.append((kp[:, c0 : c0 + len(coded)].to(device), v[:, c0 : c0 + len(coded)].float().to(device)))
-            idx = torch.tensor([p - s for p in raw], dtype=torch.int64, device=kp.device)
-            kr, vr = kp.index_select(1, idx), v.index_select(1, idx.to(v.device)).float().to(kp.device)
-            raw_parts.append(torch.stack([kr, vr]).half().reshape(-1).cpu())
+            coded_layers.append((kd[:, c0 : c0 + len(coded)], vd[:, c0 : c0 + len(coded)]))
+            if raw:  # most chunks have none (sinks open the prefix, recent tokens close it)
+                idx = torch.tensor([p - s for p in raw], dtype=torch.int64).to(kp.device)
+                raws.append(torch.stack([kp.index_select(1, idx), v.index_select(1, idx)]).half().reshape(-1))
+            else:
+                raws.append(kp.new_zeros(0, dtype=torch.float16))
+    for (_, raw_parts), raws in zip(out, raw_of, strict=True):  # one copy to the host per chunk with raw positions
+        flat = torch.cat(raws).cpu() if any(r.numel() for r in raws) else torch.zeros(0, dtype=torch.float16)
+        raw_parts.extend(flat.split([r.numel() for r in raws]))
     return out
 
 
 def _pack(c: CodedChunk, raw_parts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {
-        "words": c.words.to(torch.int32).to(torch.uint16),
+        "words": c.words,
         "lanes": c.lanes.to(torch.int32).to(torch.uint16),  # at most lane_symbols + 2 words
         "layer_lanes": c.layer_lanes.to(torch.int32),
         "raw": torch.cat(raw_parts) if raw_parts else torch.zeros(0, dtype=torch.float16),

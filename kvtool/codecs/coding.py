@@ -130,16 +130,27 @@ class _Coder:
         coded = [self.side_and_symbols(layers) for layers in chunks]
         sides = [c[0] for c in coded]
         tables, offsets = self._batch_tables(sides)
-        syms, tids, lengths, per_layer = [], [], [], []
-        for (_, sym, tid, segments), off in zip(coded, offsets, strict=True):
-            lens, per = rans.lane_lengths(segments, self.lane_len)
-            syms.append(sym)
-            tids.append(tid + off)
-            lengths.append(lens)
-            per_layer.append(per)
-        words, lanes = rans_encode(torch.cat(syms).to(self.device), torch.cat(tids), tables, torch.cat(lengths),
-                                   backend=self.backend)  # fmt: skip
-        words, lanes = words.to(torch.int32).cpu(), lanes.cpu()
+        syms = torch.cat([c[1] for c in coded])
+        tids = torch.cat([c[2] + off for c, off in zip(coded, offsets, strict=True)])
+        return self._entropy_code(sides, syms, tids, [c[3] for c in coded], tables)
+
+    def _entropy_code(
+        self,
+        sides: list[dict[str, torch.Tensor]],
+        syms: torch.Tensor,
+        tids: torch.Tensor,
+        segments: list[list[int]],
+        tables: rans.Tables,
+    ) -> list[CodedChunk]:
+        """rANS-code the chunks' concatenated symbols ``syms`` with table ids ``tids`` (into ``tables``; chunk
+        ``c`` has ``segments[c][i]`` symbols in layer ``i``), all lanes in one pass; the words come back to the
+        host as uint16."""
+        lengths, per_layer = zip(*(rans.lane_lengths(seg, self.lane_len) for seg in segments), strict=True)
+        words, lanes = rans_encode(syms.to(self.device), tids, tables, torch.cat(lengths), backend=self.backend)
+        # uint16 words, narrowed where they were coded (half the bytes to copy back), exactly: int16 holds the
+        # same 16 bits once the values above 32767 are moved down by 2^16
+        words = torch.where(words >= 32768, words - 65536, words).to(torch.int16).cpu().view(torch.uint16)
+        lanes = lanes.cpu()
         out, lane_at, word_at = [], 0, 0
         for per, side in zip(per_layer, sides, strict=True):
             n_lanes = int(per.sum())
@@ -272,24 +283,42 @@ class AdaptiveCoder(_Coder):
     def side_and_symbols(
         self, layers: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
-        """Per K/V slot with tokens: the mean and step of every channel, the symbols and the chunk's table.
+        sides, syms, tids, segments = self._batch_side_and_symbols([layers])
+        return sides[0], syms, tids, segments[0]
 
-        Slots with the same token count are stacked and done together (all slots of a full-attention model:
-        a few dozen operations per chunk, not per layer), on the device the tensors are on; every reduction is
-        order-free (:func:`order_free_mean`, ``amax``, ``bincount``), so the bytes are the same on every device."""
+    def encode_batch(self, chunks: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[CodedChunk]:
+        """:meth:`_Coder.encode_batch` with the chunks' statistics and symbols computed together (the same values
+        as chunk by chunk: every operation is per slot) and one table set built for all of them."""
+        sides, syms, tids, segments = self._batch_side_and_symbols(chunks)
+        tables = rans.build_tables(torch.cat([side["freq"] for side in sides]).to(torch.int64))
+        return self._entropy_code(sides, syms, tids, segments, tables)
+
+    def _batch_side_and_symbols(
+        self, chunks: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor, list[list[int]]]:
+        """Per chunk, per K/V slot with tokens: the mean and step of every channel, the symbols and the chunk's
+        table; returns each chunk's side tensors (stored, on the CPU), the chunks' streams concatenated (flat
+        symbols; table ids: chunk ``c``'s slot ``s`` is table ``c · 2L + s``) and each chunk's symbols per layer.
+
+        The slots of all chunks with the same token count are stacked and done together (a batch of a
+        full-attention model: a few dozen operations, not a few per chunk and layer), on the device the tensors are
+        on; every reduction is order-free (:func:`order_free_mean`, ``amax``, ``bincount``), so the bytes are the
+        same on every device and whatever the batch."""
         n_layers, slots, a = self.layers, 2 * self.layers, 2 * MAX_K + 1
-        device = layers[0][0].device if layers else torch.device("cpu")
-        mean = torch.zeros(slots, self.channels, dtype=torch.float16, device=device)
-        step = torch.zeros(slots, self.channels, dtype=torch.float16, device=device)
-        counts = torch.zeros(slots, a, dtype=torch.int64, device=device)
-        groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        for i, pair in enumerate(layers):
-            for j, x in enumerate(pair):
-                if x.shape[1]:
-                    groups.setdefault(x.shape[1], []).append((j * n_layers + i, x))
+        n_chunks = len(chunks)
+        device = next((x.device for layers in chunks for pair in layers for x in pair), torch.device("cpu"))
+        mean = torch.zeros(n_chunks * slots, self.channels, dtype=torch.float16, device=device)
+        step = torch.zeros(n_chunks * slots, self.channels, dtype=torch.float16, device=device)
+        counts = torch.zeros(n_chunks * slots, a, dtype=torch.int64, device=device)
+        groups: dict[int, list[tuple[int, torch.Tensor]]] = {}  # token count -> (row = chunk·slots + slot, x)
+        for c, layers in enumerate(chunks):
+            for i, pair in enumerate(layers):
+                for j, x in enumerate(pair):
+                    if x.shape[1]:
+                        groups.setdefault(x.shape[1], []).append((c * slots + j * n_layers + i, x))
         sym_of: dict[int, torch.Tensor] = {}
         for group in groups.values():
-            idx = [slot for slot, _ in group]
+            idx = [row for row, _ in group]
             m = torch.stack([_slot_matrix(x) for _, x in group])  # (G, n, C)
             mu = order_free_mean(m).float().half()
             dev = m - mu.float()[:, None, :]
@@ -299,23 +328,29 @@ class AdaptiveCoder(_Coder):
             st = fit.float().clamp_min(6e-8).half()
             sym = quantize(dev, st.float()[:, None, :], torch.tensor(float(MAX_K), device=device))
             g = torch.arange(len(group), device=device)[:, None, None] * a
-            counts[idx] = torch.bincount((sym + g).reshape(-1), minlength=len(group) * a).reshape(-1, a)
-            mean[idx], step[idx] = mu, st
-            rows = sym.transpose(1, 2).reshape(len(group), -1)  # per slot its symbols component-major, one copy
-            for k, slot in enumerate(idx):
-                sym_of[slot] = rows[k]
-        freq = rans.quantize_counts(counts.cpu(), torch.full((slots,), a)).to(torch.int16)
-        # the stream: per layer, keys then values
-        order = [slot for i in range(len(layers)) for slot in (i, n_layers + i) if slot in sym_of]
-        segments = [sum(sym_of[slot].numel() for slot in (i, n_layers + i) if slot in sym_of)
-                    for i in range(len(layers))]  # fmt: skip
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        syms = torch.cat([sym_of[slot] for slot in order]) if order else empty
-        sizes = torch.tensor([sym_of[slot].numel() for slot in order], dtype=torch.int64)
-        tids = (torch.repeat_interleave(torch.tensor(order, dtype=torch.int64, device=device), sizes.to(device))
-                if order else empty)  # fmt: skip
-        side = {"mean": mean.cpu(), "step": step.cpu(), "freq": freq}
-        return side, syms, tids, segments
+            rows = torch.tensor(idx, device=device)
+            counts[rows] = torch.bincount((sym + g).reshape(-1), minlength=len(group) * a).reshape(-1, a)
+            mean[rows], step[rows] = mu, st
+            flat = sym.transpose(1, 2).reshape(len(group), -1)  # per slot its symbols component-major, one copy
+            sym_of |= dict(zip(idx, flat.unbind(0), strict=True))
+        freq = rans.quantize_counts(counts.cpu(), torch.full((n_chunks * slots,), a)).to(torch.int16)
+        mean, step = mean.cpu(), step.cpu()
+        sides, order, segments = [], [], []
+        for c, layers in enumerate(chunks):
+            base = c * slots
+            # the stream: per layer, keys then values
+            mine = [[base + slot for slot in (i, n_layers + i) if base + slot in sym_of] for i in range(len(layers))]
+            order += [row for rows in mine for row in rows]
+            segments.append([sum(sym_of[row].numel() for row in rows) for rows in mine])
+            rows = slice(base, base + slots)
+            sides.append({"mean": mean[rows].clone(), "step": step[rows].clone(), "freq": freq[rows].clone()})
+        if not order:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return sides, empty, empty, segments
+        syms = torch.cat([sym_of[row] for row in order])
+        sizes = torch.tensor([sym_of[row].numel() for row in order], dtype=torch.int64)
+        tids = torch.repeat_interleave(torch.tensor(order, dtype=torch.int64).to(device), sizes.to(device))
+        return sides, syms, tids, segments
 
     def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:
         return rans.build_tables(side["freq"].to(torch.int64))

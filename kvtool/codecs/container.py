@@ -51,6 +51,14 @@ SCHEMA = "kvtool.kvz"
 SCHEMA_VERSION = 2
 register_schema(SCHEMA, SCHEMA_VERSION)
 BATCH_CHUNKS = 8  #: chunks entropy-coded together (their lanes advance in one pass; memory stays a few chunks)
+#: on a GPU, chunks are encoded together up to this many K/V elements (~0.5 GiB in float32): a batch's work is a
+#: few dozen kernel launches whatever its size, so fewer, larger batches (the bytes do not depend on the batch)
+DEVICE_BATCH_ELEMENTS = 1 << 27
+
+
+def crc_workers() -> int:
+    """Threads for chunk CRC-32s (zlib releases the GIL on large buffers)."""
+    return max(1, min(16, (os.cpu_count() or 1)))
 MAX_TOKENS = 1 << 24  #: longest prefix a .kvz may hold (16.7M tokens), and the bound on every recorded count
 #: Cap on the decoded cache of one file, in bytes (a stated bound; ``KVTOOL_MAX_DECODE_BYTES`` overrides it).
 MAX_DECODE_BYTES = 1 << 37

@@ -9,6 +9,7 @@ the artifact (:mod:`kvtool.codecs.container` names and checks; :func:`kvtool.art
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from kvtool.capture import prefix_rope
 from kvtool.codecs.chunk_coders import lossless_settings, make_chunk_coder
 from kvtool.codecs.container import (
     BATCH_CHUNKS,
+    DEVICE_BATCH_ELEMENTS,
     LAYOUT,
     MAX_CHUNKS,
     MAX_TOKENS,
@@ -34,6 +36,7 @@ from kvtool.codecs.container import (
     check_same_model,
     chunk_name,
     crc_seed,
+    crc_workers,
     meta_digest,
     tensors_crc,
     tokenizer_digest,
@@ -90,6 +93,16 @@ def encode_cache(
     art = kvz_artifact(lm, ids, cache, settings, calibration, progress, backend)
     digest = write_artifact(path, art)
     return {"path": str(path)} | encode_summary(art, path.stat().st_size, digest, lm.arch)
+
+
+def encode_batch_chunks(geo: Geometry, device: torch.device | None) -> int:
+    """Chunks coded per batch: ``BATCH_CHUNKS`` on the CPU (memory), up to ``DEVICE_BATCH_ELEMENTS`` K/V elements
+    on a GPU (fewer launches)."""
+    if device is None or device.type != "cuda":
+        return BATCH_CHUNKS
+    arch = geo.arch
+    per_chunk = geo.settings.chunk_tokens * arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim
+    return max(BATCH_CHUNKS, DEVICE_BATCH_ELEMENTS // per_chunk)
 
 
 def encode_summary(art: Artifact, size: int, digest: str, arch: ArchInfo) -> dict[str, Any]:
@@ -173,14 +186,20 @@ def kvz_artifact(
     )
     seed = crc_seed({"schema": art.schema, "schema_version": art.schema_version, "model": art.model,
                      "inputs": art.inputs, "method": art.method, "extra": art.extra})  # fmt: skip
-    for first in range(0, geo.num_chunks, BATCH_CHUNKS):
-        batch = list(range(first, min(first + BATCH_CHUNKS, geo.num_chunks)))
-        for chunk, coded in zip(batch, chunker.encode_chunks(geo, cache, rope, batch), strict=True):
-            part = {chunk_name(chunk, name): t for name, t in coded.items()}
-            chunks[chunk]["crc32"] = tensors_crc(part, seed)
-            tensors |= part
-            if progress:
-                progress(spans[chunk][1] - spans[chunk][0])
+    # CRCs on host threads while the next batch is coded (on a GPU model the coder waits on the device meanwhile)
+    with ThreadPoolExecutor(crc_workers()) as pool:
+        crcs = []
+        step = encode_batch_chunks(geo, where)
+        for first in range(0, geo.num_chunks, step):
+            batch = list(range(first, min(first + step, geo.num_chunks)))
+            for chunk, coded in zip(batch, chunker.encode_chunks(geo, cache, rope, batch), strict=True):
+                part = {chunk_name(chunk, name): t for name, t in coded.items()}
+                crcs.append(pool.submit(tensors_crc, part, seed))
+                tensors |= part
+                if progress:
+                    progress(spans[chunk][1] - spans[chunk][0])
+        for chunk, crc in zip(chunks, crcs, strict=True):
+            chunk["crc32"] = crc.result()
     art.extra["meta_digest"] = meta_digest(
         art.schema, art.schema_version, art.model, art.inputs, art.method, art.extra
     )
