@@ -546,23 +546,54 @@ def serialize_artifact(artifact: Artifact) -> tuple[bytes, str]:
     """
     meta = _check_writable(artifact)
     tensors = {name: t.detach().cpu() for name, t in sorted(artifact.tensors.items())}
+    _check_unshared(tensors)
+    # safetensors gives the order of the entries (by dtype, then name) and their dtype codes, from empty stand-ins;
+    # the data is laid out here and copied once (safetensors.torch.save copies every tensor twice, then the header
+    # is rebuilt, a third copy: seconds for a large .kvz)
     try:
-        raw = safetensors.torch.save(tensors)
-    except Exception as e:  # shared memory and anything else safetensors refuses
+        probe = safetensors.torch.save({n: torch.empty(0, dtype=t.dtype) for n, t in tensors.items()})
+    except Exception as e:  # anything safetensors refuses
         raise ValueError(f"cannot serialize the tensors: {one_line(e)}") from e
-    n = int.from_bytes(raw[:8], "little")
-    entries = json.loads(raw[8 : 8 + n])  # tensor entries, ordered by (alignment, name) by safetensors
-    entries.pop("__metadata__", None)
-    buffer = memoryview(raw)[8 + n :]
-    meta["content_digest"] = content_digest(meta, entries, buffer)
-    # safetensors writes __metadata__ from a hash map (random key order), so the header is rebuilt here with a fixed
-    # order: __metadata__ first ("format", then "kvtool"), then the tensor entries in safetensors' order.
+    n = int.from_bytes(probe[:8], "little")
+    order = json.loads(probe[8 : 8 + n])
+    order.pop("__metadata__", None)
+    entries: dict[str, Any] = {}
+    data: dict[str, memoryview] = {}
+    at = 0
+    for name, info in order.items():
+        data[name] = _bytes_of(tensors[name])
+        entries[name] = {"dtype": info["dtype"], "shape": list(tensors[name].shape),
+                         "data_offsets": [at, at + data[name].nbytes]}  # fmt: skip
+        at += data[name].nbytes
+    h = content_hasher(meta)
+    for name in sorted(entries):
+        digest_tensor(h, name, entries[name], data[name])
+    meta["content_digest"] = "sha256:" + h.hexdigest()
+    # __metadata__ first ("format", then "kvtool"), then the tensor entries in safetensors' order (safetensors writes
+    # __metadata__ from a hash map, in random key order: the header is written here with a fixed one)
     header = {"__metadata__": {"format": "pt", METADATA_KEY: canonical_json(meta)}, **entries}
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     head += b" " * (-len(head) % 8)
     if len(head) > MAX_HEADER_SIZE:
         raise ValueError(f"artifact header of {len(head)} bytes exceeds {MAX_HEADER_SIZE}; stack the tensors")
-    return len(head).to_bytes(8, "little") + head + bytes(buffer), meta["content_digest"]
+    return b"".join([len(head).to_bytes(8, "little"), head, *(data[name] for name in entries)]), meta["content_digest"]
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _check_unshared(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that share memory (as safetensors does: each tensor is stored once, and a reader could not
+    tell which copy is meant)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+                   for name, t in tensors.items() if t.numel())  # fmt: skip
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise ValueError(f"cannot serialize the tensors: {a!r} and {b!r} share memory; clone one of them")
 
 
 def write_artifact(path: str | os.PathLike[str], artifact: Artifact) -> str:

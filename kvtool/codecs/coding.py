@@ -326,9 +326,10 @@ class AdaptiveCoder(_Coder):
             # Never clip: the step grows where quality·σ could not reach the channel's peak in MAX_K steps.
             fit = torch.maximum(sd * self.quality, dev.abs().amax(1).double() / (MAX_K - 0.5))
             st = fit.float().clamp_min(6e-8).half()
-            sym = quantize(dev, st.float()[:, None, :], torch.tensor(float(MAX_K), device=device))
-            g = torch.arange(len(group), device=device)[:, None, None] * a
-            rows = torch.tensor(idx, device=device)
+            # symbols as bytes (alphabet 2·MAX_K + 1 <= 255): every later pass over them moves 1 byte, not 8
+            sym = quantize(dev, st.float()[:, None, :], torch.tensor(float(MAX_K), device=device)).to(torch.uint8)
+            g = torch.arange(len(group), dtype=torch.int32, device=device)[:, None, None] * a
+            rows = torch.tensor(idx).to(device)
             counts[rows] = torch.bincount((sym + g).reshape(-1), minlength=len(group) * a).reshape(-1, a)
             mean[rows], step[rows] = mu, st
             flat = sym.transpose(1, 2).reshape(len(group), -1)  # per slot its symbols component-major, one copy
@@ -349,7 +350,7 @@ class AdaptiveCoder(_Coder):
             return sides, empty, empty, segments
         syms = torch.cat([sym_of[row] for row in order])
         sizes = torch.tensor([sym_of[row].numel() for row in order], dtype=torch.int64)
-        tids = torch.repeat_interleave(torch.tensor(order, dtype=torch.int64).to(device), sizes.to(device))
+        tids = torch.repeat_interleave(torch.tensor(order, dtype=torch.int32).to(device), sizes.to(device))
         return sides, syms, tids, segments
 
     def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:

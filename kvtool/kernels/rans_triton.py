@@ -9,6 +9,7 @@ tests do, on tiny shapes).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
@@ -109,16 +110,19 @@ def _grid(n_lanes: int) -> tuple[int]:
     return (triton.cdiv(n_lanes, BLOCK_LANES),)
 
 
-def interleave(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def interleave(flat: torch.Tensor, lengths: torch.Tensor, *more: torch.Tensor) -> Any:
     """Lane-major flat values → step-major ``(max_len, n_lanes)`` (entry ``[k, lane]`` = symbol ``k`` of ``lane``;
     padding 0). The kernels read and write this layout: at each step, neighbouring lanes touch neighbouring
-    addresses (coalesced), where the flat layout would put them ``lane_len`` apart."""
+    addresses (coalesced), where the flat layout would put them ``lane_len`` apart. ``more``: further flat tensors
+    of the same layout, interleaved with the same index (a tuple is returned then)."""
     lengths = lengths.to(flat.device)
     max_len = int(lengths.max())
     starts = lengths.cumsum(0) - lengths
     k = torch.arange(max_len, device=flat.device)[:, None]
     idx = (starts[None, :] + k).clamp_max(flat.numel() - 1)
-    return torch.where(k < lengths[None, :], flat[idx], torch.zeros((), dtype=flat.dtype, device=flat.device))
+    pad = k >= lengths[None, :]
+    out = [t[idx].masked_fill_(pad, 0) for t in (flat, *more)]
+    return tuple(out) if more else out[0]
 
 
 def deinterleave(steps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -144,9 +148,10 @@ def encode_triton(
     _, freq, cum = _device_tables(tables, device)
     a = tables.freq.shape[1]
     outside = (sym < 0) | (sym >= a)
-    if bool(outside.any()) or bool(((freq.reshape(-1)[tid.long() * a + sym.long()] & 0xFFFF) <= 0).any()):
+    # int32 flat table index: tables × alphabet stays far below 2^31
+    if bool(outside.any()) or bool(((freq.reshape(-1)[tid * a + sym] & 0xFFFF) <= 0).any()):
         raise ValueError("a symbol outside its table's alphabet")
-    return encode_interleaved(interleave(sym, lengths), interleave(tid, lengths), tables, lengths)
+    return encode_interleaved(*interleave(sym, lengths, tid), tables, lengths)
 
 
 def encode_interleaved(
