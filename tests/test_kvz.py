@@ -236,7 +236,8 @@ def test_cli_errors(small_kvz: Path, tiny_model_dir: Path, text_file: Path, tmp_
 def test_bench_codec_rows_and_plot(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
     png = tmp_path / "rd.png"
     r = invoke("bench", tiny_model_dir, "--text", text_file, "--tokens", 64, "--window", 32, "--prefix-len", 48,
-               "--cont-len", 8, "--offsets", 0, "--configs", "kivi-k4v4,kvz:q0.5,kvz:lossless,zstd-fp16,cachegen",
+               "--cont-len", 8, "--offsets", 0, "--configs",
+               "kivi-k4v4,kvz:q0.5,kvz:lossless,zstd-fp16,cachegen,lmcache-kvtool@8.0,lmcache-fp8",
                "--json", "--plot", png)  # fmt: skip
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -249,6 +250,9 @@ def test_bench_codec_rows_and_plot(tiny_model_dir: Path, text_file: Path, tmp_pa
     assert 0 < q["all_in_bits"] < lossless["all_in_bits"] and q["encode_mb_s"] > 0 and q["decode_mb_s"] > 0
     assert rows["zstd-fp16"]["all_in_bits"] < lossless["all_in_bits"]
     assert ("cachegen" in rows) != ("cachegen" in doc["skipped"])
+    assert rows["lmcache-fp8"]["all_in_bits"] == 8.0 and rows["lmcache-fp8"]["kl"] > 0  # one byte per element
+    record = rows["lmcache-kvtool@8.0"]  # fixed-size records: exactly 8 bits per element (48-token chunks)
+    assert record["all_in_bits"] == pytest.approx(8.0, abs=0.01) and record["kl"] < rows["lmcache-fp8"]["kl"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = invoke("bench", tiny_model_dir, "--text", text_file, "--tokens", 64, "--configs", "kvz:q0.5",
                  "--no-continuation")  # fmt: skip

@@ -33,6 +33,7 @@ EXAMPLES = """Examples:
   kvtool bench smollm2-135m --configs kivi-k4v4,kivi-k4v2-s1 --json
   kvtool bench ./my-model --text my.txt --tokens 4096 --no-continuation
   kvtool bench --configs kivi-k4v4,kvz:q0.5,kvz:smollm2-135m.pca.kvcal.safetensors@1.0,zstd-fp16,cachegen
+  kvtool bench --tokens 2048 --configs kvz:q0.5,lmcache-kvtool@2.0,lmcache-fp8   # the LMCache serde's records
 """
 
 

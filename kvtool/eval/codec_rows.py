@@ -2,8 +2,11 @@
 back as the cache the continuation is scored on; bytes and CPU times are measured on the way.
 
 Names (``--configs``): ``kvz:lossless``, ``kvz:q<Q>`` (adaptive, step Q·σ), ``kvz:<artifact>@<bits>`` or
-``kvz:<artifact>@L<n>`` (calibrated level), ``zstd-fp16`` (the fp16 cache, byte planes + zstandard), ``cachegen``
-(LMCache 0.5.6's CacheGen codec on the CPU, :mod:`kvtool.eval.cachegen_peer`; skipped when not installed).
+``kvz:<artifact>@L<n>`` (calibrated level), ``lmcache-kvtool@<bits>`` (the cache cut into 256-token chunks of
+post-RoPE K/V, each a fixed-size :mod:`kvtool.codecs.chunk_record` record: what kvtool's LMCache serde stores),
+``zstd-fp16`` (the fp16 cache, byte planes + zstandard), ``cachegen`` (LMCache 0.5.6's CacheGen codec on the CPU,
+:mod:`kvtool.eval.cachegen_peer`; skipped when not installed), ``lmcache-fp8`` (LMCache 0.5.6's built-in ``fp8``
+serde: every element cast to ``float8_e4m3fn`` and back, 1 byte per element, no scale).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 from kvtool.artifacts import Artifact, read_artifact
 from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
+from kvtool.codecs.chunk_record import RecordSettings, decode_record, encode_record, record_size
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_cache, pick_level
+from kvtool.errors import UsageError
 from kvtool.eval.configs import parse_config
 
 
@@ -91,6 +96,67 @@ class CacheGenRow(CodecRow):
         return restore_cache(self.lm.model, kv, int(ids.numel()), device, dtype)
 
 
+@dataclass
+class RecordRow(CodecRow):
+    """kvtool's LMCache serde format on the same prefix cache: chunks of ``chunk_tokens`` positions as the engine
+    holds them (post-RoPE keys, no positions), each a fixed-size record of ``record.bits`` per element."""
+
+    record: RecordSettings = field(default_factory=RecordSettings)
+
+    def code_cache(self, cache: Any, ids: torch.Tensor) -> Any:
+        lengths = {layer.keys.shape[-2] for layer in cache.layers}
+        if len(lengths) != 1:
+            raise UsageError(f"'{self.name}': chunk records need every layer to hold the whole prefix (a sliding "
+                             "window shorter than the prefix gives layers of different lengths)")  # fmt: skip
+        dtype, device = cache.layers[0].keys.dtype, cache.layers[0].keys.device
+        heads, t, dim = cache.layers[0].keys.shape[1:]
+        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers], 1)
+        kv = kv.permute(0, 1, 3, 2, 4).reshape(2, len(cache.layers), t, heads * dim)  # (2, L, T, D): LMCache's layout
+        out = torch.empty_like(kv)
+        step = self.settings.chunk_tokens
+        for a in range(0, t, step):
+            chunk = kv[:, :, a : a + step].contiguous()
+            try:
+                buf = torch.empty(record_size(chunk.shape, self.record), dtype=torch.uint8)
+            except ValueError:  # a short last chunk whose side information exceeds the bits: stored raw, as the serde
+                self.bytes += chunk.numel() * chunk.element_size()
+                out[:, :, a : a + step] = chunk
+                continue
+            t0 = time.perf_counter()
+            self.bytes += encode_record(chunk, self.record, buf)
+            t1 = time.perf_counter()
+            piece = torch.empty_like(chunk)
+            decode_record(buf, piece)
+            self.encode_s += t1 - t0
+            self.decode_s += time.perf_counter() - t1
+            out[:, :, a : a + step] = piece
+        self.elements += kv.numel()
+        self.prefixes.append(int(ids.numel()))
+        out = out.reshape(2, len(cache.layers), t, heads, dim).permute(0, 1, 3, 2, 4)
+        return restore_cache(self.lm.model, [(out[0, i][None], out[1, i][None]) for i in range(len(cache.layers))],
+                             int(ids.numel()), device, dtype)  # fmt: skip
+
+
+@dataclass
+class Fp8CastRow(CodecRow):
+    """LMCache's ``fp8`` serde (``lmcache/v1/distributed/serde/fp8.py``): ``tensor.to(float8_e4m3fn)`` on store,
+    ``.to(dtype)`` on load, one byte per element, no scale."""
+
+    def code_cache(self, cache: Any, ids: torch.Tensor) -> Any:
+        t0 = time.perf_counter()
+        coded = [(layer.keys.to(torch.float8_e4m3fn), layer.values.to(torch.float8_e4m3fn)) for layer in cache.layers]
+        t1 = time.perf_counter()
+        dtype, device = cache.layers[0].keys.dtype, cache.layers[0].keys.device
+        kv = [(k.to(dtype), v.to(dtype)) for k, v in coded]
+        self.encode_s += t1 - t0
+        self.decode_s += time.perf_counter() - t1
+        n = sum(k.numel() + v.numel() for k, v in coded)
+        self.bytes += n
+        self.elements += n
+        self.prefixes.append(int(ids.numel()))
+        return restore_cache(self.lm.model, kv, int(ids.numel()), device, dtype)
+
+
 def unavailable(name: str) -> str | None:
     """Why the codec row ``name`` cannot run here (a peer that is not installed), or ``None``."""
     if name != "cachegen":
@@ -108,6 +174,8 @@ def codec_row(name: str, lm: Any) -> CodecRow | None:
     if entry.kind == "peer":
         if name == "cachegen":
             return CacheGenRow(name, lm, CodecSettings(mode="lossless"))
+        if name == "lmcache-fp8":
+            return Fp8CastRow(name, lm, CodecSettings(mode="lossless"))
         return CodecRow(name, lm, CodecSettings(mode="lossless"), cast_fp16=True)
     if entry.kind != "codec":
         return None
@@ -115,6 +183,12 @@ def codec_row(name: str, lm: Any) -> CodecRow | None:
         return CodecRow(name, lm, CodecSettings(mode="lossless"))
     if entry.codec == "adaptive":
         return CodecRow(name, lm, CodecSettings(mode="adaptive", quality=entry.quality))
+    if entry.codec == "record":
+        try:
+            record = RecordSettings(bits=float(entry.bits or 0.0))
+        except ValueError as e:
+            raise UsageError(f"'{name}': {e}") from None
+        return RecordRow(name, lm, CodecSettings(mode="adaptive"), record=record)
     art = read_artifact(entry.path, expect_schema=CALIBRATION_SCHEMA, model=lm.fingerprint)
     budget = entry.budget
     index = budget.level if budget.level is not None else pick_level(art, budget.bits)

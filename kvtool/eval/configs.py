@@ -6,7 +6,8 @@ An entry is one of:
 * a **calibration artifact** ``PATH.safetensors``, optionally re-solved: ``PATH.safetensors@BUDGET`` (the budget
   grammar of :mod:`kvtool.budget`: ``@2.5``, ``@3.25n``, ``@r0.5k``, ``@L2``);
 * a **codec**: ``kvz:lossless``, ``kvz:q<step in σ>`` (adaptive), ``kvz:PATH.safetensors[@<bits>|@L<n>]``
-  (calibrated; default ``@1.0``), or a peer: ``zstd-fp16``, ``cachegen``.
+  (calibrated; default ``@1.0``), ``lmcache-kvtool@<bits>`` (post-RoPE fixed-size chunk records, what the
+  LMCache serde stores), or a peer: ``zstd-fp16``, ``cachegen``, ``lmcache-fp8``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Literal
 from kvtool.budget import Budget
 from kvtool.errors import UsageError
 
-PEERS = ("zstd-fp16", "cachegen")
+PEERS = ("zstd-fp16", "cachegen", "lmcache-fp8")
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,9 @@ class ConfigEntry:
     kind: Literal["preset", "artifact", "codec", "peer"]
     path: str | None = None  #: artifact (kind ``artifact``, or a calibrated codec)
     budget: Budget | None = None  #: ``@…`` suffix of an artifact or a calibrated codec
-    codec: Literal["lossless", "adaptive", "calibrated"] | None = None
+    codec: Literal["lossless", "adaptive", "calibrated", "record"] | None = None
     quality: float | None = None  #: adaptive codec step in standard deviations
+    bits: float | None = None  #: chunk-record size in bits per element (``lmcache-kvtool@<bits>``)
 
     @property
     def family(self) -> str:
@@ -39,6 +41,8 @@ class ConfigEntry:
         if self.kind == "codec":
             if self.codec == "adaptive":
                 return "kvz adaptive"
+            if self.codec == "record":
+                return "kvz post-RoPE records"
             return "kvz " + (_stem(self.path) if self.path else "lossless")
         if self.kind == "artifact":
             return _stem(self.path or self.name)
@@ -54,6 +58,12 @@ def parse_config(name: str) -> ConfigEntry:
     :class:`UsageError` quoting it. Presets are checked when built (:func:`kvtool.eval.presets.parse_preset`)."""
     if name in PEERS:
         return ConfigEntry(name, "peer")
+    if name.startswith("lmcache-kvtool"):
+        try:
+            bits = float(name.partition("@")[2])
+        except ValueError:
+            raise UsageError(f"'{name}': use lmcache-kvtool@<bits per element>, e.g. lmcache-kvtool@2.0") from None
+        return ConfigEntry(name, "codec", codec="record", bits=bits)
     if name.startswith("kvz:"):
         spec = name[4:]
         if spec == "lossless":

@@ -1,0 +1,1 @@
+"""kvtool inside other systems (each integration imports its host only when used)."""

@@ -1,0 +1,147 @@
+"""The ``kvtool`` serde for LMCache's L2 storage (``lmcache.v1.distributed.serde``, LMCache >= 0.5.6).
+
+LMCache hands a serde one memory object per chunk: ``(2, L, T, D)`` post-RoPE K/V in the model dtype (its MP
+server's layout, ``KV_2LTD``) and an ``ObjectKey`` without positions. Each object becomes one fixed-size
+:mod:`kvtool.codecs.chunk_record` record (adaptive coding of the post-RoPE K/V, ``bits`` all-in bits per element,
+self-describing, CRC-checked, bound to the key and the configured model). The size is fixed per shape because
+LMCache sizes the buffer before it sees the data and its file store rejects a read of any other size.
+
+Objects the codec does not code (several kernel groups, another layout or dtype) are stored raw in a checked frame
+(:data:`RAW_MAGIC`), so the serde never fails a store for its shape. Every check that fails on load raises
+``ValueError``; LMCache's ``AsyncSerdeProcessor`` turns that into a failed task, which its L2 wrapper reports as a
+cache miss (the engine recomputes the chunk): a damaged or foreign record is never decoded into the cache.
+
+Configuration (the ``"serde"`` object of an ``--l2-adapter`` JSON spec; every key optional):
+``{"type": "kvtool", "bits": 2.0, "quality": 0.5, "lane_symbols": 4096, "model": "<id>", "backend": "auto",
+"max_workers": 1}``.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+import torch
+from lmcache.v1.distributed.api import MemoryLayoutDesc, ObjectKey
+from lmcache.v1.distributed.serde.async_processor import AsyncSerdeProcessor
+from lmcache.v1.distributed.serde.base import Deserializer, SerdeProcessor, Serializer
+from lmcache.v1.distributed.serde.factory import get_registered_serde_types, register_serde_factory
+from lmcache.v1.memory_management import MemoryObj
+
+from kvtool.codecs.chunk_record import DTYPES, RecordSettings, binding, decode_record, encode_record, record_size
+
+SERDE_TYPE = "kvtool"
+RAW_MAGIC = b"KVZW"
+_RAW = struct.Struct("<4sQ16sI")  #: magic, payload bytes, binding, CRC-32 of the payload
+_KWARGS = {"bits", "quality", "lane_symbols", "model", "backend", "max_workers"}
+
+
+def _key_binding(key: ObjectKey | None, model: str) -> bytes:
+    if key is None:  # LMCache 0.5.0 passes no key
+        return binding("kvtool-lmcache", model)
+    return binding("kvtool-lmcache", model, key.model_name, key.kv_rank, key.object_group_id, key.cache_salt,
+                   bytes(key.chunk_hash))  # fmt: skip
+
+
+def _codable(shapes: list[torch.Size], dtypes: list[torch.dtype]) -> bool:
+    return (len(shapes) == 1 and len(shapes[0]) == 4 and shapes[0][0] == 2 and min(shapes[0]) > 0
+            and dtypes[0] in DTYPES.values())  # fmt: skip
+
+
+def _raw_bytes(shapes: list[torch.Size], dtypes: list[torch.dtype]) -> int:
+    return sum(s.numel() * d.itemsize for s, d in zip(shapes, dtypes, strict=True))
+
+
+class KvtoolSerializer(Serializer):
+    """Codes a KV memory object into a fixed-size kvtool chunk record (see the module docstring)."""
+
+    def __init__(self, settings: RecordSettings, model: str = "", backend: str = "auto"):
+        self.settings, self.model, self.backend = settings, model, backend
+
+    def plan(self, shapes: list[torch.Size], dtypes: list[torch.dtype]) -> tuple[bool, int]:
+        """Whether objects of this layout are coded (else stored raw), and their record size."""
+        if _codable(shapes, dtypes):
+            try:
+                return True, record_size(shapes[0], self.settings)
+            except ValueError:  # too few bits for this shape's side information: stored raw
+                pass
+        return False, _RAW.size + _raw_bytes(shapes, dtypes)
+
+    def estimate_serialized_size(self, layout_desc: MemoryLayoutDesc) -> int:
+        """The exact size of every record of this layout (LMCache 0.5.6 stores and reads exactly this many bytes)."""
+        return self.plan(list(layout_desc.shapes), list(layout_desc.dtypes))[1]
+
+    def serialize(self, src: MemoryObj, dst: MemoryObj, key: ObjectKey | None = None) -> int:
+        out = dst.raw_tensor
+        coded, size = self.plan(list(src.get_shapes()), list(src.get_dtypes()))
+        if out.numel() < size:
+            raise ValueError(f"kvtool serde: the buffer holds {out.numel()} bytes, the record needs {size}")
+        bound = _key_binding(key, self.model)
+        if coded:
+            return encode_record(src.get_tensor(0), self.settings, out, bound, self.backend)
+        payload = src.raw_tensor[: src.get_size()]
+        crc = zlib.crc32(payload.numpy().data)
+        out[: _RAW.size].copy_(torch.frombuffer(bytearray(_RAW.pack(RAW_MAGIC, src.get_size(), bound, crc)),
+                                                dtype=torch.uint8))  # fmt: skip
+        out[_RAW.size : _RAW.size + src.get_size()].copy_(payload)
+        return size
+
+
+class KvtoolDeserializer(Deserializer):
+    """Decodes a kvtool record into the KV memory object, in place, on the object's device."""
+
+    def __init__(self, model: str = "", backend: str = "auto"):
+        self.model, self.backend = model, backend
+
+    def deserialize(self, src: MemoryObj, dst: MemoryObj, key: ObjectKey | None = None) -> None:
+        buf = src.raw_tensor
+        bound = _key_binding(key, self.model)
+        if buf.numel() >= _RAW.size and bytes(buf[:4].tolist()) == RAW_MAGIC:
+            _, n, rec_bound, crc = _RAW.unpack(bytes(buf[: _RAW.size].tolist()))
+            if n != dst.get_size() or _RAW.size + n > buf.numel():
+                raise ValueError(f"kvtool serde: a raw record of {n} bytes for a {dst.get_size()}-byte object")
+            if rec_bound != bound:
+                raise ValueError("kvtool serde: the record belongs to another key or model")
+            payload = buf[_RAW.size : _RAW.size + n]
+            if zlib.crc32(payload.numpy().data) != crc:
+                raise ValueError("kvtool serde: CRC mismatch (damaged record)")
+            dst.raw_tensor[:n].copy_(payload)
+            return
+        if len(dst.get_shapes()) != 1:
+            raise ValueError("kvtool serde: a coded record for a multi-group object")
+        decode_record(buf, dst.get_tensor(0), bound, self.backend)
+
+
+def create_kvtool_serde(kwargs: dict[str, object]) -> SerdeProcessor:
+    """LMCache's factory signature: the ``"serde"`` object's keys except ``"type"`` → an ``AsyncSerdeProcessor``
+    (``ValueError`` naming the key for anything malformed: LMCache then refuses to start the adapter)."""
+    unknown = set(kwargs) - _KWARGS
+    if unknown:
+        raise ValueError(f"kvtool serde: unknown option(s) {sorted(unknown)}; known: {sorted(_KWARGS)}")
+    try:
+        settings = RecordSettings(bits=float(_num(kwargs, "bits", 2.0)), quality=float(_num(kwargs, "quality", 0.5)),
+                                  lane_symbols=int(_num(kwargs, "lane_symbols", 4096)))  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"kvtool serde: {e}") from None
+    model, backend = str(kwargs.get("model", "")), str(kwargs.get("backend", "auto"))
+    if backend not in ("auto", "torch", "numba", "triton"):
+        raise ValueError(f"kvtool serde: backend must be auto, torch, numba or triton (got {backend!r})")
+    workers = int(_num(kwargs, "max_workers", 1))
+    if workers < 1:
+        raise ValueError("kvtool serde: max_workers must be >= 1")
+    return AsyncSerdeProcessor(KvtoolSerializer(settings, model, backend), KvtoolDeserializer(model, backend),
+                               max_workers=workers)  # fmt: skip
+
+
+def _num(kwargs: dict[str, object], name: str, default: float) -> Any:
+    value = kwargs.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"kvtool serde: {name} must be a number (got {value!r})")
+    return value
+
+
+def register() -> None:
+    """Register ``kvtool`` with LMCache's serde factory (once per process)."""
+    if SERDE_TYPE not in get_registered_serde_types():
+        register_serde_factory(SERDE_TYPE, create_kvtool_serde)

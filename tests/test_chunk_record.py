@@ -1,0 +1,102 @@
+"""Fixed-size chunk records (:mod:`kvtool.codecs.chunk_record`): round trips within the quantizer's error bound, the
+size fixed per shape whatever the data, rate control, and every damaged or foreign record refused with
+``ValueError``."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from kvtool.codecs.chunk_record import (
+    HEADER,
+    RecordSettings,
+    binding,
+    decode_record,
+    encode_record,
+    read_header,
+    record_size,
+)
+
+SHAPE = (2, 3, 128, 32)
+
+
+def _chunk(seed: int = 0, scale: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g) * torch.linspace(0.05, 4.0, SHAPE[-1]) * scale
+    x[:, :, :, 3] += 7.0  # an offset channel: the mean is coded apart from the step
+    return x.to(dtype)
+
+
+def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per K/V and layer: RMS error relative to the RMS of the original."""
+    return (a.float() - b.float()).pow(2).mean((2, 3)).sqrt() / b.float().pow(2).mean((2, 3)).sqrt()
+
+
+@pytest.mark.parametrize("bits", [2.0, 3.5, 6.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_round_trip_within_the_quantizer_bound(bits: float, dtype: torch.dtype) -> None:
+    kv = _chunk(dtype=dtype)
+    s = RecordSettings(bits=bits, lane_symbols=256)
+    size = record_size(kv.shape, s)
+    buf = torch.full((size + 100,), 0xAB, dtype=torch.uint8)
+    assert encode_record(kv, s, buf, binding("k")) == size
+    assert bool((buf[size:] == 0xAB).all())  # nothing written past the record
+    fields, used = read_header(buf)
+    assert used <= size and bool((buf[used:size] == 0).all())  # zero padding up to the fixed size
+    out = torch.empty_like(kv)
+    decode_record(buf, out, binding("k"))
+    # a uniform quantizer with step q·σ errs by q·σ/√12 RMS; relative to the channel's RMS (>= σ) at most q/√12,
+    # + 5 % for the fp16 step and mean and the output dtype's rounding
+    quality = fields[7]
+    assert float(_rel_rms(out, kv).max()) <= quality / math.sqrt(12) * 1.05 + 4e-3
+
+
+def test_rate_control_fits_any_data_and_uses_the_budget() -> None:
+    s = RecordSettings(bits=2.5, quality=0.01, lane_symbols=256)  # far too fine to start with: coarsened
+    size = record_size(SHAPE, s)
+    for seed, scale in [(1, 1.0), (2, 1e3), (3, 1e-3)]:
+        buf = torch.zeros(size, dtype=torch.uint8)
+        encode_record(_chunk(seed, scale), s, buf)
+        fields, used = read_header(buf)
+        assert fields[7] > 0.01 and used > 0.8 * size  # coarser than asked, and most of the budget used
+    coarse = RecordSettings(bits=2.5, quality=60.0, lane_symbols=256)  # far too coarse: refined
+    buf = torch.zeros(size, dtype=torch.uint8)
+    encode_record(_chunk(), coarse, buf)
+    assert read_header(buf)[0][7] < 60.0
+
+
+def test_too_few_bits_for_the_side_information_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs at least"):
+        record_size(SHAPE, RecordSettings(bits=0.1))
+    with pytest.raises(ValueError, match="bits"):
+        RecordSettings(bits=0)
+
+
+def test_foreign_and_damaged_records_are_refused() -> None:
+    kv = _chunk()
+    s = RecordSettings(bits=3.0, lane_symbols=256)
+    buf = torch.zeros(record_size(kv.shape, s), dtype=torch.uint8)
+    encode_record(kv, s, buf, binding("key-1"))
+    out = torch.empty_like(kv)
+    with pytest.raises(ValueError, match="another key"):
+        decode_record(buf, out, binding("key-2"))
+    with pytest.raises(ValueError, match="destination"):
+        decode_record(buf, torch.empty(2, 3, 129, 32, dtype=kv.dtype), binding("key-1"))
+    with pytest.raises(ValueError, match="destination"):
+        decode_record(buf, torch.empty_like(kv, dtype=torch.float16), binding("key-1"))
+    with pytest.raises(ValueError, match="claimed"):
+        decode_record(buf[: read_header(buf)[1] - 1], out, binding("key-1"))
+    rng = random.Random(0)
+    used = read_header(buf)[1]
+    for _ in range(60):  # any flipped byte of the header or body: refused, and only with ValueError
+        bad = buf.clone()
+        at = rng.randrange(used)
+        bad[at] ^= 1 << rng.randrange(8)
+        with pytest.raises(ValueError):
+            decode_record(bad, out, binding("key-1"))
+    for junk in (torch.zeros(HEADER.size - 1, dtype=torch.uint8), torch.zeros(4096, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="too short|magic"):
+            decode_record(junk, out, binding("key-1"))
