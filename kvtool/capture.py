@@ -261,3 +261,18 @@ def _match_rotary(model: Any, num_layers: int) -> tuple[torch.dtype, list[int]]:
             raise RuntimeError(f"layer {i}: no rotary-embedding module of the model reproduces its RoPE")
         which.append(match[0])
     return dtype, which
+
+
+def rope_of_config(config: Any, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`prefix_rope` (positions ``0 .. tokens-1``, every layer) of a model known only by its ``config``: the
+    rotary tables depend on its head size, RoPE parameters and layer types alone, so they are read from a copy of
+    the model narrowed to one attention head and a token-sized MLP (random weights, same RoPE), built in memory."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(getattr(config, "get_text_config", lambda: config)())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for name, value in (("head_dim", head_dim), ("num_attention_heads", 1), ("num_key_value_heads", 1),
+                        ("hidden_size", head_dim), ("intermediate_size", 8)):  # fmt: skip
+        setattr(cfg, name, value)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    return prefix_rope(model, cfg.num_hidden_layers, tokens)

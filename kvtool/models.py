@@ -206,17 +206,21 @@ def _fingerprint(files: ModelFiles, config: Any) -> dict[str, str]:
     }
 
 
-def model_fingerprint(spec: str) -> dict[str, str]:
-    """The fingerprint of a model without loading its weights (config and file digests only)."""
+def load_config(spec: str) -> tuple[ModelFiles, Any]:
+    """A model's files and its transformers config, without loading its weights."""
     from transformers import AutoConfig
 
     files = resolve_model(spec)
     folder = _converted_gguf_folder(files) if files.gguf_file else files.folder
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        return files, AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"cannot read the config of {folder}: {str(e).splitlines()[0]}") from e
-    return _fingerprint(files, config)
+
+
+def model_fingerprint(spec: str) -> dict[str, str]:
+    """The fingerprint of a model without loading its weights (config and file digests only)."""
+    return _fingerprint(*load_config(spec))
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:

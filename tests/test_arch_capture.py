@@ -275,3 +275,14 @@ def test_captured_pre_rope_keys_other_inputs(tiny_gemma3: Any, seed: int) -> Non
     for i, layer in enumerate(cap.layers):
         n = layer.keys.shape[-2]
         torch.testing.assert_close(layer.keys_pre_rope, true_keys[i][:, :, SEQ - n :, :], atol=ATOL, rtol=RTOL)
+
+
+def test_rope_of_config_equals_the_model_s_own_tables(tiny) -> None:
+    """Every architecture (Gemma 3's per-layer-type RoPE included): the tables read from a narrowed copy built from
+    the config alone equal those of the model itself."""
+    from kvtool.capture import prefix_rope, rope_of_config
+
+    ours = rope_of_config(tiny.model.config, 40)
+    theirs = prefix_rope(tiny.model, tiny.info.num_layers, 40)
+    assert len(ours) == len(theirs)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours, theirs, strict=True))

@@ -50,7 +50,7 @@ def test_round_trip_within_the_quantizer_bound(bits: float, dtype: torch.dtype) 
     decode_record(buf, out, binding("k"))
     # a uniform quantizer with step q·σ errs by q·σ/√12 RMS; relative to the channel's RMS (>= σ) at most q/√12,
     # + 5 % for the fp16 step and mean and the output dtype's rounding
-    quality = fields[7]
+    quality = fields.quality
     assert float(_rel_rms(out, kv).max()) <= quality / math.sqrt(12) * 1.05 + 4e-3
 
 
@@ -61,11 +61,11 @@ def test_rate_control_fits_any_data_and_uses_the_budget() -> None:
         buf = torch.zeros(size, dtype=torch.uint8)
         encode_record(_chunk(seed, scale), s, buf)
         fields, used = read_header(buf)
-        assert fields[7] > 0.01 and used > 0.8 * size  # coarser than asked, and most of the budget used
+        assert fields.quality > 0.01 and used > 0.8 * size  # coarser than asked, and most of the budget used
     coarse = RecordSettings(bits=2.5, quality=60.0, lane_symbols=256)  # far too coarse: refined
     buf = torch.zeros(size, dtype=torch.uint8)
     encode_record(_chunk(), coarse, buf)
-    assert read_header(buf)[0][7] < 60.0
+    assert read_header(buf)[0].quality < 60.0
 
 
 def test_too_few_bits_for_the_side_information_is_refused() -> None:
@@ -100,3 +100,53 @@ def test_foreign_and_damaged_records_are_refused() -> None:
     for junk in (torch.zeros(HEADER.size - 1, dtype=torch.uint8), torch.zeros(4096, dtype=torch.uint8)):
         with pytest.raises(ValueError, match="too short|magic"):
             decode_record(junk, out, binding("key-1"))
+
+
+def test_outlier_tokens_are_kept_in_fp16() -> None:
+    kv = _chunk().float()
+    kv[:, :, 5] = 0.01 * torch.randn(2, SHAPE[1], SHAPE[3], generator=torch.Generator().manual_seed(5))  # a "sink"
+    kv = kv.to(torch.bfloat16)
+    s = RecordSettings(bits=3.0, lane_symbols=256)
+    buf = torch.zeros(record_size(kv.shape, s), dtype=torch.uint8)
+    encode_record(kv, s, buf)
+    assert read_header(buf)[0].outliers == 1
+    out = torch.empty_like(kv)
+    decode_record(buf, out)
+    assert torch.equal(out[:, :, 5], kv[:, :, 5])  # bf16 -> fp16 -> bf16: exact at these magnitudes
+    others = torch.ones(SHAPE[2], dtype=torch.bool)
+    others[5] = False
+    fields = read_header(buf)[0]
+    err = _rel_rms(out[:, :, others], kv[:, :, others])
+    assert float(err.max()) <= fields.quality / math.sqrt(12) * 1.05 + 4e-3
+    none = RecordSettings(bits=3.0, lane_symbols=256, outlier_tokens=0)
+    encode_record(kv, none, buf[: record_size(kv.shape, none)])
+    assert read_header(buf)[0].outliers == 0
+
+
+def test_relative_rope_removes_the_rotation_without_positions(tiny_llama) -> None:
+    """Keys rotated at unknown positions p0..p0+T-1 are rotated back by 0..T-1 only: every token is then off by
+    the same rotation, the per-channel means come back, and at equal bits the keys' error falls."""
+    from kvtool.capture import prefix_rope, rope_for_positions
+
+    info = tiny_llama.info
+    layers, dim, heads, t = info.num_layers, info.head_dim, info.num_kv_heads, 128
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(layers, heads, t, dim, generator=g) + 6.0 * torch.randn(layers, heads, 1, dim, generator=g)
+    at = rope_for_positions(tiny_llama.model, layers, torch.arange(1000, 1000 + t))
+    from kvtool.arch import apply_rope
+
+    keys = torch.stack([apply_rope(pre[i][None], *at[i])[0] for i in range(layers)])  # post-RoPE, as cached
+    values = torch.randn(layers, heads, t, dim, generator=g)
+    kv = torch.stack([keys, values]).permute(0, 1, 3, 2, 4).reshape(2, layers, t, heads * dim).to(torch.bfloat16)
+    rope = prefix_rope(tiny_llama.model, layers, t)
+    s = RecordSettings(bits=3.0, lane_symbols=256, outlier_tokens=0)
+    errs = {}
+    for name, tables in (("plain", None), ("rope", rope)):
+        buf = torch.zeros(record_size(kv.shape, s), dtype=torch.uint8)
+        encode_record(kv, s, buf, rope=tables)
+        out = torch.empty_like(kv)
+        decode_record(buf, out, rope=tables)
+        errs[name] = float(_rel_rms(out, kv)[0].mean())
+        with pytest.raises(ValueError, match="RoPE"):
+            decode_record(buf, out, rope=None if tables is not None else rope)
+    assert errs["rope"] < 0.5 * errs["plain"]

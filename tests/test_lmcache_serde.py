@@ -95,7 +95,8 @@ def test_registered_with_lmcache_and_built_from_its_config() -> None:
     assert isinstance(proc, AsyncSerdeProcessor)
     proc.close()
     for bad, match in [({"bitz": 2}, "unknown option"), ({"bits": 0}, "bits"), ({"bits": "2"}, "number"),
-                       ({"backend": "gpu"}, "backend"), ({"max_workers": 0}, "max_workers")]:  # fmt: skip
+                       ({"backend": "gpu"}, "backend"), ({"max_workers": 0}, "max_workers"),
+                       ({"device": "tpu"}, "device")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             _processor(**bad)
 
@@ -117,7 +118,7 @@ def test_real_smollm2_chunks_round_trip(real_chunks: torch.Tensor, bits: float) 
             # uniform quantizer with step q·σ: RMS error <= q/√12 of each layer's RMS (+5 %: fp16 steps, bf16 output)
             err = (dst.tensor.float() - chunk.float()).pow(2).mean((2, 3)).sqrt() / chunk.float().pow(2).mean(
                 (2, 3)).sqrt()  # fmt: skip
-            assert float(err.max()) <= fields[7] / math.sqrt(12) * 1.05 + 4e-3
+            assert float(err.max()) <= fields.quality / math.sqrt(12) * 1.05 + 4e-3
     finally:
         proc.close()
 
@@ -181,3 +182,30 @@ def test_server_wrapper_registers_before_lmcache_starts(monkeypatch: pytest.Monk
     assert server.main(["--l2-adapter", spec]) == 0
     module = "lmcache.v1.multiprocess.http_server"
     assert seen == {"name": module, "run_name": "__main__", "argv": [module, "--l2-adapter", spec], "registered": True}
+
+
+def test_model_path_rotates_keys_back_and_binds_the_records(real_chunks: torch.Tensor) -> None:
+    """With ``model_path`` the keys are coded rotated back within the chunk (the record's flag), records round-trip
+    within the quantizer's bound, and a serde configured without those tables refuses them (and vice versa)."""
+    chunk = real_chunks[1]
+    with_rope = _processor(bits=2.0, model_path="smollm2-135m")
+    plain = _processor(bits=2.0)
+    try:
+        src = _obj(chunk.shape, chunk.dtype)
+        src.tensor.copy_(chunk)
+        ok, buf = _store(with_rope, src)
+        assert ok and read_header(buf.raw_tensor)[0].flags == 1
+        ok, dst = _load(with_rope, buf, chunk.shape, chunk.dtype)
+        assert ok
+        fields = read_header(buf.raw_tensor)[0]
+        err = (dst.tensor.float() - chunk.float()).pow(2).mean((2, 3)).sqrt() / chunk.float().pow(2).mean(
+            (2, 3)).sqrt()  # fmt: skip
+        assert float(err.max()) <= fields.quality / math.sqrt(12) * 1.05 + 4e-3
+        assert _load(plain, buf, chunk.shape, chunk.dtype)[0] is False
+        ok, plain_buf = _store(plain, src)
+        assert ok and _load(with_rope, plain_buf, chunk.shape, chunk.dtype)[0] is False
+    finally:
+        with_rope.close()
+        plain.close()
+    with pytest.raises(ValueError, match="model_path"):
+        _processor(model_path="/nonexistent/model")

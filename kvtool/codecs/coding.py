@@ -45,6 +45,25 @@ class CodedChunk:
     side: dict[str, torch.Tensor]
 
 
+@dataclass
+class AnalysedBatch:
+    """An adaptive batch ready to entropy-code (:meth:`AdaptiveCoder.analyse`): per chunk its side tensors (CPU),
+    the chunks' symbols and table ids concatenated (on the coder's device), per chunk its symbols per layer, and the
+    symbol counts ``(chunks · 2L, alphabet)`` (CPU) the tables were quantized from."""
+
+    sides: list[dict[str, torch.Tensor]]
+    syms: torch.Tensor
+    tids: torch.Tensor
+    segments: list[list[int]]
+    counts: torch.Tensor
+
+    def code_length_bits(self) -> float:
+        """The ideal code length of the symbols with their own tables (``Σ count · log2(PROB_SCALE / freq)``): what
+        the rANS words hold, less the lanes' final states and flush losses (~0.1 %)."""
+        freq = torch.cat([side["freq"] for side in self.sides]).to(torch.float64)
+        return float((self.counts.to(torch.float64) * torch.log2(rans.PROB_SCALE / freq.clamp_min(1))).sum())
+
+
 def _slot_matrix(x: torch.Tensor) -> torch.Tensor:
     """``(heads, n, head_dim)`` → ``(n, heads·head_dim)`` (head-major channels)."""
     return x.permute(1, 0, 2).reshape(x.shape[1], x.shape[0] * x.shape[2])
@@ -86,6 +105,7 @@ class _Coder:
     backend = "torch"  #: rANS backend (:mod:`kvtool.kernels`): auto, torch or triton; same bytes either way
     device = torch.device("cpu")  #: where the rANS kernels run
     static_tables = False  #: the same tables for every chunk (calibrated) or per-chunk tables (adaptive)
+    values_on_device = False  #: decode returns values on ``device`` (adaptive only) instead of the CPU
 
     def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:
         raise NotImplementedError
@@ -195,17 +215,20 @@ class _Coder:
                 tids[at : at + ids.numel() * n].view(ids.numel(), n).copy_(ids[:, None].expand(-1, n))
                 at += ids.numel() * n
         flat = rans_decode(torch.cat([c.words for c in chunks]).to(self.device), torch.cat([c.lanes for c in chunks]),
-                           tids, tables, torch.cat(lengths), backend=self.backend).cpu()  # fmt: skip
+                           tids, tables, torch.cat(lengths), backend=self.backend)  # fmt: skip
+        if not self.values_on_device:
+            flat = flat.cpu()
         results, at = [], 0
         for chunk, cnt, layout in zip(chunks, counts, layouts, strict=True):
             out = []
+            side = {k: t.to(flat.device) for k, t in chunk.side.items()} if self.values_on_device else chunk.side
             for i, n in enumerate(cnt):
                 pair = []
                 for j, kind in enumerate(KINDS):
                     c = layout[i][j].numel()
                     sym = flat[at : at + c * n].reshape(c, n).T
                     at += c * n
-                    pair.append(self._values(i, kind, sym, n, heads, head_dim, chunk.side))
+                    pair.append(self._values(i, kind, sym, n, heads, head_dim, side))
                 out.append(tuple(pair))
             results.append(out)
         return results
@@ -283,22 +306,22 @@ class AdaptiveCoder(_Coder):
     def side_and_symbols(
         self, layers: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[int]]:
-        sides, syms, tids, segments = self._batch_side_and_symbols([layers])
-        return sides[0], syms, tids, segments[0]
+        batch = self.analyse([layers])
+        return batch.sides[0], batch.syms, batch.tids, batch.segments[0]
 
     def encode_batch(self, chunks: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[CodedChunk]:
         """:meth:`_Coder.encode_batch` with the chunks' statistics and symbols computed together (the same values
         as chunk by chunk: every operation is per slot) and one table set built for all of them."""
-        sides, syms, tids, segments = self._batch_side_and_symbols(chunks)
-        tables = rans.build_tables(torch.cat([side["freq"] for side in sides]).to(torch.int64))
-        return self._entropy_code(sides, syms, tids, segments, tables)
+        return self.encode_analysed(self.analyse(chunks))
 
-    def _batch_side_and_symbols(
-        self, chunks: list[list[tuple[torch.Tensor, torch.Tensor]]]
-    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor, list[list[int]]]:
+    def encode_analysed(self, batch: AnalysedBatch) -> list[CodedChunk]:
+        """Entropy-code an analysed batch (one table set for all its chunks)."""
+        tables = rans.build_tables(torch.cat([side["freq"] for side in batch.sides]).to(torch.int64))
+        return self._entropy_code(batch.sides, batch.syms, batch.tids, batch.segments, tables)
+
+    def analyse(self, chunks: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> AnalysedBatch:
         """Per chunk, per K/V slot with tokens: the mean and step of every channel, the symbols and the chunk's
-        table; returns each chunk's side tensors (stored, on the CPU), the chunks' streams concatenated (flat
-        symbols; table ids: chunk ``c``'s slot ``s`` is table ``c · 2L + s``) and each chunk's symbols per layer.
+        table (:class:`AnalysedBatch`; table ids: chunk ``c``'s slot ``s`` is table ``c · 2L + s``).
 
         The slots of all chunks with the same token count are stacked and done together (a batch of a
         full-attention model: a few dozen operations, not a few per chunk and layer), on the device the tensors are
@@ -334,7 +357,8 @@ class AdaptiveCoder(_Coder):
             mean[rows], step[rows] = mu, st
             flat = sym.transpose(1, 2).reshape(len(group), -1)  # per slot its symbols component-major, one copy
             sym_of |= dict(zip(idx, flat.unbind(0), strict=True))
-        freq = rans.quantize_counts(counts.cpu(), torch.full((n_chunks * slots,), a)).to(torch.int16)
+        counts = counts.cpu()
+        freq = rans.quantize_counts(counts, torch.full((n_chunks * slots,), a)).to(torch.int16)
         mean, step = mean.cpu(), step.cpu()
         sides, order, segments = [], [], []
         for c, layers in enumerate(chunks):
@@ -347,11 +371,11 @@ class AdaptiveCoder(_Coder):
             sides.append({"mean": mean[rows].clone(), "step": step[rows].clone(), "freq": freq[rows].clone()})
         if not order:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return sides, empty, empty, segments
+            return AnalysedBatch(sides, empty, empty, segments, counts)
         syms = torch.cat([sym_of[row] for row in order])
         sizes = torch.tensor([sym_of[row].numel() for row in order], dtype=torch.int64)
         tids = torch.repeat_interleave(torch.tensor(order, dtype=torch.int32).to(device), sizes.to(device))
-        return sides, syms, tids, segments
+        return AnalysedBatch(sides, syms, tids, segments, counts)
 
     def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:
         return rans.build_tables(side["freq"].to(torch.int64))
@@ -359,8 +383,8 @@ class AdaptiveCoder(_Coder):
     def _values(self, layer: int, kind: str, sym: torch.Tensor, n: int, heads: int, head_dim: int, side: dict):
         slot = KINDS.index(kind) * self.layers + layer
         if n == 0:
-            return torch.zeros(heads, 0, head_dim)
-        kmax = torch.full((self.channels,), float(MAX_K))
+            return torch.zeros(heads, 0, head_dim, device=sym.device)
+        kmax = torch.full((self.channels,), float(MAX_K), device=sym.device)
         m = dequantize(sym, side["step"][slot].float(), kmax) + side["mean"][slot].float()
         return _from_slot_matrix(m, heads)
 

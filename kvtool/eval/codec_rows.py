@@ -3,7 +3,8 @@ back as the cache the continuation is scored on; bytes and CPU times are measure
 
 Names (``--configs``): ``kvz:lossless``, ``kvz:q<Q>`` (adaptive, step Q·σ), ``kvz:<artifact>@<bits>`` or
 ``kvz:<artifact>@L<n>`` (calibrated level), ``lmcache-kvtool@<bits>`` (the cache cut into 256-token chunks of
-post-RoPE K/V, each a fixed-size :mod:`kvtool.codecs.chunk_record` record: what kvtool's LMCache serde stores),
+post-RoPE K/V, each a fixed-size :mod:`kvtool.codecs.chunk_record` record: what kvtool's LMCache serde stores with
+the model's RoPE tables; ``lmcache-kvtool-plain@<bits>``: without them),
 ``zstd-fp16`` (the fp16 cache, byte planes + zstandard), ``cachegen`` (LMCache 0.5.6's CacheGen codec on the CPU,
 :mod:`kvtool.eval.cachegen_peer`; skipped when not installed), ``lmcache-fp8`` (LMCache 0.5.6's built-in ``fp8``
 serde: every element cast to ``float8_e4m3fn`` and back, 1 byte per element, no scale).
@@ -22,6 +23,7 @@ import torch
 from kvtool.artifacts import Artifact, read_artifact
 from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
+from kvtool.capture import prefix_rope
 from kvtool.codecs.chunk_record import RecordSettings, decode_record, encode_record, record_size
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_cache, pick_level
 from kvtool.errors import UsageError
@@ -102,6 +104,7 @@ class RecordRow(CodecRow):
     holds them (post-RoPE keys, no positions), each a fixed-size record of ``record.bits`` per element."""
 
     record: RecordSettings = field(default_factory=RecordSettings)
+    rope: bool = True  #: with the model's RoPE tables (the serde's ``model_path``)
 
     def code_cache(self, cache: Any, ids: torch.Tensor) -> Any:
         lengths = {layer.keys.shape[-2] for layer in cache.layers}
@@ -114,6 +117,7 @@ class RecordRow(CodecRow):
         kv = kv.permute(0, 1, 3, 2, 4).reshape(2, len(cache.layers), t, heads * dim)  # (2, L, T, D): LMCache's layout
         out = torch.empty_like(kv)
         step = self.settings.chunk_tokens
+        tables = prefix_rope(self.lm.model, len(cache.layers), step) if self.rope else None
         for a in range(0, t, step):
             chunk = kv[:, :, a : a + step].contiguous()
             try:
@@ -123,10 +127,10 @@ class RecordRow(CodecRow):
                 out[:, :, a : a + step] = chunk
                 continue
             t0 = time.perf_counter()
-            self.bytes += encode_record(chunk, self.record, buf)
+            self.bytes += encode_record(chunk, self.record, buf, rope=tables)
             t1 = time.perf_counter()
             piece = torch.empty_like(chunk)
-            decode_record(buf, piece)
+            decode_record(buf, piece, rope=tables)
             self.encode_s += t1 - t0
             self.decode_s += time.perf_counter() - t1
             out[:, :, a : a + step] = piece
@@ -188,7 +192,7 @@ def codec_row(name: str, lm: Any) -> CodecRow | None:
             record = RecordSettings(bits=float(entry.bits or 0.0))
         except ValueError as e:
             raise UsageError(f"'{name}': {e}") from None
-        return RecordRow(name, lm, CodecSettings(mode="adaptive"), record=record)
+        return RecordRow(name, lm, CodecSettings(mode="adaptive"), record=record, rope=entry.rope)
     art = read_artifact(entry.path, expect_schema=CALIBRATION_SCHEMA, model=lm.fingerprint)
     budget = entry.budget
     index = budget.level if budget.level is not None else pick_level(art, budget.bits)

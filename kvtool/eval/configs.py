@@ -6,8 +6,9 @@ An entry is one of:
 * a **calibration artifact** ``PATH.safetensors``, optionally re-solved: ``PATH.safetensors@BUDGET`` (the budget
   grammar of :mod:`kvtool.budget`: ``@2.5``, ``@3.25n``, ``@r0.5k``, ``@L2``);
 * a **codec**: ``kvz:lossless``, ``kvz:q<step in σ>`` (adaptive), ``kvz:PATH.safetensors[@<bits>|@L<n>]``
-  (calibrated; default ``@1.0``), ``lmcache-kvtool@<bits>`` (post-RoPE fixed-size chunk records, what the
-  LMCache serde stores), or a peer: ``zstd-fp16``, ``cachegen``, ``lmcache-fp8``.
+  (calibrated; default ``@1.0``), ``lmcache-kvtool@<bits>`` / ``lmcache-kvtool-plain@<bits>`` (fixed-size
+  records of post-RoPE chunks, what the LMCache serde stores with / without the model's RoPE tables), or a peer:
+  ``zstd-fp16``, ``cachegen``, ``lmcache-fp8``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ConfigEntry:
     codec: Literal["lossless", "adaptive", "calibrated", "record"] | None = None
     quality: float | None = None  #: adaptive codec step in standard deviations
     bits: float | None = None  #: chunk-record size in bits per element (``lmcache-kvtool@<bits>``)
+    rope: bool = True  #: chunk records: keys rotated back within the chunk (``lmcache-kvtool-plain``: not)
 
     @property
     def family(self) -> str:
@@ -42,7 +44,7 @@ class ConfigEntry:
             if self.codec == "adaptive":
                 return "kvz adaptive"
             if self.codec == "record":
-                return "kvz post-RoPE records"
+                return "lmcache-kvtool" if self.rope else "lmcache-kvtool-plain"
             return "kvz " + (_stem(self.path) if self.path else "lossless")
         if self.kind == "artifact":
             return _stem(self.path or self.name)
@@ -59,11 +61,14 @@ def parse_config(name: str) -> ConfigEntry:
     if name in PEERS:
         return ConfigEntry(name, "peer")
     if name.startswith("lmcache-kvtool"):
+        kind, _, bits = name.partition("@")
         try:
-            bits = float(name.partition("@")[2])
+            if kind not in ("lmcache-kvtool", "lmcache-kvtool-plain"):
+                raise ValueError(kind)
+            return ConfigEntry(name, "codec", codec="record", bits=float(bits), rope=kind == "lmcache-kvtool")
         except ValueError:
-            raise UsageError(f"'{name}': use lmcache-kvtool@<bits per element>, e.g. lmcache-kvtool@2.0") from None
-        return ConfigEntry(name, "codec", codec="record", bits=bits)
+            raise UsageError(f"'{name}': use lmcache-kvtool[-plain]@<bits per element>, e.g. "
+                             "lmcache-kvtool@2.0") from None
     if name.startswith("kvz:"):
         spec = name[4:]
         if spec == "lossless":

@@ -12,13 +12,19 @@ Objects the codec does not code (several kernel groups, another layout or dtype)
 cache miss (the engine recomputes the chunk): a damaged or foreign record is never decoded into the cache.
 
 Configuration (the ``"serde"`` object of an ``--l2-adapter`` JSON spec; every key optional):
-``{"type": "kvtool", "bits": 2.0, "quality": 0.5, "lane_symbols": 4096, "model": "<id>", "backend": "auto",
-"max_workers": 1}``.
+``{"type": "kvtool", "bits": 2.0, "quality": 0.5, "model_path": "<model folder>", "model": "<id>",
+"outlier_tokens": 2, "lane_symbols": 4096, "backend": "auto", "device": "auto", "max_workers": 1}``;
+``model_path``: a local model folder (or kvtool alias) whose config gives the RoPE tables: keys are then rotated
+back by their position within the chunk before coding (far fewer bits for the same error; records are bound to
+those tables); ``device``: where chunks are coded (``auto``: the first GPU when there is one, else the CPU; the
+objects themselves stay where LMCache keeps them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
+import threading
 import zlib
 from typing import Any
 
@@ -29,19 +35,55 @@ from lmcache.v1.distributed.serde.base import Deserializer, SerdeProcessor, Seri
 from lmcache.v1.distributed.serde.factory import get_registered_serde_types, register_serde_factory
 from lmcache.v1.memory_management import MemoryObj
 
-from kvtool.codecs.chunk_record import DTYPES, RecordSettings, binding, decode_record, encode_record, record_size
+from kvtool.codecs.chunk_record import (
+    DTYPES,
+    RecordSettings,
+    RopeTables,
+    binding,
+    decode_record,
+    encode_record,
+    record_size,
+)
+from kvtool.errors import KvtoolError
 
 SERDE_TYPE = "kvtool"
 RAW_MAGIC = b"KVZW"
 _RAW = struct.Struct("<4sQ16sI")  #: magic, payload bytes, binding, CRC-32 of the payload
-_KWARGS = {"bits", "quality", "lane_symbols", "model", "backend", "max_workers"}
+_KWARGS = {"bits", "quality", "lane_symbols", "outlier_tokens", "model", "model_path", "backend", "device",
+           "max_workers"}
 
 
-def _key_binding(key: ObjectKey | None, model: str) -> bytes:
+def _key_binding(key: ObjectKey | None, model: str, rope_digest: str = "") -> bytes:
     if key is None:  # LMCache 0.5.0 passes no key
-        return binding("kvtool-lmcache", model)
-    return binding("kvtool-lmcache", model, key.model_name, key.kv_rank, key.object_group_id, key.cache_salt,
-                   bytes(key.chunk_hash))  # fmt: skip
+        return binding("kvtool-lmcache", model, rope_digest)
+    return binding("kvtool-lmcache", model, rope_digest, key.model_name, key.kv_rank, key.object_group_id,
+                   key.cache_salt, bytes(key.chunk_hash))  # fmt: skip
+
+
+class ModelRope:
+    """The RoPE tables of the model at ``path`` (its config only), per chunk length, and their digest."""
+
+    def __init__(self, path: str):
+        from kvtool.models import load_config
+
+        _, self.config = load_config(path)
+        self._tables: dict[int, RopeTables] = {}
+        self._lock = threading.Lock()
+
+    def tables(self, layers: int, tokens: int) -> tuple[RopeTables, str]:
+        with self._lock:  # the serde's pool threads share one instance
+            if tokens not in self._tables:
+                from kvtool.capture import rope_of_config
+
+                self._tables[tokens] = rope_of_config(self.config, tokens)
+            tables = self._tables[tokens]
+        if len(tables) != layers:
+            raise ValueError(f"kvtool serde: model_path has {len(tables)} layers, the object {layers}")
+        h = hashlib.sha256()
+        for cos, sin in tables:
+            h.update(cos.numpy().tobytes())
+            h.update(sin.numpy().tobytes())
+        return tables, h.hexdigest()
 
 
 def _codable(shapes: list[torch.Size], dtypes: list[torch.dtype]) -> bool:
@@ -56,8 +98,9 @@ def _raw_bytes(shapes: list[torch.Size], dtypes: list[torch.dtype]) -> int:
 class KvtoolSerializer(Serializer):
     """Codes a KV memory object into a fixed-size kvtool chunk record (see the module docstring)."""
 
-    def __init__(self, settings: RecordSettings, model: str = "", backend: str = "auto"):
-        self.settings, self.model, self.backend = settings, model, backend
+    def __init__(self, settings: RecordSettings, model: str = "", backend: str = "auto",
+                 device: torch.device = torch.device("cpu"), rope: ModelRope | None = None):  # fmt: skip
+        self.settings, self.model, self.backend, self.device, self.rope = settings, model, backend, device, rope
 
     def plan(self, shapes: list[torch.Size], dtypes: list[torch.dtype]) -> tuple[bool, int]:
         """Whether objects of this layout are coded (else stored raw), and their record size."""
@@ -77,9 +120,11 @@ class KvtoolSerializer(Serializer):
         coded, size = self.plan(list(src.get_shapes()), list(src.get_dtypes()))
         if out.numel() < size:
             raise ValueError(f"kvtool serde: the buffer holds {out.numel()} bytes, the record needs {size}")
-        bound = _key_binding(key, self.model)
         if coded:
-            return encode_record(src.get_tensor(0), self.settings, out, bound, self.backend)
+            kv = src.get_tensor(0).to(self.device, non_blocking=True)
+            tables, digest = self.rope.tables(kv.shape[1], kv.shape[2]) if self.rope else (None, "")
+            return encode_record(kv, self.settings, out, _key_binding(key, self.model, digest), self.backend, tables)
+        bound = _key_binding(key, self.model)
         payload = src.raw_tensor[: src.get_size()]
         crc = zlib.crc32(payload.numpy().data)
         out[: _RAW.size].copy_(torch.frombuffer(bytearray(_RAW.pack(RAW_MAGIC, src.get_size(), bound, crc)),
@@ -91,13 +136,14 @@ class KvtoolSerializer(Serializer):
 class KvtoolDeserializer(Deserializer):
     """Decodes a kvtool record into the KV memory object, in place, on the object's device."""
 
-    def __init__(self, model: str = "", backend: str = "auto"):
-        self.model, self.backend = model, backend
+    def __init__(self, model: str = "", backend: str = "auto", device: torch.device = torch.device("cpu"),
+                 rope: ModelRope | None = None):  # fmt: skip
+        self.model, self.backend, self.device, self.rope = model, backend, device, rope
 
     def deserialize(self, src: MemoryObj, dst: MemoryObj, key: ObjectKey | None = None) -> None:
         buf = src.raw_tensor
-        bound = _key_binding(key, self.model)
         if buf.numel() >= _RAW.size and bytes(buf[:4].tolist()) == RAW_MAGIC:
+            bound = _key_binding(key, self.model)
             _, n, rec_bound, crc = _RAW.unpack(bytes(buf[: _RAW.size].tolist()))
             if n != dst.get_size() or _RAW.size + n > buf.numel():
                 raise ValueError(f"kvtool serde: a raw record of {n} bytes for a {dst.get_size()}-byte object")
@@ -108,9 +154,12 @@ class KvtoolDeserializer(Deserializer):
                 raise ValueError("kvtool serde: CRC mismatch (damaged record)")
             dst.raw_tensor[:n].copy_(payload)
             return
-        if len(dst.get_shapes()) != 1:
-            raise ValueError("kvtool serde: a coded record for a multi-group object")
-        decode_record(buf, dst.get_tensor(0), bound, self.backend)
+        if len(dst.get_shapes()) != 1 or len(dst.get_shapes()[0]) != 4:
+            raise ValueError("kvtool serde: a coded record for an object that is not one (2, L, T, D) group")
+        shape = dst.get_shapes()[0]
+        tables, digest = self.rope.tables(shape[1], shape[2]) if self.rope else (None, "")
+        decode_record(buf, dst.get_tensor(0), _key_binding(key, self.model, digest), self.backend, self.device,
+                      tables)  # fmt: skip
 
 
 def create_kvtool_serde(kwargs: dict[str, object]) -> SerdeProcessor:
@@ -121,17 +170,36 @@ def create_kvtool_serde(kwargs: dict[str, object]) -> SerdeProcessor:
         raise ValueError(f"kvtool serde: unknown option(s) {sorted(unknown)}; known: {sorted(_KWARGS)}")
     try:
         settings = RecordSettings(bits=float(_num(kwargs, "bits", 2.0)), quality=float(_num(kwargs, "quality", 0.5)),
-                                  lane_symbols=int(_num(kwargs, "lane_symbols", 4096)))  # fmt: skip
+                                  lane_symbols=int(_num(kwargs, "lane_symbols", 4096)),
+                                  outlier_tokens=int(_num(kwargs, "outlier_tokens", 2)))  # fmt: skip
     except ValueError as e:
         raise ValueError(f"kvtool serde: {e}") from None
+    rope = None
+    if kwargs.get("model_path"):
+        try:
+            rope = ModelRope(str(kwargs["model_path"]))
+        except KvtoolError as e:
+            raise ValueError(f"kvtool serde: model_path: {e}") from None
     model, backend = str(kwargs.get("model", "")), str(kwargs.get("backend", "auto"))
     if backend not in ("auto", "torch", "numba", "triton"):
         raise ValueError(f"kvtool serde: backend must be auto, torch, numba or triton (got {backend!r})")
     workers = int(_num(kwargs, "max_workers", 1))
     if workers < 1:
         raise ValueError("kvtool serde: max_workers must be >= 1")
-    return AsyncSerdeProcessor(KvtoolSerializer(settings, model, backend), KvtoolDeserializer(model, backend),
-                               max_workers=workers)  # fmt: skip
+    device = _device(str(kwargs.get("device", "auto")))
+    return AsyncSerdeProcessor(KvtoolSerializer(settings, model, backend, device, rope),
+                               KvtoolDeserializer(model, backend, device, rope), max_workers=workers)  # fmt: skip
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu" or (name.startswith("cuda") and torch.cuda.is_available()):
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            pass
+    raise ValueError(f"kvtool serde: device must be auto, cpu or an available cuda device (got {name!r})")
 
 
 def _num(kwargs: dict[str, object], name: str, default: float) -> Any:
