@@ -26,6 +26,7 @@ import hashlib
 import struct
 import threading
 import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from lmcache.v1.distributed.serde.base import Deserializer, SerdeProcessor, Seri
 from lmcache.v1.distributed.serde.factory import get_registered_serde_types, register_serde_factory
 from lmcache.v1.memory_management import MemoryObj
 
+from kvtool.artifacts import one_line
 from kvtool.codecs.chunk_record import (
     DTYPES,
     RecordSettings,
@@ -66,7 +68,16 @@ class ModelRope:
     def __init__(self, path: str):
         from kvtool.models import load_config
 
-        _, self.config = load_config(path)
+        folder = Path(path).expanduser()
+        if (folder / "config.json").is_file() or folder.name == "config.json":  # only the config is needed
+            from transformers import AutoConfig
+
+            try:
+                self.config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"kvtool serde: model_path: cannot read {folder}: {one_line(e)}") from None
+        else:  # a kvtool alias, a .gguf or a hub id in the local cache
+            _, self.config = load_config(path)
         self._tables: dict[int, RopeTables] = {}
         self._lock = threading.Lock()
 
