@@ -263,10 +263,10 @@ def _match_rotary(model: Any, num_layers: int) -> tuple[torch.dtype, list[int]]:
     return dtype, which
 
 
-def rope_of_config(config: Any, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`prefix_rope` (positions ``0 .. tokens-1``, every layer) of a model known only by its ``config``: the
-    rotary tables depend on its head size, RoPE parameters and layer types alone, so they are read from a copy of
-    the model narrowed to one attention head and a token-sized MLP (random weights, same RoPE), built in memory."""
+def rope_model(config: Any) -> Any:
+    """A model with the RoPE of ``config`` and nothing else of it: the rotary tables depend on the head size, the
+    RoPE parameters and the layer types alone, so this copy is narrowed to one attention head and a token-sized MLP
+    (random weights), built in memory; :func:`rope_for_positions` and :func:`prefix_rope` read it as the model."""
     from transformers import AutoModelForCausalLM
 
     cfg = copy.deepcopy(getattr(config, "get_text_config", lambda: config)())
@@ -274,5 +274,10 @@ def rope_of_config(config: Any, tokens: int) -> list[tuple[torch.Tensor, torch.T
     for name, value in (("head_dim", head_dim), ("num_attention_heads", 1), ("num_key_value_heads", 1),
                         ("hidden_size", head_dim), ("intermediate_size", 8)):  # fmt: skip
         setattr(cfg, name, value)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    return prefix_rope(model, cfg.num_hidden_layers, tokens)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def rope_of_config(config: Any, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`prefix_rope` (positions ``0 .. tokens-1``, every layer) of a model known only by its ``config``."""
+    model = rope_model(config)
+    return prefix_rope(model, model.config.num_hidden_layers, tokens)

@@ -126,7 +126,7 @@ def test_outlier_tokens_are_kept_in_fp16() -> None:
 def test_relative_rope_removes_the_rotation_without_positions(tiny_llama) -> None:
     """Keys rotated at unknown positions p0..p0+T-1 are rotated back by 0..T-1 only: every token is then off by
     the same rotation, the per-channel means come back, and at equal bits the keys' error falls."""
-    from kvtool.capture import prefix_rope, rope_for_positions
+    from kvtool.capture import rope_for_positions
 
     info = tiny_llama.info
     layers, dim, heads, t = info.num_layers, info.head_dim, info.num_kv_heads, 128
@@ -138,15 +138,17 @@ def test_relative_rope_removes_the_rotation_without_positions(tiny_llama) -> Non
     keys = torch.stack([apply_rope(pre[i][None], *at[i])[0] for i in range(layers)])  # post-RoPE, as cached
     values = torch.randn(layers, heads, t, dim, generator=g)
     kv = torch.stack([keys, values]).permute(0, 1, 3, 2, 4).reshape(2, layers, t, heads * dim).to(torch.bfloat16)
-    rope = prefix_rope(tiny_llama.model, layers, t)
+    def rope(positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return rope_for_positions(tiny_llama.model, layers, positions)
+
     s = RecordSettings(bits=3.0, lane_symbols=256, outlier_tokens=0)
     errs = {}
     for name, tables in (("plain", None), ("rope", rope)):
         buf = torch.zeros(record_size(kv.shape, s), dtype=torch.uint8)
-        encode_record(kv, s, buf, rope=tables)
+        encode_record(kv, s, buf, rope_at=tables)
         out = torch.empty_like(kv)
-        decode_record(buf, out, rope=tables)
+        decode_record(buf, out, rope_at=tables)
         errs[name] = float(_rel_rms(out, kv)[0].mean())
         with pytest.raises(ValueError, match="RoPE"):
-            decode_record(buf, out, rope=None if tables is not None else rope)
+            decode_record(buf, out, rope_at=None if tables is not None else rope)
     assert errs["rope"] < 0.5 * errs["plain"]

@@ -209,3 +209,43 @@ def test_model_path_rotates_keys_back_and_binds_the_records(real_chunks: torch.T
         plain.close()
     with pytest.raises(ValueError, match="model_path"):
         _processor(model_path="/nonexistent/model")
+
+
+@pytest.fixture(scope="module")
+def smollm2_pca(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small PCA calibration of SmolLM2 (1 sequence of 256 tokens: enough for a codec level table)."""
+    from kvtool.artifacts import write_artifact
+    from kvtool.calibrators.base import calibrate, calibrator
+    from kvtool.models import load_model
+
+    lm = load_model("smollm2-135m", device="cpu")
+    cal = calibrator("pca", num_seqs=1, seq_len=256, target_bits=2.0)
+    arts = calibrate(lm, cal, "emma")
+    path = tmp_path_factory.mktemp("pca") / "pca.kvcal.safetensors"
+    write_artifact(path, next(iter(arts.values())))
+    return str(path)
+
+
+def test_calibrated_records_through_lmcache(real_chunks: torch.Tensor, smollm2_pca: str) -> None:
+    """With a PCA artifact the serde codes pre-RoPE keys with the calibrated coder: the chunk's first position is
+    recovered from the data (256 for the second chunk), the record round-trips, and a serde without the artifact
+    refuses it."""
+    chunk = real_chunks[1]
+    proc = _processor(bits=1.5, model_path="smollm2-135m", calibration=smollm2_pca)
+    adaptive = _processor(bits=1.5, model_path="smollm2-135m")
+    try:
+        src = _obj(chunk.shape, chunk.dtype)
+        src.tensor.copy_(chunk)
+        ok, buf = _store(proc, src)
+        header = read_header(buf.raw_tensor)[0]
+        assert ok and header.flags == 3 and header.start == 256
+        ok, dst = _load(proc, buf, chunk.shape, chunk.dtype)
+        assert ok
+        err = (dst.tensor.float() - chunk.float()).pow(2).mean() / chunk.float().pow(2).mean()
+        assert float(err) < 0.25  # relative MSE at ~1.5 bits (the adaptive record at 2 bits: ~0.1)
+        assert _load(adaptive, buf, chunk.shape, chunk.dtype)[0] is False
+    finally:
+        proc.close()
+        adaptive.close()
+    with pytest.raises(ValueError, match="needs model_path"):
+        _processor(calibration=smollm2_pca)

@@ -15,12 +15,17 @@ the chunk's positions; some of its stores also need every object's size before t
   belongs to (the storage key and model), and a CRC-32 over header and body. A record that fails any check is
   refused with ``ValueError`` (never decoded into garbage).
 
-With the model's RoPE tables (``rope=``), keys are rotated back by their position *within the chunk* first
-(:data:`FLAG_RELATIVE_ROPE`): exact, and it needs no absolute position.
+With the model's RoPE (``rope_at``), keys are rotated back by their position *within the chunk* first
+(:data:`FLAG_RELATIVE_ROPE`): exact, and it needs no absolute position. With a projection artifact as well
+(``calibration``, ``kvtool calibrate --method pca``), the chunk is coded by the calibrated coder (static tables, a
+codec level chosen to fit) on pre-RoPE keys: the chunk's first position is *estimated* (the one whose rotation best
+maps the calibration's pre-RoPE key means onto the chunk's), stored, and undone exactly; a wrong estimate costs
+rate, never correctness (:data:`FLAG_CALIBRATED`).
 
-Layout (little-endian): the header :data:`HEADER`, then ``mean`` and ``step`` ``(2L, D)`` fp16, ``freq``
-``(2L, 2·MAX_K+1)`` int16, ``layer_lanes`` ``(L,)`` int32, ``lanes`` ``(n_lanes,)`` uint16, ``words`` uint16, then
-zero padding up to :func:`record_size`.
+Layout (little-endian): the header :data:`HEADER`; adaptive: ``mean`` and ``step`` ``(2L, D)`` fp16, ``freq``
+``(2L, 2·MAX_K+1)`` int16; then ``layer_lanes`` ``(L,)`` int32, ``lanes`` ``(n_lanes,)`` uint16, the outlier
+tokens' positions uint16 and K/V ``(2, L, n_out, D)`` fp16, ``words`` uint16, then zero padding up to
+:func:`record_size`.
 """
 
 from __future__ import annotations
@@ -29,28 +34,32 @@ import hashlib
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from kvtool.arch import apply_rope, invert_rope
-from kvtool.codecs.coding import AdaptiveCoder, CodedChunk, on_backend
-from kvtool.codecs.ecsq import MAX_K
+from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder, CodedChunk, on_backend
+from kvtool.codecs.ecsq import MAX_K, Level, codec_levels
 from kvtool.codecs.rans import PROB_SCALE
 
 MAGIC = b"KVZR"
 VERSION = 1
-#: magic, version, dtype code, flags, kv, layers, tokens, hidden, outlier tokens kept, quality (f32), lane symbols,
-#: lanes, words, binding, CRC-32
-HEADER = struct.Struct("<4sHHIIIIIIfIII16sI")
+#: magic, version, dtype code, flags, kv, layers, tokens, hidden, outlier tokens kept, quality (f32; adaptive), codec
+#: level (calibrated), first position (calibrated), lane symbols, lanes, words, binding, CRC-32
+HEADER = struct.Struct("<4sHHIIIIIIfIIIII16sI")
 FLAG_RELATIVE_ROPE = 1  #: keys were rotated back by their position within the chunk before coding
+FLAG_CALIBRATED = 2  #: calibrated coder on pre-RoPE keys (the chunk's first position in the header)
 DTYPES = {0: torch.float16, 1: torch.bfloat16, 2: torch.float32}
 _DTYPE_CODE = {d: c for c, d in DTYPES.items()}
 ALPHABET = 2 * MAX_K + 1
 RopeTables = list[tuple[torch.Tensor, torch.Tensor]]  #: per layer ``(cos, sin)`` ``(1, positions, head_dim)``
+RopeAt = Callable[[torch.Tensor], RopeTables]  #: positions ``(n,)`` → the model's tables at them
 MAX_RATE_STEPS = 16  #: encodes tried before a chunk that will not fit is refused
 MAX_REFINE = 2  #: finer steps tried once a chunk fits with room to spare
+MAX_START = 1 << 20  #: the largest first position a record stores
 
 
 @dataclass(frozen=True)
@@ -61,13 +70,15 @@ class RecordSettings:
     some channel of theirs lies more than ``outlier_z`` standard deviations from the chunk's mean (the attention
     sink: its values are near zero where every other token's are not, so a step sized for the rest would erase it,
     and the attention it draws carries that error into every later token; space for them is reserved in every
-    record)."""
+    record); ``max_start``: calibrated records search the chunk's first position among the multiples of its
+    length below this."""
 
     bits: float = 2.0
     quality: float = 0.5
     lane_symbols: int = 4096
     outlier_tokens: int = 2
     outlier_z: float = 9.0
+    max_start: int = 131072
 
     def __post_init__(self) -> None:
         if not (isinstance(self.bits, int | float) and 0 < self.bits <= 64):
@@ -80,6 +91,33 @@ class RecordSettings:
             raise ValueError(f"outlier_tokens must be an int in 0..64 (got {self.outlier_tokens!r})")
         if not (isinstance(self.outlier_z, int | float) and self.outlier_z > 0):
             raise ValueError(f"outlier_z must be positive (got {self.outlier_z!r})")
+        if not (isinstance(self.max_start, int) and 0 <= self.max_start <= MAX_START):
+            raise ValueError(f"max_start must be an int in 0..{MAX_START} (got {self.max_start!r})")
+
+
+@dataclass(frozen=True)
+class RecordCalibration:
+    """A projection artifact (``kvtool calibrate --method pca|svd``) as calibrated records use it: its codec levels
+    (cheapest first) and what they are bound to."""
+
+    artifact: Any
+    levels: list[Level]
+    digest: str
+
+    @classmethod
+    def of(cls, artifact: Any) -> RecordCalibration:
+        from kvtool.codecs.coding import make_coder
+        from kvtool.codecs.container import CodecSettings
+
+        make_coder(CodecSettings(mode="calibrated"), artifact, None)  # refuses an artifact without codec levels
+        return cls(artifact, codec_levels(artifact.tensors), artifact.content_digest)
+
+    def coder(self, level: int, lane: int, backend: str, device: torch.device) -> CalibratedCoder:
+        from kvtool.codecs.coding import make_coder
+        from kvtool.codecs.container import CodecSettings
+
+        coder = make_coder(CodecSettings(mode="calibrated", level=level, lane_symbols=lane), self.artifact, None)
+        return on_backend(coder, backend, device)
 
 
 def binding(*parts: object) -> bytes:
@@ -89,26 +127,26 @@ def binding(*parts: object) -> bytes:
 
 
 def _lanes(layers: int, tokens: int, hidden: int, lane: int) -> int:
-    return layers * math.ceil(2 * tokens * hidden / lane)  # every channel coded: 2·T·D symbols per layer
+    return layers * math.ceil(2 * tokens * hidden / lane)  # adaptive: every channel coded, 2·T·D symbols per layer
 
 
-def _fixed_bytes(layers: int, hidden: int, n_lanes: int, outliers: int) -> int:
-    """Header, side tensors, lane index and ``outliers`` fp16 tokens with their positions."""
+def _fixed_bytes(layers: int, hidden: int, outliers: int, adaptive: bool) -> int:
+    """Header, side tensors (adaptive), lane index per layer and ``outliers`` fp16 tokens with their positions."""
     slots = 2 * layers
-    side = 2 * (slots * hidden * 2) + slots * ALPHABET * 2 + 4 * layers + 2 * n_lanes
-    return HEADER.size + side + outliers * (2 + 2 * layers * hidden * 2)
+    side = 2 * (slots * hidden * 2) + slots * ALPHABET * 2 if adaptive else 0
+    return HEADER.size + side + 4 * layers + outliers * (2 + 2 * layers * hidden * 2)
 
 
-def record_size(shape: torch.Size | tuple[int, ...], settings: RecordSettings) -> int:
+def record_size(shape: torch.Size | tuple[int, ...], settings: RecordSettings, calibrated: bool = False) -> int:
     """The size in bytes of every record of a ``(2, L, T, D)`` chunk (``ValueError`` when ``settings.bits`` cannot
     hold even its side information)."""
     kv, layers, tokens, hidden = _shape(shape)
     elements = kv * layers * tokens * hidden
-    n_lanes = _lanes(layers, tokens, hidden, settings.lane_symbols)
     size = math.ceil(settings.bits * elements / 8)
     size += -size % 8
     reserve = min(settings.outlier_tokens, tokens - 1)
-    need = _fixed_bytes(layers, hidden, n_lanes, reserve) + 4 * n_lanes  # side information + 2 state words per lane
+    lanes = layers if calibrated else _lanes(layers, tokens, hidden, settings.lane_symbols)
+    need = _fixed_bytes(layers, hidden, reserve, not calibrated) + 6 * lanes  # + per lane its length, 2 state words
     if size < need:
         raise ValueError(f"{settings.bits:g} bits per element cannot hold a {tuple(shape)} chunk: it needs at least "
                          f"{8 * need / elements:.3f}")  # fmt: skip
@@ -130,41 +168,82 @@ def _coder(layers: int, hidden: int, quality: float, settings: RecordSettings, b
 
 
 def encode_record(kv: torch.Tensor, settings: RecordSettings, out: torch.Tensor, bound_to: bytes = b"\0" * 16,
-                  backend: str = "auto", rope: RopeTables | None = None) -> int:  # fmt: skip
+                  backend: str = "auto", rope_at: RopeAt | None = None,
+                  calibration: RecordCalibration | None = None) -> int:  # fmt: skip
     """Write the record of chunk ``kv`` ``(2, L, T, D)`` (fp16, bf16 or fp32, any device) into ``out`` (a uint8
-    tensor of at least :func:`record_size` bytes, on the CPU) and return its size. The step starts at
-    ``settings.quality`` standard deviations, is coarsened until the coded words fit (``ValueError`` if they do
-    not after :data:`MAX_RATE_STEPS` tries), then refined up to :data:`MAX_REFINE` times while they still fit.
+    tensor of at least :func:`record_size` bytes, on the CPU) and return its size.
 
-    ``rope``: per layer the model's ``(cos, sin)`` for positions ``0 .. T-1`` (``(1, ≥T, head_dim)``). The chunk's
-    tokens are consecutive positions ``p0 .. p0+T-1`` with ``p0`` unknown, so rotating each key back by its
-    position *within the chunk* leaves every token rotated by the same ``p0``: per channel the keys are as steady
-    as before RoPE (their large per-channel means return), which the adaptive coder codes far more cheaply. The
-    decoder rotates forward with the same tables (bind their digest into ``bound_to``)."""
+    Adaptive (no ``calibration``): the step starts at ``settings.quality`` standard deviations, is coarsened until
+    the coded words fit (``ValueError`` if they do not after :data:`MAX_RATE_STEPS` tries), then refined up to
+    :data:`MAX_REFINE` times while they still fit. Calibrated: the richest codec level whose words fit.
+
+    ``rope_at``: the model's RoPE tables at given positions. The chunk's tokens are consecutive positions
+    ``p0 .. p0+T-1`` with ``p0`` unknown, so rotating each key back by its position *within the chunk* leaves every
+    token rotated by the same ``p0``: per channel the keys are as steady as before RoPE (their large per-channel
+    means return), which the adaptive coder codes far more cheaply. The calibrated coder needs pre-RoPE keys:
+    ``p0`` is estimated (:func:`_chunk_start`) and stored. Bind the tables' and artifact's digests into
+    ``bound_to``: the decoder needs the same."""
     kv_n, layers, tokens, hidden = _shape(kv.shape)
     if kv.dtype not in _DTYPE_CODE:
         raise ValueError(f"unsupported KV dtype {kv.dtype}")
-    size = record_size(kv.shape, settings)
+    if calibration is not None and rope_at is None:
+        raise ValueError("calibrated records need the model's RoPE tables")
+    size = record_size(kv.shape, settings, calibrated=calibration is not None)
     if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < size:
         raise ValueError(f"the output buffer holds {out.numel()} bytes; a record of this chunk needs {size}")
     if len(bound_to) != 16:
         raise ValueError("a record binding is 16 bytes")
     reserve = min(settings.outlier_tokens, tokens - 1)
-    # the words' budget is what the fullest record leaves: all reserved outliers, the lanes of every token
-    budget = (size - _fixed_bytes(layers, hidden, _lanes(layers, tokens, hidden, settings.lane_symbols), reserve)) // 2
-    keys = kv[0].float()
-    if rope is not None:
-        keys = _rotate(keys, rope, invert=True)
-    values = kv[1].float()
+    room = (size - _fixed_bytes(layers, hidden, reserve, calibration is None)) // 2  # words for lanes + payload
+    keys, values = kv[0].float(), kv[1].float()
+    if rope_at is not None:
+        keys = _rotate(keys, rope_at(torch.arange(tokens)), invert=True)
     outliers = _outlier_tokens(keys, values, reserve, settings.outlier_z)
     kept = torch.ones(tokens, dtype=torch.bool)
     kept[outliers] = False
     idx = torch.nonzero(kept).reshape(-1).to(kv.device)
-    coded_tokens = tokens - len(outliers)
-    n_lanes = _lanes(layers, coded_tokens, hidden, settings.lane_symbols)
-    elements = 2 * layers * coded_tokens * hidden
-    ck, cv = keys.index_select(1, idx), values.index_select(1, idx)
-    layers_in = [(ck[i][None], cv[i][None]) for i in range(layers)]  # (1, T', D): one "head"
+    start, level, quality = 0, 0, 0.0
+    if calibration is None:
+        ck, cv = keys.index_select(1, idx), values.index_select(1, idx)
+        coded, quality = _code_adaptive(ck, cv, settings, room, backend)
+        side = [coded.side["mean"], coded.side["step"], coded.side["freq"].to(torch.int16)]
+    else:
+        start = _chunk_start(keys.index_select(1, idx), calibration, rope_at, tokens, settings.max_start)  # type: ignore[arg-type]
+        if start == 0 and reserve and 0 not in outliers:  # the sequence's first token: the sink, always kept
+            outliers = sorted([0, *sorted(outliers, key=lambda t: -_z_of(keys, values, t))[: reserve - 1]])
+            kept = torch.ones(tokens, dtype=torch.bool)
+            kept[outliers] = False
+            idx = torch.nonzero(kept).reshape(-1).to(kv.device)
+        keys = _rotate(kv[0].float(), rope_at(torch.arange(start, start + tokens)), invert=True)  # type: ignore[misc]
+        coded, level = _code_calibrated(keys.index_select(1, idx), values.index_select(1, idx), calibration,
+                                        settings, room, backend)  # fmt: skip
+        side = []
+    pos = torch.tensor(outliers, dtype=torch.int32).to(torch.uint16)
+    out_kv = torch.stack([keys[:, outliers], values[:, outliers]]).half() if outliers else torch.zeros(0).half()
+    body = [*side, coded.layer_lanes.to(torch.int32), coded.lanes.to(torch.int32).to(torch.uint16), pos, out_kv,
+            coded.words]  # fmt: skip
+    raw = b"".join(_le_bytes(t) for t in body)
+    flags = (FLAG_RELATIVE_ROPE if rope_at is not None else 0) | (FLAG_CALIBRATED if calibration is not None else 0)
+    head = HEADER.pack(MAGIC, VERSION, _DTYPE_CODE[kv.dtype], flags, kv_n, layers, tokens, hidden, len(outliers),
+                       quality, level, start, settings.lane_symbols, coded.lanes.numel(), coded.words.numel(),
+                       bound_to, 0)  # fmt: skip
+    crc = zlib.crc32(raw, zlib.crc32(head))
+    head = head[:-4] + struct.pack("<I", crc)
+    used = len(head) + len(raw)
+    assert used <= size, (used, size)
+    out[:used].copy_(torch.frombuffer(bytearray(head + raw), dtype=torch.uint8))
+    out[used:size].zero_()
+    return size
+
+
+def _code_adaptive(keys: torch.Tensor, values: torch.Tensor, settings: RecordSettings, room: int,
+                   backend: str) -> tuple[CodedChunk, float]:  # fmt: skip
+    """Adaptive coding of ``(L, T', D)`` keys and values in at most ``room`` words (lane lengths + payload)."""
+    layers, tokens, hidden = keys.shape
+    n_lanes = _lanes(layers, tokens, hidden, settings.lane_symbols)
+    budget = room - n_lanes
+    elements = 2 * keys.numel()
+    layers_in = [(keys[i][None], values[i][None]) for i in range(layers)]  # (1, T', D): one "head"
     # Rate control on the analysis alone (statistics, symbols, histograms: no rANS, nothing copied back): the ideal
     # code length of a step's symbols predicts its words (the lanes add their final states and a flush). Each try
     # moves the step by the bits per element it missed the budget by (rate ~ log2(σ / step)); the first step that
@@ -172,49 +251,73 @@ def encode_record(kv: torch.Tensor, settings: RecordSettings, out: torch.Tensor,
     # analysis is entropy-coded; should the real words overshoot the prediction, the step is coarsened 2 % and
     # the search goes on.
     quality, best, finer = float(settings.quality), None, 0
-    coded = None
     for _ in range(MAX_RATE_STEPS):
-        coder = _coder(layers, hidden, quality, settings, backend, kv.device)
+        coder = _coder(layers, hidden, quality, settings, backend, keys.device)
         batch = coder.analyse([layers_in])
         predicted = batch.code_length_bits() / 16 + 3 * n_lanes  # words: payload, 2 state words, ~1 flush word
         miss = 16 * (predicted - budget) / elements  # bits per element over (> 0) or under the budget
+        if miss <= 0 and -miss >= 0.05 and finer < MAX_REFINE:
+            best, finer = (quality, coder, batch), finer + 1
+            quality *= 2.0 ** (0.9 * miss)
+            continue
         if miss <= 0:
             best = (quality, coder, batch)
-            if -miss < 0.05 or finer == MAX_REFINE:
-                quality, coder, batch = best
-                coded = coder.encode_analysed(batch)[0]
-                if coded.words.numel() <= budget:
-                    break
-                quality, best, finer, coded = quality * 1.02, None, MAX_REFINE, None
-                continue
-            finer += 1
-            quality *= 2.0 ** (0.9 * miss)
-        elif best is not None:  # a finer try overshot: code the last that fit
-            quality, coder, batch = best
-            coded = coder.encode_analysed(batch)[0]
-            if coded.words.numel() <= budget:
-                break
-            quality, best, finer, coded = quality * 1.02, None, MAX_REFINE, None
-        else:
+        elif best is None:
             quality *= 2.0 ** miss * 1.02
-    if coded is None:
-        raise ValueError(f"the chunk does not fit {settings.bits:g} bits per element at any step tried")
-    quality = float(struct.unpack("<f", struct.pack("<f", quality))[0])  # as stored
-    pos = torch.tensor(outliers, dtype=torch.int32).to(torch.uint16)
-    out_kv = torch.stack([keys[:, outliers], values[:, outliers]]).half() if outliers else torch.zeros(0).half()
-    body = [coded.side["mean"], coded.side["step"], coded.side["freq"].to(torch.int16),
-            coded.layer_lanes.to(torch.int32), coded.lanes.to(torch.int32).to(torch.uint16), pos, out_kv,
-            coded.words]  # fmt: skip
-    raw = b"".join(_le_bytes(t) for t in body)
-    flags = FLAG_RELATIVE_ROPE if rope is not None else 0
-    head = HEADER.pack(MAGIC, VERSION, _DTYPE_CODE[kv.dtype], flags, kv_n, layers, tokens, hidden, len(outliers),
-                       quality, settings.lane_symbols, n_lanes, coded.words.numel(), bound_to, 0)  # fmt: skip
-    crc = zlib.crc32(raw, zlib.crc32(head))
-    head = head[:-4] + struct.pack("<I", crc)
-    used = len(head) + len(raw)
-    out[:used].copy_(torch.frombuffer(bytearray(head + raw), dtype=torch.uint8))
-    out[used:size].zero_()
-    return size
+            continue
+        quality, coder, batch = best  # fits by the prediction (or a finer try overshot: the last that fit)
+        coded = coder.encode_analysed(batch)[0]
+        if coded.words.numel() <= budget:
+            return coded, float(struct.unpack("<f", struct.pack("<f", quality))[0])  # quality as stored
+        quality, best, finer = quality * 1.02, None, MAX_REFINE
+    raise ValueError(f"the chunk does not fit {settings.bits:g} bits per element at any step tried")
+
+
+def _code_calibrated(keys: torch.Tensor, values: torch.Tensor, calibration: RecordCalibration,
+                     settings: RecordSettings, room: int, backend: str) -> tuple[CodedChunk, int]:  # fmt: skip
+    """Calibrated coding of pre-RoPE ``(L, T', D)`` keys and values with the richest codec level whose lanes and
+    words fit in ``room`` words."""
+    layers, tokens, hidden = keys.shape
+    coder0 = calibration.coder(0, settings.lane_symbols, backend, keys.device)
+    heads = coder0.proj["k"][0].heads
+    if len(coder0.proj["k"]) != layers or heads * coder0.proj["k"][0].head_dim != hidden:
+        raise ValueError(f"the calibration is for {len(coder0.proj['k'])} layers of {heads} heads, the chunk has "
+                         f"{layers} layers of width {hidden}")  # fmt: skip
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:  # (T', D) -> (heads, T', head_dim), on the CPU (projections)
+        return x.reshape(tokens, heads, hidden // heads).permute(1, 0, 2).cpu()
+
+    layers_in = [(per_head(keys[i]), per_head(values[i])) for i in range(layers)]
+    elements = 2 * keys.numel()
+    order = sorted(range(len(calibration.levels)), key=lambda i: calibration.levels[i].expected_bits, reverse=True)
+    for level in order:
+        if calibration.levels[level].expected_bits * elements / 16 > room:  # a level whose rate cannot fit
+            continue
+        coded = calibration.coder(level, settings.lane_symbols, backend, keys.device).encode(layers_in)
+        if coded.lanes.numel() + coded.words.numel() <= room:
+            return coded, level
+    raise ValueError(f"no codec level of the calibration fits {settings.bits:g} bits per element")
+
+
+def _chunk_start(keys: torch.Tensor, calibration: RecordCalibration, rope_at: RopeAt, tokens: int,
+                 max_start: int) -> int:  # fmt: skip
+    """The chunk's most likely first position: keys rotated back within the chunk ``(L, T', D)`` are the pre-RoPE
+    keys rotated by the (unknown) first position ``p0``; their per-channel means are the calibration's pre-RoPE
+    means rotated by ``p0``. Of the multiples of ``tokens`` below ``max_start`` (where an engine's chunks start),
+    the one whose rotation maps the calibration's means closest onto the chunk's (largest inner product)."""
+    layers, _, hidden = keys.shape
+    candidates = torch.arange(0, max(max_start, 1), tokens)
+    tables = rope_at(candidates)
+    coder = calibration.coder(0, 4096, "torch", torch.device("cpu"))
+    score = torch.zeros(candidates.numel(), dtype=torch.float64)
+    m = keys.mean(1).cpu().double()  # (L, D)
+    for i, (cos, sin) in enumerate(tables):
+        dim = cos.shape[-1]
+        mu = coder.proj["k"][i].mean.reshape(-1).double()  # (D,): heads concatenated, as the chunk's channels
+        x = mu.reshape(1, hidden // dim, 1, dim).expand(1, hidden // dim, candidates.numel(), dim)
+        rotated = apply_rope(x, cos.double(), sin.double())[0]  # (heads, candidates, head_dim)
+        score += (rotated * m[i].reshape(hidden // dim, 1, dim)).sum((0, 2))
+    return int(candidates[int(torch.argmax(score))])
 
 
 def _outlier_tokens(keys: torch.Tensor, values: torch.Tensor, most: int, z: float) -> list[int]:
@@ -222,12 +325,23 @@ def _outlier_tokens(keys: torch.Tensor, values: torch.Tensor, most: int, z: floa
     standard deviations (over the chunk's tokens) from its mean, the farthest first."""
     if most < 1:
         return []
+    score = _z_scores(keys, values)
+    top = torch.topk(score, min(most, score.numel())).indices.cpu()
+    return sorted(int(t) for t in top if float(score[t]) > z)
+
+
+def _z_scores(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per token of ``(L, T, D)`` keys and values: its largest distance from a channel's mean, in that channel's
+    standard deviations (over the chunk's tokens)."""
     score = torch.zeros(keys.shape[1], dtype=torch.float32, device=keys.device)
     for x in (keys, values):
         mu, sd = x.mean(1, keepdim=True), x.std(1, keepdim=True).clamp_min(1e-12)
         score = torch.maximum(score, ((x - mu).abs() / sd).amax((0, 2)))
-    top = torch.topk(score, min(most, score.numel())).indices.cpu()
-    return sorted(int(t) for t in top if float(score[t]) > z)
+    return score
+
+
+def _z_of(keys: torch.Tensor, values: torch.Tensor, token: int) -> float:
+    return float(_z_scores(keys, values)[token])
 
 
 def _le_bytes(t: torch.Tensor) -> bytes:
@@ -245,6 +359,8 @@ class RecordHeader(NamedTuple):
     hidden: int
     outliers: int
     quality: float
+    level: int
+    start: int
     lane_symbols: int
     lanes: int
     words: int
@@ -257,45 +373,51 @@ def read_header(buf: torch.Tensor) -> tuple[RecordHeader, int]:
     malformed header)."""
     if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < HEADER.size:
         raise ValueError("not a kvtool chunk record: too short")
-    fields = RecordHeader(*HEADER.unpack(bytes(buf[: HEADER.size].tolist())))
-    magic, version, dtype_code, flags, kv_n, layers, tokens, hidden, n_out, quality, lane, n_lanes = fields[:12]
-    n_words = fields.words
-    if magic != MAGIC:
+    h = RecordHeader(*HEADER.unpack(bytes(buf[: HEADER.size].tolist())))
+    if h.magic != MAGIC:
         raise ValueError("not a kvtool chunk record (bad magic)")
-    if version != VERSION:
-        raise ValueError(f"kvtool chunk record version {version}; this kvtool reads version {VERSION}")
-    if dtype_code not in DTYPES or flags & ~FLAG_RELATIVE_ROPE or kv_n != 2 or min(layers, tokens, hidden) < 1 \
-            or not 64 <= lane <= 65533:
+    if h.version != VERSION:
+        raise ValueError(f"kvtool chunk record version {h.version}; this kvtool reads version {VERSION}")
+    calibrated = bool(h.flags & FLAG_CALIBRATED)
+    malformed = (
+        h.dtype_code not in DTYPES or h.flags & ~(FLAG_RELATIVE_ROPE | FLAG_CALIBRATED) or h.kv != 2
+        or min(h.layers, h.tokens, h.hidden) < 1 or not 64 <= h.lane_symbols <= 65533 or h.outliers >= h.tokens
+        or h.outliers > 64 or h.start > MAX_START or (calibrated and not h.flags & FLAG_RELATIVE_ROPE)
+        or (not calibrated and not (h.quality > 0 and math.isfinite(h.quality)))
+        or (not calibrated and h.lanes != _lanes(h.layers, h.tokens - h.outliers, h.hidden, h.lane_symbols))
+    )  # fmt: skip
+    if malformed:
         raise ValueError("kvtool chunk record: malformed header")
-    if n_out >= tokens or n_out > 64:
-        raise ValueError("kvtool chunk record: malformed header")
-    if not (quality > 0 and math.isfinite(quality)) or n_lanes != _lanes(layers, tokens - n_out, hidden, lane):
-        raise ValueError("kvtool chunk record: malformed header")
-    used = _fixed_bytes(layers, hidden, n_lanes, n_out) + 2 * n_words
-    if used > buf.numel() or n_words < 2 * n_lanes:
+    used = _fixed_bytes(h.layers, h.hidden, h.outliers, not calibrated) + 2 * (h.lanes + h.words)
+    if used > buf.numel() or h.words < 2 * h.lanes:
         raise ValueError(f"kvtool chunk record: {used} bytes claimed, {buf.numel()} present")
-    return fields, used
+    return h, used
 
 
 def decode_record(buf: torch.Tensor, out: torch.Tensor, bound_to: bytes = b"\0" * 16, backend: str = "auto",
-                  device: torch.device | None = None, rope: RopeTables | None = None) -> torch.Tensor:  # fmt: skip
+                  device: torch.device | None = None, rope_at: RopeAt | None = None,
+                  calibration: RecordCalibration | None = None) -> torch.Tensor:  # fmt: skip
     """Decode the record in ``buf`` (uint8, CPU; may be longer than the record) into ``out`` ``(2, L, T, D)`` (its
     shape and dtype must be the record's; any device) and return ``out``; the decoding runs on ``device``
-    (default: ``out``'s). ``rope``: the tables the record was coded with (:func:`encode_record`), required when it
-    was. ``ValueError`` for anything that is not a valid record of this shape, dtype and binding."""
-    fields, used = read_header(buf)
-    _, _, dtype_code, flags, kv_n, layers, tokens, hidden, n_out, quality, lane, n_lanes, n_words, bound, crc = fields
-    if tuple(out.shape) != (kv_n, layers, tokens, hidden) or out.dtype != DTYPES[dtype_code]:
-        raise ValueError(f"the record holds a {(kv_n, layers, tokens, hidden)} {DTYPES[dtype_code]} chunk; the "
+    (default: ``out``'s). ``rope_at`` and ``calibration``: those the record was coded with (:func:`encode_record`),
+    required when it was. ``ValueError`` for anything that is not a valid record of this shape, dtype and
+    binding."""
+    h, used = read_header(buf)
+    layers, tokens, hidden, n_out = h.layers, h.tokens, h.hidden, h.outliers
+    if tuple(out.shape) != (h.kv, layers, tokens, hidden) or out.dtype != DTYPES[h.dtype_code]:
+        raise ValueError(f"the record holds a {(h.kv, layers, tokens, hidden)} {DTYPES[h.dtype_code]} chunk; the "
                          f"destination is {tuple(out.shape)} {out.dtype}")  # fmt: skip
-    if bound != bound_to:
+    if h.binding != bound_to:
         raise ValueError("the record belongs to another key or model")
-    if bool(flags & FLAG_RELATIVE_ROPE) != (rope is not None):
-        coded_with = "with" if flags & FLAG_RELATIVE_ROPE else "without"
+    if bool(h.flags & FLAG_RELATIVE_ROPE) != (rope_at is not None):
+        coded_with = "with" if h.flags & FLAG_RELATIVE_ROPE else "without"
         raise ValueError(f"the record was coded {coded_with} the model's RoPE tables; read it the same way")
+    calibrated = bool(h.flags & FLAG_CALIBRATED)
+    if calibrated != (calibration is not None):
+        raise ValueError("the record was coded " + ("with" if calibrated else "without") + " a calibration artifact")
     data = bytes(buf[:used].numpy().tobytes())
     zeroed = data[: HEADER.size - 4] + b"\0\0\0\0"
-    if zlib.crc32(data[HEADER.size :], zlib.crc32(zeroed)) != crc:
+    if zlib.crc32(data[HEADER.size :], zlib.crc32(zeroed)) != h.crc32:
         raise ValueError("kvtool chunk record: CRC mismatch (damaged)")
     slots, at = 2 * layers, HEADER.size
 
@@ -306,52 +428,69 @@ def decode_record(buf: torch.Tensor, out: torch.Tensor, bound_to: bytes = b"\0" 
         at += size
         return t
 
-    mean = take(slots * hidden, torch.float16).reshape(slots, hidden)
-    step = take(slots * hidden, torch.float16).reshape(slots, hidden)
-    freq = take(slots * ALPHABET, torch.int16).reshape(slots, ALPHABET)
+    side: dict[str, torch.Tensor] = {}
+    if not calibrated:
+        side["mean"] = take(slots * hidden, torch.float16).reshape(slots, hidden)
+        side["step"] = take(slots * hidden, torch.float16).reshape(slots, hidden)
+        side["freq"] = take(slots * ALPHABET, torch.int16).reshape(slots, ALPHABET)
+        step = side["step"].float()
+        if not bool(torch.isfinite(step).all()) or bool((step <= 0).any()):
+            raise ValueError("kvtool chunk record: invalid steps")
+        freq = side["freq"]
+        if bool((freq.to(torch.int64).sum(1) != PROB_SCALE).any()) or bool((freq < 1).any()):
+            raise ValueError("kvtool chunk record: invalid frequency tables")
     layer_lanes = take(layers, torch.int32)
-    lanes = take(n_lanes, torch.uint16).to(torch.int64)
+    lanes = take(h.lanes, torch.uint16).to(torch.int64)
     pos = take(n_out, torch.uint16).to(torch.int64)
     out_kv = take(n_out * 2 * layers * hidden, torch.float16).reshape(2, layers, n_out, hidden)
-    words = take(n_words, torch.uint16).to(torch.int32)
+    words = take(h.words, torch.uint16).to(torch.int32)
     if n_out and (int(pos[-1]) >= tokens or bool((pos[1:] <= pos[:-1]).any())):
         raise ValueError("kvtool chunk record: outlier positions out of order or range")
-    if int(lanes.sum()) != n_words or bool((lanes < 2).any()):
+    if int(lanes.sum()) != h.words or bool((lanes < 2).any()):
         raise ValueError("kvtool chunk record: lane lengths do not match the words")
-    if not bool(torch.isfinite(step.float()).all()) or bool((step.float() <= 0).any()):
-        raise ValueError("kvtool chunk record: invalid steps")
-    if bool((freq.to(torch.int64).sum(1) != PROB_SCALE).any()) or bool((freq < 1).any()):
-        raise ValueError("kvtool chunk record: invalid frequency tables")
-    coder = _coder(layers, hidden, quality, RecordSettings(lane_symbols=lane), backend, device or out.device)
-    chunk = CodedChunk(words, lanes, layer_lanes, {"mean": mean, "step": step, "freq": freq})
-    decoded = coder.decode(chunk, [tokens - n_out] * layers, 1, hidden)
-    work = decoded[0][0].device
+    chunk = CodedChunk(words, lanes, layer_lanes, side)
+    work = device or out.device
+    n = tokens - n_out
+    if calibrated:
+        if h.level >= len(calibration.levels):  # type: ignore[union-attr]
+            raise ValueError(f"kvtool chunk record: codec level {h.level} of a calibration with "
+                             f"{len(calibration.levels)}")  # type: ignore[union-attr]  # fmt: skip
+        coder = calibration.coder(h.level, h.lane_symbols, backend, work)  # type: ignore[union-attr]
+        heads = coder.proj["k"][0].heads
+        if len(coder.proj["k"]) != layers or heads * coder.proj["k"][0].head_dim != hidden:
+            raise ValueError("kvtool chunk record: the calibration does not fit the record's shape")
+        decoded = [tuple(x.permute(1, 0, 2).reshape(n, hidden) for x in pair)
+                   for pair in coder.decode(chunk, [n] * layers, heads, hidden // heads)]  # fmt: skip
+    else:
+        coder = _coder(layers, hidden, h.quality, RecordSettings(lane_symbols=h.lane_symbols), backend, work)
+        decoded = [(k[0], v[0]) for k, v in coder.decode(chunk, [n] * layers, 1, hidden)]
+    kv = torch.empty(2, layers, tokens, hidden, dtype=torch.float32, device=work)
     kept = torch.ones(tokens, dtype=torch.bool)
     kept[pos] = False
-    kv = torch.empty(2, layers, tokens, hidden, dtype=torch.float32, device=work)
-    kv[0][:, kept.to(work)] = torch.stack([k[0] for k, _ in decoded])
-    kv[1][:, kept.to(work)] = torch.stack([v[0] for _, v in decoded])
+    kept = kept.to(work)
+    kv[0][:, kept] = torch.stack([k for k, _ in decoded]).to(work)
+    kv[1][:, kept] = torch.stack([v for _, v in decoded]).to(work)
     if n_out:
         kv[:, :, pos.to(work)] = out_kv.to(work).float()
-    if rope is not None:
-        kv[0] = _rotate(kv[0], rope, invert=False)
+    if rope_at is not None:
+        kv[0] = _rotate(kv[0], rope_at(torch.arange(h.start, h.start + tokens)), invert=False)
     out.copy_(kv)
     return out
 
 
 def _rotate(keys: torch.Tensor, rope: RopeTables, invert: bool) -> torch.Tensor:
-    """Keys ``(L, T, D)`` float32 rotated per layer by ``rope``'s positions ``0 .. T-1`` (``invert``: backwards)."""
+    """Keys ``(L, T, D)`` float32 rotated per layer by ``rope``'s ``T`` positions (``invert``: backwards)."""
     layers, tokens, hidden = keys.shape
     if len(rope) != layers:
         raise ValueError(f"RoPE tables for {len(rope)} layers, the chunk has {layers}")
     out = torch.empty_like(keys)
     for i, (cos, sin) in enumerate(rope):
         dim = cos.shape[-1]
-        if hidden % dim or cos.shape[-2] < tokens:
+        if hidden % dim or cos.shape[-2] != tokens:
             raise ValueError(f"layer {i}: RoPE tables of head_dim {dim} for {cos.shape[-2]} positions do not fit a "
                              f"{tokens}-token chunk of width {hidden}")  # fmt: skip
         x = keys[i].reshape(tokens, hidden // dim, dim).permute(1, 0, 2)[None]  # (1, heads, T, head_dim)
-        c, s = cos[:, :tokens].to(keys.device), sin[:, :tokens].to(keys.device)
+        c, s = cos.to(keys.device), sin.to(keys.device)
         y = invert_rope(x, c, s) if invert else apply_rope(x, c, s)
         out[i] = y[0].permute(1, 0, 2).reshape(tokens, hidden)
     return out

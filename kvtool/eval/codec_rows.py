@@ -23,8 +23,14 @@ import torch
 from kvtool.artifacts import Artifact, read_artifact
 from kvtool.cache_restore import restore_cache
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
-from kvtool.capture import prefix_rope
-from kvtool.codecs.chunk_record import RecordSettings, decode_record, encode_record, record_size
+from kvtool.capture import rope_for_positions
+from kvtool.codecs.chunk_record import (
+    RecordCalibration,
+    RecordSettings,
+    decode_record,
+    encode_record,
+    record_size,
+)
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_cache, pick_level
 from kvtool.errors import UsageError
 from kvtool.eval.configs import parse_config
@@ -105,6 +111,7 @@ class RecordRow(CodecRow):
 
     record: RecordSettings = field(default_factory=RecordSettings)
     rope: bool = True  #: with the model's RoPE tables (the serde's ``model_path``)
+    record_calibration: RecordCalibration | None = None  #: calibrated records (the serde's ``calibration``)
 
     def code_cache(self, cache: Any, ids: torch.Tensor) -> Any:
         lengths = {layer.keys.shape[-2] for layer in cache.layers}
@@ -117,20 +124,22 @@ class RecordRow(CodecRow):
         kv = kv.permute(0, 1, 3, 2, 4).reshape(2, len(cache.layers), t, heads * dim)  # (2, L, T, D): LMCache's layout
         out = torch.empty_like(kv)
         step = self.settings.chunk_tokens
-        tables = prefix_rope(self.lm.model, len(cache.layers), step) if self.rope else None
+        n_layers = len(cache.layers)
+        rope_at = (lambda pos: rope_for_positions(self.lm.model, n_layers, pos)) if self.rope else None
         for a in range(0, t, step):
             chunk = kv[:, :, a : a + step].contiguous()
             try:
-                buf = torch.empty(record_size(chunk.shape, self.record), dtype=torch.uint8)
+                size = record_size(chunk.shape, self.record, calibrated=self.record_calibration is not None)
+                buf = torch.empty(size, dtype=torch.uint8)
             except ValueError:  # a short last chunk whose side information exceeds the bits: stored raw, as the serde
                 self.bytes += chunk.numel() * chunk.element_size()
                 out[:, :, a : a + step] = chunk
                 continue
             t0 = time.perf_counter()
-            self.bytes += encode_record(chunk, self.record, buf, rope=tables)
+            self.bytes += encode_record(chunk, self.record, buf, rope_at=rope_at, calibration=self.record_calibration)
             t1 = time.perf_counter()
             piece = torch.empty_like(chunk)
-            decode_record(buf, piece, rope=tables)
+            decode_record(buf, piece, rope_at=rope_at, calibration=self.record_calibration)
             self.encode_s += t1 - t0
             self.decode_s += time.perf_counter() - t1
             out[:, :, a : a + step] = piece
@@ -192,7 +201,15 @@ def codec_row(name: str, lm: Any) -> CodecRow | None:
             record = RecordSettings(bits=float(entry.bits or 0.0))
         except ValueError as e:
             raise UsageError(f"'{name}': {e}") from None
-        return RecordRow(name, lm, CodecSettings(mode="adaptive"), record=record, rope=entry.rope)
+        cal = None
+        if entry.path:
+            art = read_artifact(entry.path, expect_schema=CALIBRATION_SCHEMA, model=lm.fingerprint)
+            try:
+                cal = RecordCalibration.of(art)
+            except ValueError as e:
+                raise UsageError(f"'{name}': {e}") from None
+        return RecordRow(name, lm, CodecSettings(mode="adaptive"), record=record, rope=entry.rope,
+                         record_calibration=cal)  # fmt: skip
     art = read_artifact(entry.path, expect_schema=CALIBRATION_SCHEMA, model=lm.fingerprint)
     budget = entry.budget
     index = budget.level if budget.level is not None else pick_level(art, budget.bits)

@@ -6,9 +6,10 @@ An entry is one of:
 * a **calibration artifact** ``PATH.safetensors``, optionally re-solved: ``PATH.safetensors@BUDGET`` (the budget
   grammar of :mod:`kvtool.budget`: ``@2.5``, ``@3.25n``, ``@r0.5k``, ``@L2``);
 * a **codec**: ``kvz:lossless``, ``kvz:q<step in σ>`` (adaptive), ``kvz:PATH.safetensors[@<bits>|@L<n>]``
-  (calibrated; default ``@1.0``), ``lmcache-kvtool@<bits>`` / ``lmcache-kvtool-plain@<bits>`` (fixed-size
-  records of post-RoPE chunks, what the LMCache serde stores with / without the model's RoPE tables), or a peer:
-  ``zstd-fp16``, ``cachegen``, ``lmcache-fp8``.
+  (calibrated; default ``@1.0``), ``lmcache-kvtool@<bits>`` / ``lmcache-kvtool-plain@<bits>`` /
+  ``lmcache-kvtool:PATH.safetensors@<bits>`` (fixed-size records of post-RoPE chunks, what the LMCache serde stores
+  with the model's RoPE tables / without them / calibrated), or a peer: ``zstd-fp16``, ``cachegen``,
+  ``lmcache-fp8``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class ConfigEntry:
             if self.codec == "adaptive":
                 return "kvz adaptive"
             if self.codec == "record":
+                if self.path:
+                    return "lmcache-kvtool " + _stem(self.path)
                 return "lmcache-kvtool" if self.rope else "lmcache-kvtool-plain"
             return "kvz " + (_stem(self.path) if self.path else "lossless")
         if self.kind == "artifact":
@@ -61,14 +64,16 @@ def parse_config(name: str) -> ConfigEntry:
     if name in PEERS:
         return ConfigEntry(name, "peer")
     if name.startswith("lmcache-kvtool"):
-        kind, _, bits = name.partition("@")
+        kind, _, bits = name.rpartition("@")
+        kind, _, path = kind.partition(":")
         try:
-            if kind not in ("lmcache-kvtool", "lmcache-kvtool-plain"):
+            if kind not in ("lmcache-kvtool", "lmcache-kvtool-plain") or (path and kind != "lmcache-kvtool"):
                 raise ValueError(kind)
-            return ConfigEntry(name, "codec", codec="record", bits=float(bits), rope=kind == "lmcache-kvtool")
+            return ConfigEntry(name, "codec", codec="record", bits=float(bits), rope=kind == "lmcache-kvtool",
+                               path=path or None)  # fmt: skip
         except ValueError:
-            raise UsageError(f"'{name}': use lmcache-kvtool[-plain]@<bits per element>, e.g. "
-                             "lmcache-kvtool@2.0") from None
+            raise UsageError(f"'{name}': use lmcache-kvtool[-plain]@<bits per element> or "
+                             "lmcache-kvtool:<artifact>@<bits>, e.g. lmcache-kvtool@2.0") from None
     if name.startswith("kvz:"):
         spec = name[4:]
         if spec == "lossless":

@@ -16,7 +16,9 @@ Configuration (the ``"serde"`` object of an ``--l2-adapter`` JSON spec; every ke
 "outlier_tokens": 2, "lane_symbols": 4096, "backend": "auto", "device": "auto", "max_workers": 1}``;
 ``model_path``: a local model folder (or kvtool alias) whose config gives the RoPE tables: keys are then rotated
 back by their position within the chunk before coding (far fewer bits for the same error; records are bound to
-those tables); ``device``: where chunks are coded (``auto``: the first GPU when there is one, else the CPU; the
+those tables); ``calibration``: a kvtool PCA/SVD artifact of that model (``kvtool calibrate --method pca``), with
+``model_path``: calibrated records, the codec's richest level that fits ``bits`` (records are bound to its
+digest); ``device``: where chunks are coded (``auto``: the first GPU when there is one, else the CPU; the
 objects themselves stay where LMCache keeps them).
 """
 
@@ -39,7 +41,9 @@ from lmcache.v1.memory_management import MemoryObj
 from kvtool.artifacts import one_line
 from kvtool.codecs.chunk_record import (
     DTYPES,
+    RecordCalibration,
     RecordSettings,
+    RopeAt,
     RopeTables,
     binding,
     decode_record,
@@ -51,21 +55,23 @@ from kvtool.errors import KvtoolError
 SERDE_TYPE = "kvtool"
 RAW_MAGIC = b"KVZW"
 _RAW = struct.Struct("<4sQ16sI")  #: magic, payload bytes, binding, CRC-32 of the payload
-_KWARGS = {"bits", "quality", "lane_symbols", "outlier_tokens", "model", "model_path", "backend", "device",
-           "max_workers"}
+_KWARGS = {"bits", "quality", "lane_symbols", "outlier_tokens", "model", "model_path", "calibration", "backend",
+           "device", "max_workers"}
 
 
-def _key_binding(key: ObjectKey | None, model: str, rope_digest: str = "") -> bytes:
+def _key_binding(key: ObjectKey | None, model: str, rope_digest: str = "", calibration_digest: str = "") -> bytes:
     if key is None:  # LMCache 0.5.0 passes no key
-        return binding("kvtool-lmcache", model, rope_digest)
-    return binding("kvtool-lmcache", model, rope_digest, key.model_name, key.kv_rank, key.object_group_id,
-                   key.cache_salt, bytes(key.chunk_hash))  # fmt: skip
+        return binding("kvtool-lmcache", model, rope_digest, calibration_digest)
+    return binding("kvtool-lmcache", model, rope_digest, calibration_digest, key.model_name, key.kv_rank,
+                   key.object_group_id, key.cache_salt, bytes(key.chunk_hash))  # fmt: skip
 
 
 class ModelRope:
-    """The RoPE tables of the model at ``path`` (its config only), per chunk length, and their digest."""
+    """The RoPE of the model at ``path`` (its config only): its tables at any positions, and a digest of the config
+    they come from."""
 
     def __init__(self, path: str):
+        from kvtool.capture import rope_model
         from kvtool.models import load_config
 
         folder = Path(path).expanduser()
@@ -73,28 +79,29 @@ class ModelRope:
             from transformers import AutoConfig
 
             try:
-                self.config = AutoConfig.from_pretrained(folder, local_files_only=True)
+                config = AutoConfig.from_pretrained(folder, local_files_only=True)
             except (OSError, ValueError) as e:
                 raise ValueError(f"kvtool serde: model_path: cannot read {folder}: {one_line(e)}") from None
         else:  # a kvtool alias, a .gguf or a hub id in the local cache
-            _, self.config = load_config(path)
-        self._tables: dict[int, RopeTables] = {}
+            _, config = load_config(path)
+        self.config = config
+        self.model = rope_model(config)
+        self.layers = self.model.config.num_hidden_layers
+        self.digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode()).hexdigest()
         self._lock = threading.Lock()
 
-    def tables(self, layers: int, tokens: int) -> tuple[RopeTables, str]:
-        with self._lock:  # the serde's pool threads share one instance
-            if tokens not in self._tables:
-                from kvtool.capture import rope_of_config
+    def at(self, layers: int) -> RopeAt:
+        """``positions → tables`` for an object of ``layers`` layers (``ValueError`` for another layer count)."""
+        if layers != self.layers:
+            raise ValueError(f"kvtool serde: model_path has {self.layers} layers, the object {layers}")
 
-                self._tables[tokens] = rope_of_config(self.config, tokens)
-            tables = self._tables[tokens]
-        if len(tables) != layers:
-            raise ValueError(f"kvtool serde: model_path has {len(tables)} layers, the object {layers}")
-        h = hashlib.sha256()
-        for cos, sin in tables:
-            h.update(cos.numpy().tobytes())
-            h.update(sin.numpy().tobytes())
-        return tables, h.hexdigest()
+        def tables(positions: torch.Tensor) -> RopeTables:
+            from kvtool.capture import rope_for_positions
+
+            with self._lock:  # the serde's pool threads share one model
+                return rope_for_positions(self.model, self.layers, positions)
+
+        return tables
 
 
 def _codable(shapes: list[torch.Size], dtypes: list[torch.dtype]) -> bool:
@@ -110,14 +117,16 @@ class KvtoolSerializer(Serializer):
     """Codes a KV memory object into a fixed-size kvtool chunk record (see the module docstring)."""
 
     def __init__(self, settings: RecordSettings, model: str = "", backend: str = "auto",
-                 device: torch.device = torch.device("cpu"), rope: ModelRope | None = None):  # fmt: skip
+                 device: torch.device = torch.device("cpu"), rope: ModelRope | None = None,
+                 calibration: RecordCalibration | None = None):  # fmt: skip
         self.settings, self.model, self.backend, self.device, self.rope = settings, model, backend, device, rope
+        self.calibration = calibration
 
     def plan(self, shapes: list[torch.Size], dtypes: list[torch.dtype]) -> tuple[bool, int]:
         """Whether objects of this layout are coded (else stored raw), and their record size."""
         if _codable(shapes, dtypes):
             try:
-                return True, record_size(shapes[0], self.settings)
+                return True, record_size(shapes[0], self.settings, calibrated=self.calibration is not None)
             except ValueError:  # too few bits for this shape's side information: stored raw
                 pass
         return False, _RAW.size + _raw_bytes(shapes, dtypes)
@@ -133,8 +142,9 @@ class KvtoolSerializer(Serializer):
             raise ValueError(f"kvtool serde: the buffer holds {out.numel()} bytes, the record needs {size}")
         if coded:
             kv = src.get_tensor(0).to(self.device, non_blocking=True)
-            tables, digest = self.rope.tables(kv.shape[1], kv.shape[2]) if self.rope else (None, "")
-            return encode_record(kv, self.settings, out, _key_binding(key, self.model, digest), self.backend, tables)
+            rope_at, digest = (self.rope.at(kv.shape[1]), self.rope.digest) if self.rope else (None, "")
+            bound = _key_binding(key, self.model, digest, self.calibration.digest if self.calibration else "")
+            return encode_record(kv, self.settings, out, bound, self.backend, rope_at, self.calibration)
         bound = _key_binding(key, self.model)
         payload = src.raw_tensor[: src.get_size()]
         crc = zlib.crc32(payload.numpy().data)
@@ -148,8 +158,9 @@ class KvtoolDeserializer(Deserializer):
     """Decodes a kvtool record into the KV memory object, in place, on the object's device."""
 
     def __init__(self, model: str = "", backend: str = "auto", device: torch.device = torch.device("cpu"),
-                 rope: ModelRope | None = None):  # fmt: skip
+                 rope: ModelRope | None = None, calibration: RecordCalibration | None = None):  # fmt: skip
         self.model, self.backend, self.device, self.rope = model, backend, device, rope
+        self.calibration = calibration
 
     def deserialize(self, src: MemoryObj, dst: MemoryObj, key: ObjectKey | None = None) -> None:
         buf = src.raw_tensor
@@ -168,9 +179,9 @@ class KvtoolDeserializer(Deserializer):
         if len(dst.get_shapes()) != 1 or len(dst.get_shapes()[0]) != 4:
             raise ValueError("kvtool serde: a coded record for an object that is not one (2, L, T, D) group")
         shape = dst.get_shapes()[0]
-        tables, digest = self.rope.tables(shape[1], shape[2]) if self.rope else (None, "")
-        decode_record(buf, dst.get_tensor(0), _key_binding(key, self.model, digest), self.backend, self.device,
-                      tables)  # fmt: skip
+        rope_at, digest = (self.rope.at(shape[1]), self.rope.digest) if self.rope else (None, "")
+        bound = _key_binding(key, self.model, digest, self.calibration.digest if self.calibration else "")
+        decode_record(buf, dst.get_tensor(0), bound, self.backend, self.device, rope_at, self.calibration)
 
 
 def create_kvtool_serde(kwargs: dict[str, object]) -> SerdeProcessor:
@@ -185,12 +196,27 @@ def create_kvtool_serde(kwargs: dict[str, object]) -> SerdeProcessor:
                                   outlier_tokens=int(_num(kwargs, "outlier_tokens", 2)))  # fmt: skip
     except ValueError as e:
         raise ValueError(f"kvtool serde: {e}") from None
-    rope = None
+    rope, calibration = None, None
     if kwargs.get("model_path"):
         try:
             rope = ModelRope(str(kwargs["model_path"]))
         except KvtoolError as e:
             raise ValueError(f"kvtool serde: model_path: {e}") from None
+    if kwargs.get("calibration"):
+        if rope is None:
+            raise ValueError("kvtool serde: calibration needs model_path (calibrated records code pre-RoPE keys)")
+        from kvtool.artifacts import read_artifact
+        from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
+
+        try:
+            calibration = RecordCalibration.of(read_artifact(str(kwargs["calibration"]),
+                                                             expect_schema=CALIBRATION_SCHEMA))  # fmt: skip
+        except KvtoolError as e:
+            raise ValueError(f"kvtool serde: calibration: {e}") from None
+        from kvtool.arch import arch_info
+
+        if calibration.artifact.model.get("config_digest") != arch_info(rope.config).digest():
+            raise ValueError("kvtool serde: the calibration artifact was made for another model than model_path's")
     model, backend = str(kwargs.get("model", "")), str(kwargs.get("backend", "auto"))
     if backend not in ("auto", "torch", "numba", "triton"):
         raise ValueError(f"kvtool serde: backend must be auto, torch, numba or triton (got {backend!r})")
@@ -198,8 +224,9 @@ def create_kvtool_serde(kwargs: dict[str, object]) -> SerdeProcessor:
     if workers < 1:
         raise ValueError("kvtool serde: max_workers must be >= 1")
     device = _device(str(kwargs.get("device", "auto")))
-    return AsyncSerdeProcessor(KvtoolSerializer(settings, model, backend, device, rope),
-                               KvtoolDeserializer(model, backend, device, rope), max_workers=workers)  # fmt: skip
+    return AsyncSerdeProcessor(KvtoolSerializer(settings, model, backend, device, rope, calibration),
+                               KvtoolDeserializer(model, backend, device, rope, calibration),
+                               max_workers=workers)  # fmt: skip
 
 
 def _device(name: str) -> torch.device:
