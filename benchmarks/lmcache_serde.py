@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import select
 import statistics
 import sys
 import tempfile
@@ -67,58 +66,33 @@ def chunks_of(shape: str, tokens: int, device: str, config_dir: Path) -> tuple[t
 
 
 def run(names: list[str], chunks: torch.Tensor, head_dim: int, repeats: int, model_path: str) -> list[dict[str, Any]]:
-    from lmcache.v1.distributed.api import MemoryLayoutDesc, ObjectKey
-    from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
-    from lmcache.v1.distributed.serde import create_serde_processor, serialized_layout_desc
-    from lmcache.v1.memory_management import MemoryFormat, MemoryObjMetadata, TensorMemoryObj
-    from lmcache.v1.platform import consume_fd
+    from lmcache.v1.distributed.api import ObjectKey
 
     import kvtool.integrations.lmcache  # noqa: F401 - registers "kvtool"
+    from kvtool.integrations.lmcache import objects
 
     pin = torch.cuda.is_available()
-
-    def obj(shape: torch.Size, dtype: torch.dtype, fmt: Any = MemoryFormat.KV_2LTD) -> Any:
-        nbytes = shape.numel() * dtype.itemsize
-        raw = torch.zeros(nbytes, dtype=torch.uint8)
-        raw = raw.pin_memory() if pin else raw
-        meta = MemoryObjMetadata(shape=shape, dtype=dtype, address=0, phy_size=nbytes, ref_count=1, fmt=fmt,
-                                 shapes=[shape], dtypes=[dtype])  # fmt: skip
-        return TensorMemoryObj(raw, meta, parent_allocator=None)
-
-    def wait(fd: int, query: Any, task: int) -> bool:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        while True:
-            if poller.poll(50):
-                consume_fd(fd)
-            if (result := query(task)) is not None:
-                return bool(result)
-
     shape = chunks.shape[1:]
     keys = [ObjectKey(chunk_hash=bytes([i % 256]) * 32, model_name="bench", kv_rank=0) for i in range(len(chunks))]
     srcs = []
     for c in chunks:
-        o = obj(shape, c.dtype)
+        o = objects.memory_obj(shape, c.dtype, pin=pin)
         o.tensor.copy_(c)
         srcs.append(o)
     fp16_bytes = 2 * chunks.numel()
     rows = []
     for name in names:
-        spec = {"type": "fs", "base_path": "/tmp/unused", "serde": serde_spec(name, head_dim, model_path)}
-        row: dict[str, Any] = {"serde": name, "config": spec["serde"]}
+        spec = serde_spec(name, head_dim, model_path)
+        row: dict[str, Any] = {"serde": name, "config": spec}
         try:
-            proc = create_serde_processor(L2AdapterConfigBase._parse_serde_config(spec))
-            layout = serialized_layout_desc(MemoryLayoutDesc([shape], [chunks.dtype]), proc)
-            bufs = [obj(layout.shapes[0], torch.uint8, MemoryFormat.BINARY_BUFFER) for _ in srcs]
-            dsts = [obj(shape, chunks.dtype) for _ in srcs]
+            proc = objects.serde_from_spec(spec)
+            dsts = [objects.memory_obj(shape, chunks.dtype, pin=pin) for _ in srcs]
             enc, dec = [], []
             for _ in range(repeats + 1):  # the first round warms up (kernels compiled, tables cached)
                 t0 = time.perf_counter()
-                ok = wait(proc.get_serialize_event_fd(), proc.query_serialize_result,
-                          proc.submit_serialize(srcs, bufs, keys))  # fmt: skip
+                ok, bufs = objects.store(proc, srcs, keys, pin)
                 t1 = time.perf_counter()
-                ok &= wait(proc.get_deserialize_event_fd(), proc.query_deserialize_result,
-                           proc.submit_deserialize(bufs, dsts, keys))  # fmt: skip
+                ok &= objects.load(proc, bufs, dsts, keys)
                 t2 = time.perf_counter()
                 if not ok:
                     raise RuntimeError("a serde task failed (see LMCache's log above)")

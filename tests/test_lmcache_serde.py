@@ -7,7 +7,6 @@ error path (a failed task: a cache miss)."""
 from __future__ import annotations
 
 import math
-import select
 import sys
 from typing import Any
 
@@ -18,13 +17,12 @@ serde_mod = pytest.importorskip(
     "lmcache.v1.distributed.serde.factory", reason="LMCache >= 0.5.6 is not installed (make install puts it in CI)"
 )
 from lmcache.v1.distributed.api import MemoryLayoutDesc, ObjectKey  # noqa: E402
-from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase  # noqa: E402
-from lmcache.v1.distributed.serde import AsyncSerdeProcessor, create_serde_processor, serialized_layout_desc  # noqa: E402
-from lmcache.v1.memory_management import MemoryFormat, MemoryObjMetadata, TensorMemoryObj  # noqa: E402
-from lmcache.v1.platform import consume_fd  # noqa: E402
+from lmcache.v1.distributed.serde import AsyncSerdeProcessor  # noqa: E402
+from lmcache.v1.memory_management import MemoryFormat, TensorMemoryObj  # noqa: E402
 
 import kvtool.integrations.lmcache as plugin  # noqa: E402
 from kvtool.codecs.chunk_record import read_header  # noqa: E402
+from kvtool.integrations.lmcache import objects  # noqa: E402
 
 KEY = ObjectKey(chunk_hash=b"\x07" * 32, model_name="smollm2-135m", kv_rank=0)
 
@@ -47,45 +45,24 @@ def real_chunks() -> torch.Tensor:
 
 
 def _obj(shape: torch.Size, dtype: torch.dtype, fmt: MemoryFormat = MemoryFormat.KV_2LTD) -> TensorMemoryObj:
-    nbytes = shape.numel() * dtype.itemsize
-    meta = MemoryObjMetadata(shape=shape, dtype=dtype, address=0, phy_size=nbytes, ref_count=1, fmt=fmt,
-                             shapes=[shape], dtypes=[dtype])  # fmt: skip
-    return TensorMemoryObj(torch.zeros(nbytes, dtype=torch.uint8), meta, parent_allocator=None)
-
-
-def _wait(fd: int, query: Any, task: int) -> bool:
-    """Poll the eventfd as LMCache's SerdeL2AdapterWrapper does, then query (each result is returned once)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    for _ in range(600):
-        if poller.poll(100):
-            consume_fd(fd)
-        if (result := query(task)) is not None:
-            return bool(result)
-    raise TimeoutError("serde task did not finish")
+    return objects.memory_obj(shape, dtype, fmt)
 
 
 def _processor(**kwargs: object) -> AsyncSerdeProcessor:
     """Built the way LMCache builds it: the ``serde`` object of an ``--l2-adapter`` spec → ``SerdeConfig`` →
     ``create_serde_processor``."""
-    config = L2AdapterConfigBase._parse_serde_config(
-        {"type": "fs", "base_path": "/tmp/unused", "serde": {"type": "kvtool", **kwargs}}
-    )
-    return create_serde_processor(config)
+    return objects.serde_from_spec({"type": "kvtool", **kwargs})
 
 
 def _store(proc: AsyncSerdeProcessor, src: TensorMemoryObj, key: ObjectKey = KEY) -> tuple[bool, TensorMemoryObj]:
-    layout = serialized_layout_desc(MemoryLayoutDesc([src.get_shape()], [src.get_dtype()]), proc)
-    buf = _obj(layout.shapes[0], torch.uint8, MemoryFormat.BINARY_BUFFER)
-    task = proc.submit_serialize([src], [buf], [key])
-    return _wait(proc.get_serialize_event_fd(), proc.query_serialize_result, task), buf
+    ok, bufs = objects.store(proc, [src], [key])
+    return ok, bufs[0]
 
 
 def _load(proc: AsyncSerdeProcessor, buf: TensorMemoryObj, shape: torch.Size, dtype: torch.dtype,
           key: ObjectKey = KEY) -> tuple[bool, TensorMemoryObj]:  # fmt: skip
     dst = _obj(shape, dtype)
-    task = proc.submit_deserialize([buf], [dst], [key])
-    return _wait(proc.get_deserialize_event_fd(), proc.query_deserialize_result, task), dst
+    return objects.load(proc, [buf], [dst], [key]), dst
 
 
 def test_registered_with_lmcache_and_built_from_its_config() -> None:
