@@ -340,3 +340,28 @@ def test_calibrated_round_trip_every_architecture(tiny, tmp_path: Path) -> None:
         assert _max_rel(d.keys, c.keys) < 0.5 and _max_rel(d.values, c.values) < 0.5
     encode_prefix(lm, IDS, settings, tmp_path / "y.kvz", cal)
     assert (tmp_path / "y.kvz").read_bytes() == (tmp_path / "x.kvz").read_bytes()
+
+
+def test_cli_encode_quality_target(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """``--max-kl``: the cheapest rate whose KL on the prompt's held-out last tokens meets the target (bisection over
+    the rates, each probe a real encode + decode), reported; nothing meets 0 (exit 4, no file); not with a fixed
+    rate or --lossless (exit 2)."""
+    out = tmp_path / "q.kvz"
+    base = ("encode", text_file, "-m", tiny_model_dir, "--max-tokens", 120, "-o", out, "--probe-tokens", 32)
+    r = invoke(*base, "--max-kl", 1e6, "--json")
+    assert r.exit_code == 0, r.stderr
+    q = json.loads(r.stdout)["quality_target"]
+    assert q["chosen"]["quality"] == 3.0 and q["chosen"]["meets"]  # everything passes: the coarsest step
+    assert len(q["tried"]) <= 5 and q["probe_tokens"] == 32
+    r = invoke(*base, "--max-kl", 0.02, "--json", "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    q = json.loads(r.stdout)["quality_target"]
+    chosen, tried = q["chosen"], sorted(q["tried"], key=lambda t: -t["quality"])
+    assert chosen["kl"] <= 0.02
+    coarser = [t for t in tried if t["quality"] > chosen["quality"]]
+    assert coarser and not coarser[-1]["meets"]  # the next coarser step measured fails: cheapest passing rate
+    out.unlink()
+    assert_one_line_error(invoke(*base, "--max-kl", 0), 4, "no rate meets")
+    assert not out.exists()
+    assert_one_line_error(invoke(*base, "--max-kl", 0.1, "--lossless"), 2, "lossless")
+    assert_one_line_error(invoke(*base, "--max-kl", -1), 2, "max-kl")

@@ -23,6 +23,7 @@ from kvtool.cli._options import (
 )
 from kvtool.codecs.kvz import CodecSettings, encode_prefix, pick_level
 from kvtool.errors import UsageError
+from kvtool.eval.rate_target import QualityTarget, choose_rate
 from kvtool.models import DEFAULT_MODEL, load_model, tokenize
 from kvtool.texts import load_text
 
@@ -30,6 +31,7 @@ EXAMPLES = """Examples:
   kvtool encode prompt.txt -o ctx.kvz                                      # adaptive (no calibration)
   kvtool encode prompt.txt -o ctx.kvz --calibration smollm2-135m.pca.kvcal.safetensors --bits 1.0
   kvtool encode prompt.txt -o ctx.kvz --lossless                           # exact bytes back
+  kvtool encode prompt.txt -o ctx.kvz --calibration A.kvcal.safetensors --max-kl 0.02   # cheapest level meeting it
 """
 
 
@@ -57,6 +59,14 @@ def encode(
     chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", help="Tokens per chunk.", min=1)] = 256,
     sink_tokens: Annotated[int, typer.Option("--sink-tokens", help="First positions kept in fp16.", min=0)] = 1,
     recent_tokens: Annotated[int, typer.Option("--recent-tokens", help="Last positions kept in fp16.", min=0)] = 0,
+    max_kl: Annotated[
+        float | None, typer.Option("--max-kl", help="Cheapest rate whose KL per position, measured on the prompt's "
+                                   "last --probe-tokens tokens, is at most K (exit 4 if none).")  # fmt: skip
+    ] = None,
+    max_ppl_delta: Annotated[
+        float | None, typer.Option("--max-ppl-delta", help="Same, with the probe's perplexity increase in percent.")
+    ] = None,
+    probe_tokens: Annotated[int, typer.Option("--probe-tokens", help="Prompt tokens held out to measure.")] = 64,
     backend: BackendOpt = "auto",
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
@@ -73,6 +83,13 @@ def encode(
         raise UsageError("--bits and --level choose a calibrated codec level: give --calibration too")
     if bits is not None and level is not None:
         raise UsageError("give --bits or --level, not both")
+    target = None
+    if max_kl is not None or max_ppl_delta is not None:
+        if bits is not None or level is not None:
+            raise UsageError("--max-kl / --max-ppl-delta choose the rate: not with --bits or --level")
+        if lossless:
+            raise UsageError("--max-kl and --max-ppl-delta choose a lossy rate: not with --lossless")
+        target = QualityTarget(max_kl, max_ppl_delta, probe_tokens)
     cal = read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA) if calibration is not None else None
     if lossless:
         mode, lv = "lossless", -1
@@ -88,11 +105,21 @@ def encode(
     ids = tokenize(lm.tokenizer, text, prompt=True)
     if max_tokens is not None:
         ids = ids[:max_tokens]
+    report = None
+    if target is not None:
+        out.log(f"measuring candidate rates on the prompt's last {min(probe_tokens, ids.numel())} tokens ...")
+        settings, report = choose_rate(lm, ids, settings, cal, target)
+        chosen = report["chosen"]
+        which = f"level {chosen['level']}" if mode == "calibrated" else f"quality {chosen['quality']}"
+        out.log(f"chose {which}: probe KL {chosen['kl']:.4g}, ΔPPL {chosen['ppl_delta_pct']:+.2f} % "
+                f"({len(report['tried'])} probes, {report['probe_s']:.1f} s)")  # fmt: skip
     out.log(f"prefilling {ids.numel()} tokens on {lm.fingerprint['id']} and coding ({mode}) ...")
     with out.progress("encode", int(ids.numel())) as advance:
         with output_file(output) as target:
             info = encode_prefix(lm, ids, settings, target, cal, progress=advance, backend=backend)
     info["path"] = str(output)
+    if report is not None:
+        info["quality_target"] = report
     rows = [[info["path"], info["tokens"], info["bytes"], f"{info['bits_per_element']:.3f}",
              f"{info['compression_vs_fp16']:.1f}x", f"{info['overhead_pct']:.2f}%"]]  # fmt: skip
     table = out.table(None, ["file", "tokens", "bytes", "bits/element", "vs fp16", "overhead"], rows)
