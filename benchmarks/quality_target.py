@@ -35,13 +35,14 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--probe-tokens", type=int, default=64)
     ap.add_argument("--cont", type=int, default=64)
+    ap.add_argument("--margin", type=float, default=0.6)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     lm = kvtool.load_model("smollm2-135m", device="cpu")
     book = tokenize(lm.tokenizer, load_text("persuasion"))
     cal = read_artifact(args.calibration) if args.calibration else None
     base = CodecSettings(mode="calibrated" if cal is not None else "adaptive")
-    target = QualityTarget(max_kl=args.max_kl, probe_tokens=args.probe_tokens)
+    target = QualityTarget(max_kl=args.max_kl, probe_tokens=args.probe_tokens, margin=args.margin)
     span = book.numel() - args.tokens - args.cont - 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +65,8 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     within = sum(r["within"] for r in rows)
-    summary = {"max_kl": args.max_kl, "calibration": str(args.calibration) if cal else None, "prompts": len(rows),
+    summary = {"max_kl": args.max_kl, "margin": args.margin, "calibration": str(args.calibration) if cal else None,
+               "prompts": len(rows),
                "within": within, "within_frac": within / len(rows),
                "median_bits": statistics.median(r["bits_per_element"] for r in rows),
                "median_file_kl": statistics.median(r["file_kl"] for r in rows),

@@ -67,6 +67,10 @@ def encode(
         float | None, typer.Option("--max-ppl-delta", help="Same, with the probe's perplexity increase in percent.")
     ] = None,
     probe_tokens: Annotated[int, typer.Option("--probe-tokens", help="Prompt tokens held out to measure.")] = 64,
+    probe_margin: Annotated[
+        float, typer.Option("--probe-margin", help="The probe must meet the target times this (the text that "
+                            "follows is not the probe).")  # fmt: skip
+    ] = 0.6,
     backend: BackendOpt = "auto",
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
@@ -89,7 +93,7 @@ def encode(
             raise UsageError("--max-kl / --max-ppl-delta choose the rate: not with --bits or --level")
         if lossless:
             raise UsageError("--max-kl and --max-ppl-delta choose a lossy rate: not with --lossless")
-        target = QualityTarget(max_kl, max_ppl_delta, probe_tokens)
+        target = QualityTarget(max_kl, max_ppl_delta, probe_tokens, probe_margin)
     cal = read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA) if calibration is not None else None
     if lossless:
         mode, lv = "lossless", -1

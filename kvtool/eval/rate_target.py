@@ -36,11 +36,15 @@ MIN_PREFIX = 16  #: tokens the probe must leave to the prefix
 @dataclass(frozen=True)
 class QualityTarget:
     """``max_kl``: mean KL per probe position (nats); ``max_ppl_delta``: probe perplexity increase in percent;
-    ``probe_tokens``: how many of the prompt's last tokens are held out to measure them."""
+    ``probe_tokens``: how many of the prompt's last tokens are held out to measure them; ``margin``: the probe must
+    meet the targets times this factor, because the text that will follow the prompt is not the probe (on 20
+    Persuasion prompts the written file's KL on the next 64 tokens was up to 1.8× its probe's; margin 1.0 kept 18
+    of 20 within K: ``benchmarks/quality_target.py``, docs/benchmarks.md "Issue 16")."""
 
     max_kl: float | None = None
     max_ppl_delta: float | None = None
     probe_tokens: int = 64
+    margin: float = 0.6
 
     def __post_init__(self) -> None:
         if self.max_kl is None and self.max_ppl_delta is None:
@@ -50,10 +54,13 @@ class QualityTarget:
                 raise UsageError(f"{name} must be a finite number >= 0 (got {value})")
         if not 2 <= self.probe_tokens <= 4096:
             raise UsageError(f"--probe-tokens must be in 2..4096 (got {self.probe_tokens})")
+        if not 0 < self.margin <= 1:
+            raise UsageError(f"--probe-margin must be in (0, 1] (got {self.margin})")
 
     def met(self, kl: float, ppl_delta: float) -> bool:
-        return (self.max_kl is None or kl <= self.max_kl) and (self.max_ppl_delta is None or
-                                                                ppl_delta <= self.max_ppl_delta)  # fmt: skip
+        """Whether a probe's KL and perplexity increase meet the targets times :attr:`margin`."""
+        return (self.max_kl is None or kl <= self.max_kl * self.margin) and (
+            self.max_ppl_delta is None or ppl_delta <= self.max_ppl_delta * self.margin)  # fmt: skip
 
 
 def candidates(base: CodecSettings, calibration: Artifact | None) -> list[CodecSettings]:
@@ -111,6 +118,7 @@ def choose_rate(lm: Any, ids: torch.Tensor, base: CodecSettings, calibration: Ar
             lo = mid + 1
     probe_s = time.perf_counter() - t0
     report = {"max_kl": target.max_kl, "max_ppl_delta_pct": target.max_ppl_delta, "probe_tokens": probe,
+              "margin": target.margin,
               "chosen": tried[hi], "tried": [tried[i] for i in sorted(tried)], "probe_s": probe_s,
               "prefill_s": prefill_s, "probe_cost_vs_prefill": probe_s / max(prefill_s, 1e-9)}  # fmt: skip
     return rates[hi], report
