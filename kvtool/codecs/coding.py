@@ -189,7 +189,7 @@ class _Coder:
     ) -> list[list[tuple[torch.Tensor, ...]]]:
         """:meth:`decode` of several chunks in one pass of the entropy decoder."""
         tables, offsets = self._batch_tables([c.side for c in chunks])
-        layouts, small_ids, small_reps, lengths, sizes = [], [], [], [], []
+        layouts, small_ids, small_reps, lengths = [], [], [], []
         for chunk, cnt, off in zip(chunks, counts, offsets, strict=True):
             layout = [[self._coded(i, kind, chunk.side) for kind in KINDS] for i in range(len(cnt))]
             segments = [sum(int(c.numel()) * n for c in comps) for comps, n in zip(layout, cnt, strict=True)]
@@ -204,16 +204,14 @@ class _Coder:
                     small_reps.append(torch.full((t.numel(),), n, dtype=torch.int64))
             layouts.append(layout)
             lengths.append(lens)
-            sizes.append(sum(segments))
-        # each component's table id broadcast over its tokens, written straight into one preallocated tensor (a
-        # batch holds millions of symbols: no per-component tensors to concatenate)
-        tids = torch.empty(sum(int(r.sum()) for r in small_reps), dtype=torch.int64)
-        at = 0
-        for ids, reps in zip(small_ids, small_reps, strict=True):
-            if ids.numel():
-                n = int(reps[0])
-                tids[at : at + ids.numel() * n].view(ids.numel(), n).copy_(ids[:, None].expand(-1, n))
-                at += ids.numel() * n
+        # each component's table id broadcast over its tokens: one repeat on the device the entropy decoder runs on
+        # (a batch holds millions of symbols: no per-component tensors, and on a GPU no host copy of them)
+        where = self.device if self.backend == "triton" else torch.device("cpu")
+        if small_ids:
+            tids = torch.repeat_interleave(torch.cat(small_ids).to(where, torch.int64),
+                                           torch.cat(small_reps).to(where))  # fmt: skip
+        else:
+            tids = torch.zeros(0, dtype=torch.int64, device=where)
         flat = rans_decode(torch.cat([c.words for c in chunks]).to(self.device), torch.cat([c.lanes for c in chunks]),
                            tids, tables, torch.cat(lengths), backend=self.backend)  # fmt: skip
         if not self.values_on_device:
