@@ -35,7 +35,7 @@ import math
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -103,6 +103,7 @@ class RecordCalibration:
     artifact: Any
     levels: list[Level]
     digest: str
+    _coders: dict[tuple[Any, ...], CalibratedCoder] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, artifact: Any) -> RecordCalibration:
@@ -113,11 +114,16 @@ class RecordCalibration:
         return cls(artifact, codec_levels(artifact.tensors), artifact.content_digest)
 
     def coder(self, level: int, lane: int, backend: str, device: torch.device) -> CalibratedCoder:
+        """The calibrated coder of ``level`` (built once per level, lane length, backend and device: the artifact's
+        transform is parsed once, not per chunk)."""
         from kvtool.codecs.coding import make_coder
         from kvtool.codecs.container import CodecSettings
 
-        coder = make_coder(CodecSettings(mode="calibrated", level=level, lane_symbols=lane), self.artifact, None)
-        return on_backend(coder, backend, device)
+        key = (level, lane, backend, str(device))
+        if key not in self._coders:
+            coder = make_coder(CodecSettings(mode="calibrated", level=level, lane_symbols=lane), self.artifact, None)
+            self._coders[key] = on_backend(coder, backend, device)
+        return self._coders[key]
 
 
 def binding(*parts: object) -> bytes:
