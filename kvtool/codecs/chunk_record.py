@@ -236,7 +236,8 @@ def encode_record(kv: torch.Tensor, settings: RecordSettings, out: torch.Tensor,
     crc = zlib.crc32(raw, zlib.crc32(head))
     head = head[:-4] + struct.pack("<I", crc)
     used = len(head) + len(raw)
-    assert used <= size, (used, size)
+    if used > size:  # the coders' budgets keep this from happening; never write past the fixed size
+        raise RuntimeError(f"internal error: a {used}-byte record for a {size}-byte slot")
     out[:used].copy_(torch.frombuffer(bytearray(head + raw), dtype=torch.uint8))
     out[used:size].zero_()
     return size
