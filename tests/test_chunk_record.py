@@ -152,3 +152,32 @@ def test_relative_rope_removes_the_rotation_without_positions(tiny_llama) -> Non
         with pytest.raises(ValueError, match="RoPE"):
             decode_record(buf, out, rope_at=None if tables is not None else rope)
     assert errs["rope"] < 0.5 * errs["plain"]
+
+
+def test_hostile_headers_with_valid_crc_fail_cleanly() -> None:
+    """A record whose header fields were rewritten and its CRC recomputed (hostile, not damaged) either decodes or
+    is refused with ValueError: never another exception, never a write past the destination."""
+    import struct
+    import zlib
+
+    kv = _chunk()
+    s = RecordSettings(bits=3.0, lane_symbols=256)
+    buf = torch.zeros(record_size(kv.shape, s), dtype=torch.uint8)
+    encode_record(kv, s, buf)
+    used = read_header(buf)[1]
+    fields = list(HEADER.unpack(bytes(buf[: HEADER.size].tolist())))
+    rng = random.Random(1)
+    values = [0, 1, 2, 3, 63, 64, 255, 256, 4096, 65535, 1 << 20, (1 << 32) - 1]
+    for _ in range(80):
+        bad = list(fields)
+        i = rng.choice([2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14])  # every integer field but magic and version
+        bad[i] = rng.choice([v for v in values if i != 2 or v <= 65535])  # the dtype code is 16 bits
+        head = HEADER.pack(*bad[:-1], 0)
+        body = bytes(buf[HEADER.size : used].tolist())
+        crc = zlib.crc32(body, zlib.crc32(head))
+        hostile = torch.frombuffer(bytearray(head[:-4] + struct.pack("<I", crc) + body), dtype=torch.uint8)
+        out = torch.empty_like(kv)
+        try:
+            decode_record(hostile, out)
+        except ValueError:
+            pass
