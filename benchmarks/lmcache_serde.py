@@ -115,6 +115,35 @@ def run(names: list[str], chunks: torch.Tensor, head_dim: int, repeats: int, mod
     return rows
 
 
+def profile_record(chunk: torch.Tensor, model_path: str, device: str) -> None:
+    """Where one record's encode and decode spend their time (host profile; the device synchronised at the end)."""
+    import cProfile
+    import pstats
+
+    from kvtool.codecs.chunk_record import RecordSettings, decode_record, encode_record, record_size
+    from kvtool.integrations.lmcache.serde import ModelRope
+
+    rope = ModelRope(model_path)
+    rope_at = rope.at(chunk.shape[1])
+    settings = RecordSettings(bits=2.0)
+    buf = torch.empty(record_size(chunk.shape, settings), dtype=torch.uint8)
+    kv = chunk.to(device)
+    out = torch.empty_like(chunk)
+    for _ in range(2):  # warm-up (Triton compiles), then timed
+        t0 = time.perf_counter()
+        encode_record(kv, settings, buf, rope_at=rope_at)
+        t1 = time.perf_counter()
+        decode_record(buf, out, rope_at=rope_at, device=torch.device(device))
+        t2 = time.perf_counter()
+    print(f"one record: encode {1e3 * (t1 - t0):.1f} ms, decode {1e3 * (t2 - t1):.1f} ms", flush=True)
+    for name, call in (("encode", lambda: encode_record(kv, settings, buf, rope_at=rope_at)),
+                       ("decode", lambda: decode_record(buf, out, rope_at=rope_at, device=torch.device(device)))):
+        prof = cProfile.Profile()
+        prof.runcall(call)
+        print(f"--- {name}", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-3.1-8b")
@@ -124,9 +153,12 @@ def main() -> int:
                     "turboquant:turboquant_3bit_nc")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", action="store_true", help="cProfile one record's encode and decode (no LMCache)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as config_dir:
         chunks, head_dim = chunks_of(args.shape, args.tokens, args.device, Path(config_dir))
+        if args.profile:
+            profile_record(chunks[1], config_dir, args.device)
         rows = run(args.serdes.split(","), chunks, head_dim, args.repeats, config_dir)
     out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "shape": args.shape,
            "tokens": args.tokens, "chunk_shape": list(chunks.shape[1:]), "rows": rows}  # fmt: skip
