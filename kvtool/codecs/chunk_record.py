@@ -481,7 +481,7 @@ def decode_record(buf: torch.Tensor, out: torch.Tensor, bound_to: bytes = b"\0" 
         kv[:, :, pos.to(work)] = out_kv.to(work).float()
     if rope_at is not None:
         kv[0] = _rotate(kv[0], rope_at(torch.arange(h.start, h.start + tokens)), invert=False)
-    out.copy_(kv)
+    out.copy_(kv.to(out.dtype))  # narrowed where it was decoded: a GPU → host copy moves half the bytes, no host cast
     return out
 
 
