@@ -486,18 +486,25 @@ def decode_record(buf: torch.Tensor, out: torch.Tensor, bound_to: bytes = b"\0" 
 
 
 def _rotate(keys: torch.Tensor, rope: RopeTables, invert: bool) -> torch.Tensor:
-    """Keys ``(L, T, D)`` float32 rotated per layer by ``rope``'s ``T`` positions (``invert``: backwards)."""
+    """Keys ``(L, T, D)`` float32 rotated per layer by ``rope``'s ``T`` positions (``invert``: backwards). Layers
+    that share one table (most models: all of them) are rotated together, elementwise, so the values are the same
+    as layer by layer."""
     layers, tokens, hidden = keys.shape
     if len(rope) != layers:
         raise ValueError(f"RoPE tables for {len(rope)} layers, the chunk has {layers}")
     out = torch.empty_like(keys)
-    for i, (cos, sin) in enumerate(rope):
+    groups: dict[int, list[int]] = {}
+    for i, (cos, _) in enumerate(rope):
+        groups.setdefault(id(cos), []).append(i)
+    for members in groups.values():
+        cos, sin = rope[members[0]]
         dim = cos.shape[-1]
         if hidden % dim or cos.shape[-2] != tokens:
-            raise ValueError(f"layer {i}: RoPE tables of head_dim {dim} for {cos.shape[-2]} positions do not fit a "
-                             f"{tokens}-token chunk of width {hidden}")  # fmt: skip
-        x = keys[i].reshape(tokens, hidden // dim, dim).permute(1, 0, 2)[None]  # (1, heads, T, head_dim)
-        c, s = cos.to(keys.device), sin.to(keys.device)
-        y = invert_rope(x, c, s) if invert else apply_rope(x, c, s)
-        out[i] = y[0].permute(1, 0, 2).reshape(tokens, hidden)
+            raise ValueError(f"layer {members[0]}: RoPE tables of head_dim {dim} for {cos.shape[-2]} positions do not "
+                             f"fit a {tokens}-token chunk of width {hidden}")  # fmt: skip
+        idx = torch.tensor(members, device=keys.device)
+        x = keys.index_select(0, idx).reshape(len(members), tokens, hidden // dim, dim).permute(0, 2, 1, 3)
+        c, s = cos.to(keys.device), sin.to(keys.device)  # (1, T, head_dim): broadcast over layers and heads
+        y = invert_rope(x, c, s) if invert else apply_rope(x, c, s)  # (layers, heads, T, head_dim)
+        out.index_copy_(0, idx, y.permute(0, 2, 1, 3).reshape(len(members), tokens, hidden))
     return out
