@@ -226,3 +226,19 @@ def test_calibrated_records_through_lmcache(real_chunks: torch.Tensor, smollm2_p
         adaptive.close()
     with pytest.raises(ValueError, match="needs model_path"):
         _processor(calibration=smollm2_pca)
+
+
+def test_model_path_needs_only_the_config(tiny_qwen2, tmp_path) -> None:
+    """``model_path`` may be a folder holding config.json alone: its tables equal the model's own."""
+    from kvtool.capture import prefix_rope
+    from kvtool.integrations.lmcache.serde import ModelRope
+
+    tiny_qwen2.model.config.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    rope = ModelRope(str(tmp_path))
+    layers = tiny_qwen2.info.num_layers
+    ours = rope.at(layers)(torch.arange(40))
+    theirs = prefix_rope(tiny_qwen2.model, layers, 40)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours, theirs, strict=True))
+    with pytest.raises(ValueError, match="layers"):
+        rope.at(layers + 1)
