@@ -51,6 +51,8 @@ class ConfigEntry:
             return "kvz " + (_stem(self.path) if self.path else "lossless")
         if self.kind == "artifact":
             return _stem(self.path or self.name)
+        if self.kind == "peer":
+            return self.name  # one point each: "lmcache-fp8" is not the "lmcache-kvtool" curve
         return self.name.split("-")[0]
 
 
