@@ -7,10 +7,12 @@ the chunk's positions; some of its stores also need every object's size before t
 
 * codes the chunk with the adaptive coder of :mod:`kvtool.codecs.coding` (per layer, K/V and channel a mean and a
   step of ``quality`` standard deviations, per slot a table of the chunk's own symbols, interleaved rANS lanes),
-  applied to the **post-RoPE** keys as they are: no positions needed, at a rate cost the bench measures
-  (``benchmarks/lmcache_serde.py``);
-* has one size per shape, :func:`record_size` (``bits`` per element, all-in): the encoder coarsens the step
-  (rate control) until the chunk fits and pads the rest with zeros;
+  applied to the **post-RoPE** keys: no positions needed, at a rate cost ``kvtool bench``'s ``lmcache-kvtool`` rows
+  measure (docs/benchmarks.md, "Issue 15");
+* keeps up to ``outlier_tokens`` tokens in fp16 (the attention sink, whose near-zero values a step sized for the
+  other tokens would erase);
+* has one size per shape, :func:`record_size` (``bits`` per element, all-in): the encoder coarsens or refines the
+  step (rate control) until the chunk just fits and pads the rest with zeros;
 * is self-describing and checked: magic, version, shape and dtype, a 16-byte *binding* digest of what the record
   belongs to (the storage key and model), and a CRC-32 over header and body. A record that fails any check is
   refused with ``ValueError`` (never decoded into garbage).
