@@ -375,6 +375,10 @@ def test_resolve_rechooses_layers_without_the_model(engine_arts: dict[str, Path]
     r = invoke("calibrate", "--resolve", engine_arts["nvfp4"], "--target-bits", one_skipped, "-o", nv)
     assert r.exit_code == 0, r.stderr
     assert 0 < len(read_artifact(nv).extra["engine"]["skip_layers"])  # NVFP4 4.5 bits + some bf16 layers
+    # what was measured cannot change without the model: such flags are refused, not silently ignored
+    r = invoke("calibrate", "--resolve", engine_arts["mixed"], "--target-bits", 5.0, "--observer", "mse",
+               "--num-seqs", 2, "-o", tmp_path / "x.kvcal.safetensors")  # fmt: skip
+    assert_one_line_error(r, 2, "--observer", "--num-seqs", "budget only")
 
 
 def test_every_architecture_calibrates_and_exports(tiny: Any, tmp_path: Path) -> None:

@@ -201,6 +201,14 @@ def calibrate(
     checked: dict[str, Any] | None = None
     jobs: list[tuple[Path, Artifact]] = []
     if resolve is not None:
+        # only the budget is re-solved: a flag that would change how the table was measured cannot apply
+        fixed = {"--method": method != "search", "--kv-dtype": kv_dtype is not None, "--observer": observer != "amax",
+                 "--sensitivity": sensitivity != "fisher", "--skip-budget": bool(skip_budget),
+                 "--granularity": granularity is not None, "--bits": bits != "3", "--num-seqs": num_seqs != 8,
+                 "--seq-len": seq_len != 2048, "--seed": seed != 0, "--text": text != "calibration"}  # fmt: skip
+        if given := [flag for flag, changed in fixed.items() if changed]:
+            raise UsageError(f"--resolve re-solves the artifact's budget only; {', '.join(given)} would need a new "
+                             "calibration (drop --resolve)")  # fmt: skip
         budget = _budget_from_flags(target_bits, target_rank_fraction, bits_accounting)
         try:
             art, _ = resolve_budget(read_artifact(resolve, expect_schema=SCHEMA), budget)
