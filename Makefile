@@ -47,6 +47,9 @@ demo: install
 	$(VENV)/bin/kvtool encode persuasion --max-tokens 2048 --calibration $(OUT)/smollm2-135m.pca.kvcal.safetensors \
 		--bits 1.0 -o $(OUT)/persuasion.kvz --overwrite
 	$(VENV)/bin/kvtool encode persuasion --max-tokens 2048 --lossless -o $(OUT)/persuasion-lossless.kvz --overwrite
+	@echo "== 5b. encode for a quality instead of a rate: the cheapest level whose KL, measured on the prompt's own last 64 tokens, is <= 0.02" >&2
+	$(VENV)/bin/kvtool encode persuasion --max-tokens 2048 --calibration $(OUT)/smollm2-135m.pca.kvcal.safetensors \
+		--max-kl 0.02 -o $(OUT)/persuasion-kl.kvz --overwrite
 	@echo "== 6. decode: continue generation from the decoded cache (no prefill of the 2048 prefix tokens)" >&2
 	$(VENV)/bin/kvtool decode $(OUT)/persuasion.kvz --calibration $(OUT)/smollm2-135m.pca.kvcal.safetensors \
 		--generate " Anne Elliot" --max-new-tokens 24
