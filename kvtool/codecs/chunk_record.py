@@ -128,6 +128,16 @@ class RecordCalibration:
         return self._coders[key]
 
 
+    def heads(self, layers: int, hidden: int) -> int:
+        """The KV heads per layer the calibration's projections take, checked against a chunk of ``layers`` layers
+        of width ``hidden`` (``ValueError`` when it is for another shape)."""
+        keys = self.coder(0, 4096, "torch", torch.device("cpu")).proj["k"]
+        if len(keys) != layers or keys[0].heads * keys[0].head_dim != hidden:
+            raise ValueError(f"the calibration is for {len(keys)} layers of {keys[0].heads} × {keys[0].head_dim} "
+                             f"channels, the chunk has {layers} layers of width {hidden}")  # fmt: skip
+        return keys[0].heads
+
+
 def binding(*parts: object) -> bytes:
     """The 16-byte digest a record is bound to (e.g. the storage key's fields and the model): a record read back
     under another binding is refused."""
@@ -206,10 +216,9 @@ def encode_record(kv: torch.Tensor, settings: RecordSettings, out: torch.Tensor,
     keys, values = kv[0].float(), kv[1].float()
     if rope_at is not None:
         keys = _rotate(keys, rope_at(torch.arange(tokens)), invert=True)
-    outliers = _outlier_tokens(keys, values, reserve, settings.outlier_z)
-    kept = torch.ones(tokens, dtype=torch.bool)
-    kept[outliers] = False
-    idx = torch.nonzero(kept).reshape(-1).to(kv.device)
+    scores = _z_scores(keys, values)
+    outliers = _outlier_tokens(scores, reserve, settings.outlier_z)
+    idx = _kept_index(tokens, outliers, kv.device)
     start, level, quality = 0, 0, 0.0
     if calibration is None:
         ck, cv = keys.index_select(1, idx), values.index_select(1, idx)
@@ -218,10 +227,8 @@ def encode_record(kv: torch.Tensor, settings: RecordSettings, out: torch.Tensor,
     else:
         start = _chunk_start(keys.index_select(1, idx), calibration, rope_at, tokens, settings.max_start)  # type: ignore[arg-type]
         if start == 0 and reserve and 0 not in outliers:  # the sequence's first token: the sink, always kept
-            outliers = sorted([0, *sorted(outliers, key=lambda t: -_z_of(keys, values, t))[: reserve - 1]])
-            kept = torch.ones(tokens, dtype=torch.bool)
-            kept[outliers] = False
-            idx = torch.nonzero(kept).reshape(-1).to(kv.device)
+            outliers = sorted([0, *sorted(outliers, key=lambda t: -float(scores[t]))[: reserve - 1]])
+            idx = _kept_index(tokens, outliers, kv.device)
         keys = _rotate(kv[0].float(), rope_at(torch.arange(start, start + tokens)), invert=True)  # type: ignore[misc]
         coded, level = _code_calibrated(keys.index_select(1, idx), values.index_select(1, idx), calibration,
                                         settings, room, backend)  # fmt: skip
@@ -287,11 +294,7 @@ def _code_calibrated(keys: torch.Tensor, values: torch.Tensor, calibration: Reco
     """Calibrated coding of pre-RoPE ``(L, T', D)`` keys and values with the richest codec level whose lanes and
     words fit in ``room`` words."""
     layers, tokens, hidden = keys.shape
-    coder0 = calibration.coder(0, settings.lane_symbols, backend, keys.device)
-    heads = coder0.proj["k"][0].heads
-    if len(coder0.proj["k"]) != layers or heads * coder0.proj["k"][0].head_dim != hidden:
-        raise ValueError(f"the calibration is for {len(coder0.proj['k'])} layers of {heads} heads, the chunk has "
-                         f"{layers} layers of width {hidden}")  # fmt: skip
+    heads = calibration.heads(layers, hidden)
 
     def per_head(x: torch.Tensor) -> torch.Tensor:  # (T', D) -> (heads, T', head_dim), on the CPU (projections)
         return x.reshape(tokens, heads, hidden // heads).permute(1, 0, 2).cpu()
@@ -317,7 +320,7 @@ def _chunk_start(keys: torch.Tensor, calibration: RecordCalibration, rope_at: Ro
     layers, _, hidden = keys.shape
     candidates = torch.arange(0, max(max_start, 1), tokens)
     tables = rope_at(candidates)
-    coder = calibration.coder(0, 4096, "torch", torch.device("cpu"))
+    coder = calibration.coder(0, 4096, "torch", torch.device("cpu"))  # its projections' means (any level's)
     score = torch.zeros(candidates.numel(), dtype=torch.float64)
     m = keys.mean(1).cpu().double()  # (L, D)
     for i, (cos, sin) in enumerate(tables):
@@ -329,14 +332,12 @@ def _chunk_start(keys: torch.Tensor, calibration: RecordCalibration, rope_at: Ro
     return int(candidates[int(torch.argmax(score))])
 
 
-def _outlier_tokens(keys: torch.Tensor, values: torch.Tensor, most: int, z: float) -> list[int]:
-    """Up to ``most`` tokens (ascending) of ``keys``/``values`` ``(L, T, D)`` with a channel more than ``z``
-    standard deviations (over the chunk's tokens) from its mean, the farthest first."""
+def _outlier_tokens(scores: torch.Tensor, most: int, z: float) -> list[int]:
+    """Up to ``most`` tokens (ascending) whose :func:`_z_scores` exceed ``z``, the farthest first."""
     if most < 1:
         return []
-    score = _z_scores(keys, values)
-    top = torch.topk(score, min(most, score.numel())).indices.cpu()
-    return sorted(int(t) for t in top if float(score[t]) > z)
+    top = torch.topk(scores, min(most, scores.numel())).indices.cpu()
+    return sorted(int(t) for t in top if float(scores[t]) > z)
 
 
 def _z_scores(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -349,8 +350,11 @@ def _z_scores(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return score
 
 
-def _z_of(keys: torch.Tensor, values: torch.Tensor, token: int) -> float:
-    return float(_z_scores(keys, values)[token])
+def _kept_index(tokens: int, outliers: list[int], device: torch.device) -> torch.Tensor:
+    """The positions ``0 .. tokens-1`` that are coded (not kept as fp16 outliers), ascending, on ``device``."""
+    kept = torch.ones(tokens, dtype=torch.bool)
+    kept[outliers] = False
+    return torch.nonzero(kept).reshape(-1).to(device)
 
 
 def _le_bytes(t: torch.Tensor) -> bytes:
@@ -465,9 +469,7 @@ def decode_record(buf: torch.Tensor, out: torch.Tensor, bound_to: bytes = b"\0" 
             raise ValueError(f"kvtool chunk record: codec level {h.level} of a calibration with "
                              f"{len(calibration.levels)}")  # type: ignore[union-attr]  # fmt: skip
         coder = calibration.coder(h.level, h.lane_symbols, backend, work)  # type: ignore[union-attr]
-        heads = coder.proj["k"][0].heads
-        if len(coder.proj["k"]) != layers or heads * coder.proj["k"][0].head_dim != hidden:
-            raise ValueError("kvtool chunk record: the calibration does not fit the record's shape")
+        heads = calibration.heads(layers, hidden)  # type: ignore[union-attr]
         decoded = [tuple(x.permute(1, 0, 2).reshape(n, hidden) for x in pair)
                    for pair in coder.decode(chunk, [n] * layers, heads, hidden // heads)]  # fmt: skip
     else:
