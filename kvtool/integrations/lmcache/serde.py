@@ -28,6 +28,7 @@ import hashlib
 import struct
 import threading
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,28 @@ _KWARGS = {"bits", "quality", "lane_symbols", "outlier_tokens", "model", "model_
            "device", "max_workers"}
 
 
-def _key_binding(key: ObjectKey | None, model: str, rope_digest: str = "", calibration_digest: str = "") -> bytes:
-    if key is None:  # LMCache 0.5.0 passes no key
-        return binding("kvtool-lmcache", model, rope_digest, calibration_digest)
-    return binding("kvtool-lmcache", model, rope_digest, calibration_digest, key.model_name, key.kv_rank,
-                   key.object_group_id, key.cache_salt, bytes(key.chunk_hash))  # fmt: skip
+@dataclass(frozen=True)
+class RecordContext:
+    """What both directions share: the model id, where and how chunks are coded, and the RoPE tables and
+    calibration records are coded with, all bound into every record."""
+
+    model: str = ""
+    backend: str = "auto"
+    device: torch.device = torch.device("cpu")
+    rope: ModelRope | None = None
+    calibration: RecordCalibration | None = None
+
+    def binding(self, key: ObjectKey | None, coded: bool = True) -> bytes:
+        """The 16-byte binding of the record of ``key`` (coded records also bind the tables and the artifact)."""
+        rope = self.rope.digest if coded and self.rope else ""
+        calibration = self.calibration.digest if coded and self.calibration else ""
+        parts: tuple[object, ...] = ("kvtool-lmcache", self.model, rope, calibration)
+        if key is not None:  # LMCache 0.5.0 passes no key
+            parts += (key.model_name, key.kv_rank, key.object_group_id, key.cache_salt, bytes(key.chunk_hash))
+        return binding(*parts)
+
+    def rope_at(self, layers: int) -> RopeAt | None:
+        return self.rope.at(layers) if self.rope else None
 
 
 class ModelRope:
@@ -116,17 +134,14 @@ def _raw_bytes(shapes: list[torch.Size], dtypes: list[torch.dtype]) -> int:
 class KvtoolSerializer(Serializer):
     """Codes a KV memory object into a fixed-size kvtool chunk record (see the module docstring)."""
 
-    def __init__(self, settings: RecordSettings, model: str = "", backend: str = "auto",
-                 device: torch.device = torch.device("cpu"), rope: ModelRope | None = None,
-                 calibration: RecordCalibration | None = None):  # fmt: skip
-        self.settings, self.model, self.backend, self.device, self.rope = settings, model, backend, device, rope
-        self.calibration = calibration
+    def __init__(self, settings: RecordSettings, context: RecordContext):
+        self.settings, self.context = settings, context
 
     def plan(self, shapes: list[torch.Size], dtypes: list[torch.dtype]) -> tuple[bool, int]:
         """Whether objects of this layout are coded (else stored raw), and their record size."""
         if _codable(shapes, dtypes):
             try:
-                return True, record_size(shapes[0], self.settings, calibrated=self.calibration is not None)
+                return True, record_size(shapes[0], self.settings, calibrated=self.context.calibration is not None)
             except ValueError:  # too few bits for this shape's side information: stored raw
                 pass
         return False, _RAW.size + _raw_bytes(shapes, dtypes)
@@ -140,12 +155,12 @@ class KvtoolSerializer(Serializer):
         coded, size = self.plan(list(src.get_shapes()), list(src.get_dtypes()))
         if out.numel() < size:
             raise ValueError(f"kvtool serde: the buffer holds {out.numel()} bytes, the record needs {size}")
+        ctx = self.context
         if coded:
-            kv = src.get_tensor(0).to(self.device, non_blocking=True)
-            rope_at, digest = (self.rope.at(kv.shape[1]), self.rope.digest) if self.rope else (None, "")
-            bound = _key_binding(key, self.model, digest, self.calibration.digest if self.calibration else "")
-            return encode_record(kv, self.settings, out, bound, self.backend, rope_at, self.calibration)
-        bound = _key_binding(key, self.model)
+            kv = src.get_tensor(0).to(ctx.device, non_blocking=True)
+            return encode_record(kv, self.settings, out, ctx.binding(key), ctx.backend, ctx.rope_at(kv.shape[1]),
+                                 ctx.calibration)  # fmt: skip
+        bound = ctx.binding(key, coded=False)
         payload = src.raw_tensor[: src.get_size()]
         crc = zlib.crc32(payload.numpy().data)
         out[: _RAW.size].copy_(torch.frombuffer(bytearray(_RAW.pack(RAW_MAGIC, src.get_size(), bound, crc)),
@@ -157,15 +172,13 @@ class KvtoolSerializer(Serializer):
 class KvtoolDeserializer(Deserializer):
     """Decodes a kvtool record into the KV memory object, in place, on the object's device."""
 
-    def __init__(self, model: str = "", backend: str = "auto", device: torch.device = torch.device("cpu"),
-                 rope: ModelRope | None = None, calibration: RecordCalibration | None = None):  # fmt: skip
-        self.model, self.backend, self.device, self.rope = model, backend, device, rope
-        self.calibration = calibration
+    def __init__(self, context: RecordContext):
+        self.context = context
 
     def deserialize(self, src: MemoryObj, dst: MemoryObj, key: ObjectKey | None = None) -> None:
-        buf = src.raw_tensor
+        buf, ctx = src.raw_tensor, self.context
         if buf.numel() >= _RAW.size and bytes(buf[:4].tolist()) == RAW_MAGIC:
-            bound = _key_binding(key, self.model)
+            bound = ctx.binding(key, coded=False)
             _, n, rec_bound, crc = _RAW.unpack(bytes(buf[: _RAW.size].tolist()))
             if n != dst.get_size() or _RAW.size + n > buf.numel():
                 raise ValueError(f"kvtool serde: a raw record of {n} bytes for a {dst.get_size()}-byte object")
@@ -178,10 +191,8 @@ class KvtoolDeserializer(Deserializer):
             return
         if len(dst.get_shapes()) != 1 or len(dst.get_shapes()[0]) != 4:
             raise ValueError("kvtool serde: a coded record for an object that is not one (2, L, T, D) group")
-        shape = dst.get_shapes()[0]
-        rope_at, digest = (self.rope.at(shape[1]), self.rope.digest) if self.rope else (None, "")
-        bound = _key_binding(key, self.model, digest, self.calibration.digest if self.calibration else "")
-        decode_record(buf, dst.get_tensor(0), bound, self.backend, self.device, rope_at, self.calibration)
+        decode_record(buf, dst.get_tensor(0), ctx.binding(key), ctx.backend, ctx.device,
+                      ctx.rope_at(dst.get_shapes()[0][1]), ctx.calibration)  # fmt: skip
 
 
 def create_kvtool_serde(kwargs: dict[str, object]) -> SerdeProcessor:
@@ -223,10 +234,8 @@ def create_kvtool_serde(kwargs: dict[str, object]) -> SerdeProcessor:
     workers = int(_num(kwargs, "max_workers", 1))
     if workers < 1:
         raise ValueError("kvtool serde: max_workers must be >= 1")
-    device = _device(str(kwargs.get("device", "auto")))
-    return AsyncSerdeProcessor(KvtoolSerializer(settings, model, backend, device, rope, calibration),
-                               KvtoolDeserializer(model, backend, device, rope, calibration),
-                               max_workers=workers)  # fmt: skip
+    context = RecordContext(model, backend, _device(str(kwargs.get("device", "auto"))), rope, calibration)
+    return AsyncSerdeProcessor(KvtoolSerializer(settings, context), KvtoolDeserializer(context), max_workers=workers)
 
 
 def _device(name: str) -> torch.device:
