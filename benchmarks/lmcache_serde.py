@@ -48,6 +48,7 @@ def chunks_of(shape: str, tokens: int, device: str, config_dir: Path) -> tuple[t
     sys.path.insert(0, str(Path(__file__).parent))
     from kvz_gpu_pipeline import build_model, text_ids
 
+    from kvtool.codecs.chunk_record import engine_layout
     from kvtool.codecs.encode import prefill_cache
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -56,11 +57,9 @@ def chunks_of(shape: str, tokens: int, device: str, config_dir: Path) -> tuple[t
     ids = text_ids(tokens, model.config.vocab_size)
     with torch.no_grad():
         cache = prefill_cache(model, ids)
-    k0 = cache.layers[0].keys
-    heads, t, dim = k0.shape[1:]
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers], 1)
-    kv = kv.permute(0, 1, 3, 2, 4).reshape(2, len(cache.layers), t, heads * dim).to(torch.bfloat16).cpu()
-    n = t // CHUNK
+    dim = cache.layers[0].keys.shape[-1]
+    kv = engine_layout(cache).to(torch.bfloat16).cpu()
+    n = kv.shape[2] // CHUNK
     del model, cache
     return torch.stack([kv[:, :, i * CHUNK : (i + 1) * CHUNK] for i in range(n)]).contiguous(), dim
 

@@ -16,6 +16,7 @@ from lmcache.v1.distributed.api import ObjectKey
 
 import kvtool
 import kvtool.integrations.lmcache  # noqa: F401 - registers the "kvtool" serde with LMCache
+from kvtool.codecs.chunk_record import engine_layout
 from kvtool.codecs.kvz import prefill_cache
 from kvtool.integrations.lmcache import objects
 from kvtool.models import tokenize
@@ -33,9 +34,8 @@ def main() -> int:
     ids = tokenize(lm.tokenizer, load_text("persuasion"), prompt=True)[: args.tokens - args.tokens % CHUNK]
     with torch.no_grad():
         cache = prefill_cache(lm.model, ids)
-    heads, t, dim = cache.layers[0].keys.shape[1:]
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers], 1)
-    kv = kv.permute(0, 1, 3, 2, 4).reshape(2, len(cache.layers), t, heads * dim).to(torch.bfloat16)
+    kv = engine_layout(cache).to(torch.bfloat16)
+    t = kv.shape[2]
     chunks = [kv[:, :, a : a + CHUNK].contiguous() for a in range(0, t, CHUNK)]  # LMCache's MP layout, bf16
     keys = [ObjectKey(chunk_hash=bytes([i]) * 32, model_name="smollm2-135m", kv_rank=0) for i in range(len(chunks))]
     srcs = []

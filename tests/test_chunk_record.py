@@ -181,3 +181,27 @@ def test_hostile_headers_with_valid_crc_fail_cleanly() -> None:
             decode_record(hostile, out)
         except ValueError:
             pass
+
+
+def test_engine_layout_round_trips_and_sliding_caches_are_refused_by_the_bench_rows(tiny_llama, tiny_gemma3) -> None:
+    """``engine_layout`` / ``cache_layout`` are inverse; a cache whose sliding-window layers hold fewer positions than
+    the prefix has no single ``(2, L, T, D)`` layout, and the bench's record rows say so (exit 2 wording) instead of
+    coding something else."""
+    from tiny_models import TinyLM
+
+    from kvtool.codecs.chunk_record import cache_layout, engine_layout
+    from kvtool.codecs.encode import prefill_cache
+    from kvtool.errors import UsageError
+    from kvtool.eval.codec_rows import codec_row
+
+    ids = torch.randint(0, 128, (150,), generator=torch.Generator().manual_seed(0))
+    cache = prefill_cache(tiny_llama.model, ids)
+    kv = engine_layout(cache)
+    assert kv.shape == (2, tiny_llama.info.num_layers, 150, tiny_llama.info.num_kv_heads * tiny_llama.info.head_dim)
+    back = cache_layout(kv, tiny_llama.info.num_kv_heads)
+    assert all(torch.equal(k, layer.keys) and torch.equal(v, layer.values)
+               for (k, v), layer in zip(back, cache.layers, strict=True))  # fmt: skip
+    sliding = prefill_cache(tiny_gemma3.model, ids)
+    assert len({layer.keys.shape[-2] for layer in sliding.layers}) > 1  # the window is shorter than the prefix
+    with pytest.raises(UsageError, match="sliding window"):
+        codec_row("lmcache-kvtool@8.0", TinyLM(tiny_gemma3)).code_cache(sliding, ids)

@@ -21,7 +21,7 @@ from lmcache.v1.distributed.serde import AsyncSerdeProcessor  # noqa: E402
 from lmcache.v1.memory_management import MemoryFormat, TensorMemoryObj  # noqa: E402
 
 import kvtool.integrations.lmcache as plugin  # noqa: E402
-from kvtool.codecs.chunk_record import read_header  # noqa: E402
+from kvtool.codecs.chunk_record import engine_layout, read_header  # noqa: E402
 from kvtool.integrations.lmcache import objects  # noqa: E402
 
 KEY = ObjectKey(chunk_hash=b"\x07" * 32, model_name="smollm2-135m", kv_rank=0)
@@ -38,9 +38,7 @@ def real_chunks() -> torch.Tensor:
     lm = load_model("smollm2-135m", device="cpu")
     ids = lm.tokenizer(book("persuasion")[:12000], return_tensors="pt").input_ids[0][:512]
     cache = prefill_cache(lm.model, ids)
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers], 1)  # (2, L, H, T, d)
-    n_layers, heads, t, d = kv.shape[1], kv.shape[2], kv.shape[3], kv.shape[4]
-    kv = kv.permute(0, 1, 3, 2, 4).reshape(2, n_layers, t, heads * d).to(torch.bfloat16)
+    kv = engine_layout(cache).to(torch.bfloat16)
     return torch.stack([kv[:, :, :256], kv[:, :, 256:]]).contiguous()
 
 

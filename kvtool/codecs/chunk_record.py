@@ -138,6 +138,21 @@ class RecordCalibration:
         return keys[0].heads
 
 
+def engine_layout(cache: Any) -> torch.Tensor:
+    """A transformers cache's K/V ``(1, kv_heads, T, head_dim)`` per layer as LMCache's MP server lays a chunk out:
+    ``(2, L, T, kv_heads · head_dim)`` (every layer must hold the same ``T`` positions)."""
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers], 1)  # (2, L, H, T, d)
+    _, layers, heads, tokens, dim = kv.shape
+    return kv.permute(0, 1, 3, 2, 4).reshape(2, layers, tokens, heads * dim)
+
+
+def cache_layout(kv: torch.Tensor, heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inverse of :func:`engine_layout`: per layer ``(keys, values)`` ``(1, heads, T, head_dim)`` (views)."""
+    _, layers, tokens, hidden = kv.shape
+    kv = kv.reshape(2, layers, tokens, heads, hidden // heads).permute(0, 1, 3, 2, 4)
+    return [(kv[0, i][None], kv[1, i][None]) for i in range(layers)]
+
+
 def binding(*parts: object) -> bytes:
     """The 16-byte digest a record is bound to (e.g. the storage key's fields and the model): a record read back
     under another binding is refused."""

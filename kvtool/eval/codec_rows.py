@@ -27,8 +27,10 @@ from kvtool.capture import rope_for_positions
 from kvtool.codecs.chunk_record import (
     RecordCalibration,
     RecordSettings,
+    cache_layout,
     decode_record,
     encode_record,
+    engine_layout,
     record_size,
 )
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_cache, pick_level
@@ -119,12 +121,11 @@ class RecordRow(CodecRow):
             raise UsageError(f"'{self.name}': chunk records need every layer to hold the whole prefix (a sliding "
                              "window shorter than the prefix gives layers of different lengths)")  # fmt: skip
         dtype, device = cache.layers[0].keys.dtype, cache.layers[0].keys.device
-        heads, t, dim = cache.layers[0].keys.shape[1:]
-        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers], 1)
-        kv = kv.permute(0, 1, 3, 2, 4).reshape(2, len(cache.layers), t, heads * dim)  # (2, L, T, D): LMCache's layout
+        heads, n_layers = cache.layers[0].keys.shape[1], len(cache.layers)
+        kv = engine_layout(cache)  # (2, L, T, D): LMCache's layout
+        t = kv.shape[2]
         out = torch.empty_like(kv)
         step = self.settings.chunk_tokens
-        n_layers = len(cache.layers)
         rope_at = (lambda pos: rope_for_positions(self.lm.model, n_layers, pos)) if self.rope else None
         for a in range(0, t, step):
             chunk = kv[:, :, a : a + step].contiguous()
@@ -145,9 +146,7 @@ class RecordRow(CodecRow):
             out[:, :, a : a + step] = piece
         self.elements += kv.numel()
         self.prefixes.append(int(ids.numel()))
-        out = out.reshape(2, len(cache.layers), t, heads, dim).permute(0, 1, 3, 2, 4)
-        return restore_cache(self.lm.model, [(out[0, i][None], out[1, i][None]) for i in range(len(cache.layers))],
-                             int(ids.numel()), device, dtype)  # fmt: skip
+        return restore_cache(self.lm.model, cache_layout(out, heads), int(ids.numel()), device, dtype)
 
 
 @dataclass
@@ -203,11 +202,8 @@ def codec_row(name: str, lm: Any) -> CodecRow | None:
             raise UsageError(f"'{name}': {e}") from None
         cal = None
         if entry.path:
-            art = read_artifact(entry.path, expect_schema=CALIBRATION_SCHEMA, model=lm.fingerprint)
-            try:
-                cal = RecordCalibration.of(art)
-            except ValueError as e:
-                raise UsageError(f"'{name}': {e}") from None
+            cal = RecordCalibration.of(read_artifact(entry.path, expect_schema=CALIBRATION_SCHEMA,
+                                                     model=lm.fingerprint))  # fmt: skip
         return RecordRow(name, lm, CodecSettings(mode="adaptive"), record=record, rope=entry.rope,
                          record_calibration=cal)  # fmt: skip
     art = read_artifact(entry.path, expect_schema=CALIBRATION_SCHEMA, model=lm.fingerprint)
