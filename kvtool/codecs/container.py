@@ -55,10 +55,6 @@ BATCH_CHUNKS = 8  #: chunks entropy-coded together (their lanes advance in one p
 #: few dozen kernel launches whatever its size, so fewer, larger batches (the bytes do not depend on the batch)
 DEVICE_BATCH_ELEMENTS = 1 << 27
 
-
-def crc_workers() -> int:
-    """Threads for chunk CRC-32s (zlib releases the GIL on large buffers)."""
-    return max(1, min(16, (os.cpu_count() or 1)))
 MAX_TOKENS = 1 << 24  #: longest prefix a .kvz may hold (16.7M tokens), and the bound on every recorded count
 #: Cap on the decoded cache of one file, in bytes (a stated bound; ``KVTOOL_MAX_DECODE_BYTES`` overrides it).
 MAX_DECODE_BYTES = 1 << 37
@@ -68,6 +64,12 @@ CACHE_DTYPES = ("float16", "bfloat16", "float32")  #: cache dtypes a file may re
 MAX_LOSSLESS_RATIO = 1024
 MAX_CHUNKS = 999_999  #: chunk names have six digits, so they sort in chunk order
 LAYOUT = "see docs/kvz.md"  #: ``extra.layout``: the chunk layout this kvtool writes and reads
+
+
+def host_threads() -> int:
+    """Threads for a file's host-side work: parallel reads and chunk CRC-32s (``preadv`` and zlib release the GIL
+    on large buffers)."""
+    return max(1, min(16, (os.cpu_count() or 1)))
 
 
 @kvconfig.register

@@ -31,7 +31,7 @@ from kvtool.artifacts import content_digest
 from kvtool.capture import prefix_rope
 from kvtool.codecs import rans
 from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder
-from kvtool.codecs.container import chunk_crc, crc_workers
+from kvtool.codecs.container import chunk_crc, host_threads
 from kvtool.codecs.decode import DecodedLayer
 from kvtool.codecs.ecsq import MAX_K
 from kvtool.errors import ArtifactError
@@ -78,7 +78,7 @@ def read_data(kvz: Any, pin: bool) -> torch.Tensor:
         def piece(at: int) -> int:
             return os.preadv(fd, [view[at : at + READ_PIECE]], kvz._data_start + at)
 
-        with ThreadPoolExecutor(crc_workers()) as pool:
+        with ThreadPoolExecutor(host_threads()) as pool:
             got = sum(pool.map(piece, range(0, size, READ_PIECE)))
     finally:
         os.close(fd)
@@ -111,7 +111,7 @@ class HostChecks:
             for name in names:
                 if name.startswith("chunk."):
                     by_chunk.setdefault(int(name[6:12]), []).append(name)
-            with ThreadPoolExecutor(crc_workers()) as pool:
+            with ThreadPoolExecutor(host_threads()) as pool:
                 # version 1 files need the whole-file digest; version 2 chunk CRCs are seeded by the metadata
                 digest = pool.submit(self._digest) if not kvz._crc_seed else None
                 crcs = list(pool.map(self._chunk_crc, [by_chunk[c] for c in sorted(by_chunk)]))

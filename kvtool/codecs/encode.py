@@ -36,7 +36,7 @@ from kvtool.codecs.container import (
     check_same_model,
     chunk_name,
     crc_seed,
-    crc_workers,
+    host_threads,
     meta_digest,
     tensors_crc,
     tokenizer_digest,
@@ -187,7 +187,7 @@ def kvz_artifact(
     seed = crc_seed({"schema": art.schema, "schema_version": art.schema_version, "model": art.model,
                      "inputs": art.inputs, "method": art.method, "extra": art.extra})  # fmt: skip
     # CRCs on host threads while the next batch is coded (on a GPU model the coder waits on the device meanwhile)
-    with ThreadPoolExecutor(crc_workers()) as pool:
+    with ThreadPoolExecutor(host_threads()) as pool:
         crcs = []
         step = encode_batch_chunks(geo, where)
         for first in range(0, geo.num_chunks, step):
