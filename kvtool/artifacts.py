@@ -561,7 +561,7 @@ def serialize_artifact(artifact: Artifact) -> tuple[bytes, str]:
     data: dict[str, memoryview] = {}
     at = 0
     for name, info in order.items():
-        data[name] = _bytes_of(tensors[name])
+        data[name] = tensor_bytes(tensors[name])
         entries[name] = {"dtype": info["dtype"], "shape": list(tensors[name].shape),
                          "data_offsets": [at, at + data[name].nbytes]}  # fmt: skip
         at += data[name].nbytes
@@ -579,8 +579,10 @@ def serialize_artifact(artifact: Artifact) -> tuple[bytes, str]:
     return b"".join([len(head).to_bytes(8, "little"), head, *(data[name] for name in entries)]), meta["content_digest"]
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a tensor as stored (native byte order, row-major): a view of a contiguous CPU tensor, a copy
+    otherwise."""
+    t = t.detach().cpu().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import torch
 
 from kvtool.arch import apply_rope, invert_rope
+from kvtool.artifacts import tensor_bytes
 from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder, CodedChunk, on_backend
 from kvtool.codecs.ecsq import MAX_K, Level, codec_levels
 from kvtool.codecs.rans import PROB_SCALE
@@ -252,7 +253,7 @@ def encode_record(kv: torch.Tensor, settings: RecordSettings, out: torch.Tensor,
     out_kv = torch.stack([keys[:, outliers], values[:, outliers]]).half() if outliers else torch.zeros(0).half()
     body = [*side, coded.layer_lanes.to(torch.int32), coded.lanes.to(torch.int32).to(torch.uint16), pos, out_kv,
             coded.words]  # fmt: skip
-    raw = b"".join(_le_bytes(t) for t in body)
+    raw = b"".join(tensor_bytes(t) for t in body)
     flags = (FLAG_RELATIVE_ROPE if rope_at is not None else 0) | (FLAG_CALIBRATED if calibration is not None else 0)
     head = HEADER.pack(MAGIC, VERSION, _DTYPE_CODE[kv.dtype], flags, kv_n, layers, tokens, hidden, len(outliers),
                        quality, level, start, settings.lane_symbols, coded.lanes.numel(), coded.words.numel(),
@@ -370,10 +371,6 @@ def _kept_index(tokens: int, outliers: list[int], device: torch.device) -> torch
     kept = torch.ones(tokens, dtype=torch.bool)
     kept[outliers] = False
     return torch.nonzero(kept).reshape(-1).to(device)
-
-
-def _le_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 class RecordHeader(NamedTuple):

@@ -38,6 +38,7 @@ from kvtool.artifacts import (
     parse_header,
     read_header_with_offset,
     register_schema,
+    tensor_bytes,
     torch_dtype,
 )
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
@@ -137,7 +138,7 @@ def chunk_crc(buffers: dict[str, Any], seed: bytes = b"") -> int:
 
 def tensors_crc(tensors: dict[str, torch.Tensor], seed: bytes = b"") -> int:
     """:func:`chunk_crc` of tensors."""
-    return chunk_crc({n: memoryview(t.contiguous().view(torch.uint8).numpy()) for n, t in tensors.items()}, seed)
+    return chunk_crc({n: tensor_bytes(t) for n, t in tensors.items()}, seed)
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -458,7 +459,7 @@ class KvzFile:
 
     def _feed_digest(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in sorted(tensors):
-            digest_tensor(self._hasher, name, self._header[name], tensors[name].contiguous().view(torch.uint8).numpy())
+            digest_tensor(self._hasher, name, self._header[name], tensor_bytes(tensors[name]))
 
     def input_ids(self) -> torch.Tensor:
         with self.open() as f:
