@@ -16,6 +16,7 @@ from tiny_models import TinyLM
 
 from kvtool.artifacts import read_artifact
 from kvtool.capture import capture_kv
+from kvtool.codecs.ecsq import codec_levels
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix, load_cache
 from kvtool.errors import ArtifactError, InputError
 from kvtool.models import cache_kwargs
@@ -365,3 +366,22 @@ def test_cli_encode_quality_target(tiny_model_dir: Path, text_file: Path, tmp_pa
     assert not out.exists()
     assert_one_line_error(invoke(*base, "--max-kl", 0.1, "--lossless"), 2, "lossless")
     assert_one_line_error(invoke(*base, "--max-kl", -1), 2, "max-kl")
+
+
+def test_cli_encode_quality_target_calibrated(pca_artifact: Path, tiny_model_dir: Path, text_file: Path,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    """With an artifact, --max-kl chooses among its codec levels (no --bits default applies); an artifact without
+    codec levels is refused (exit 3), not indexed into."""
+    out = tmp_path / "q.kvz"
+    base = ("encode", text_file, "-m", tiny_model_dir, "--max-tokens", 120, "-o", out, "--probe-tokens", 32)
+    r = invoke(*base, "--calibration", pca_artifact, "--max-kl", 1e6, "--json")
+    assert r.exit_code == 0, r.stderr
+    q = json.loads(r.stdout)["quality_target"]
+    levels = codec_levels(read_artifact(pca_artifact).tensors)
+    assert q["chosen"]["level"] == min(range(len(levels)), key=lambda i: levels[i].expected_bits)  # the cheapest
+    no_levels = tmp_path / "engine.kvcal.safetensors"
+    r = invoke("calibrate", tiny_model_dir, "--text", text_file, "--num-seqs", 1, "--seq-len", 32, "--kv-dtype",
+               "fp8", "-o", no_levels, "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert_one_line_error(invoke(*base, "--calibration", no_levels, "--max-kl", 0.1, "--overwrite"), 3,
+                          "no codec levels")  # fmt: skip

@@ -87,19 +87,22 @@ def encode(
         raise UsageError("--bits and --level choose a calibrated codec level: give --calibration too")
     if bits is not None and level is not None:
         raise UsageError("give --bits or --level, not both")
-    target = None
+    quality_target = None
     if max_kl is not None or max_ppl_delta is not None:
         if bits is not None or level is not None:
             raise UsageError("--max-kl / --max-ppl-delta choose the rate: not with --bits or --level")
         if lossless:
             raise UsageError("--max-kl and --max-ppl-delta choose a lossy rate: not with --lossless")
-        target = QualityTarget(max_kl, max_ppl_delta, probe_tokens, probe_margin)
+        quality_target = QualityTarget(max_kl, max_ppl_delta, probe_tokens, probe_margin)
     cal = read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA) if calibration is not None else None
     if lossless:
         mode, lv = "lossless", -1
     elif cal is not None:
         mode = "calibrated"
-        lv = level if level is not None else pick_level(cal, bits if bits is not None else 1.0)
+        if quality_target is not None:  # the level is what the quality target chooses
+            lv = -1
+        else:
+            lv = level if level is not None else pick_level(cal, bits if bits is not None else 1.0)
     else:
         mode, lv = "adaptive", -1
     settings = CodecSettings(mode=mode, level=lv, quality=quality, chunk_tokens=chunk_tokens,  # type: ignore[arg-type]
@@ -110,9 +113,9 @@ def encode(
     if max_tokens is not None:
         ids = ids[:max_tokens]
     report = None
-    if target is not None:
+    if quality_target is not None:
         out.log(f"measuring candidate rates on the prompt's last {min(probe_tokens, ids.numel())} tokens ...")
-        settings, report = choose_rate(lm, ids, settings, cal, target)
+        settings, report = choose_rate(lm, ids, settings, cal, quality_target)
         chosen = report["chosen"]
         which = f"level {chosen['level']}" if mode == "calibrated" else f"quality {chosen['quality']}"
         out.log(f"chose {which}: probe KL {chosen['kl']:.4g}, ΔPPL {chosen['ppl_delta_pct']:+.2f} % "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kvtool.artifacts import Artifact
+from kvtool.codecs.coding import make_coder
 from kvtool.codecs.ecsq import codec_levels
 from kvtool.codecs.kvz import CodecSettings
 from kvtool.errors import QualityGateError, UsageError
@@ -66,7 +67,8 @@ class QualityTarget:
 def candidates(base: CodecSettings, calibration: Artifact | None) -> list[CodecSettings]:
     """The rates to choose from, cheapest first."""
     if base.mode == "calibrated":
-        levels = codec_levels(calibration.tensors) if calibration is not None else []
+        make_coder(base, calibration, None)  # the artifact's own refusal when it has no codec levels (exit 3)
+        levels = codec_levels(calibration.tensors)  # type: ignore[union-attr]
         order = sorted(range(len(levels)), key=lambda i: levels[i].expected_bits)
         return [dataclasses.replace(base, level=i) for i in order]
     if base.mode == "adaptive":
