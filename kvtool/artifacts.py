@@ -239,11 +239,13 @@ def one_line(text: str) -> str:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: find the first repeated key for the message
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
@@ -263,13 +265,15 @@ MAX_JSON_DEPTH = 64
 
 
 def _depth_problem(value: Any) -> str | None:
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, dict | list):
-            if depth > MAX_JSON_DEPTH:
-                return f"nested deeper than {MAX_JSON_DEPTH} levels"
-            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    # level by level, keeping only the containers (a header has thousands of scalars; a stack of every value
+    # cost milliseconds per file open)
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return f"nested deeper than {MAX_JSON_DEPTH} levels"
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, dict | list)]
     return None
 
 
@@ -311,10 +315,14 @@ def _header_problem(header: Any, data_len: int) -> str | None:
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
             return f"tensor {name!r}: unknown dtype {dtype!r}"
-        if not isinstance(shape, list) or not all(is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+        # ``type(x) is int``: a bool is not a dimension or an offset
+        if type(shape) is not list or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
             return f"tensor {name!r}: invalid shape {shape!r}"
         if (
-            not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets))
+            type(offsets) is not list
+            or len(offsets) != 2
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
             or not 0 <= offsets[0] <= offsets[1]
         ):
             return f"tensor {name!r}: invalid data_offsets {offsets!r}"

@@ -79,6 +79,21 @@ def _rope_case(device: str, big: bool) -> None:
         assert bool(((got - want).abs() <= want.abs() * 2**-10 + 2**-14).all()), f"rope differs {heads}x{dim}"
 
 
+def _crc_case(kvz, device: str) -> None:  # noqa: ANN001
+    """The chunk CRC kernels against their references (blocks of 3 words: pieces cut at odd offsets)."""
+    from kvtool.codecs import crc
+    from kvtool.codecs.device_decode import read_data
+
+    data = read_data(kvz, pin=False)
+    buf = crc.padded_bytes(data.numel(), torch.device(device))
+    buf.copy_(data)
+    for block in (12, 64):
+        plan = crc.plan_chunk_crcs(kvz, torch.device(device), block)
+        got = crc.chunk_crcs(buf, plan, "triton")
+        assert torch.equal(got.cpu(), crc.chunk_crcs(buf.cpu(), plan, "torch").cpu()), block
+        assert torch.equal(got.cpu(), plan.expected.cpu()), block
+
+
 def _device_decode_case(device: str) -> None:
     """The fused whole-file decode kernel against the CPU pipeline, on tiny llama (per-layer PCA) and gemma3
     (sliding window shorter than the prefix, per-head PCA): adaptive and calibrated files, bit-identical K/V."""
@@ -121,6 +136,7 @@ def _device_decode_case(device: str) -> None:
                 encode_prefix(lm, ids, settings, path, c)
                 ref = _decode_streaming(KvzFile(path), tiny.model, make_chunk_coder(settings, c, tiny.info), None, True)
                 coder = make_coder(settings, c, tiny.info)
+                _crc_case(KvzFile(path), device)
                 got = decode_file(KvzFile(path), tiny.model, coder, torch.device(device), torch.float32, "triton", True)
                 # a damaged chunk is refused by the device pipeline too (its CRC), after decoding, before returning
                 damaged = bytearray(path.read_bytes())

@@ -3,8 +3,9 @@
 The straight pipeline an engine (or ``kvtool.load_cache`` on a CUDA model) runs:
 
 1. read the data section of the file once (into pinned memory when the target is CUDA) and move it to the device
-   in one transfer; the chunk CRC-32s and the content digest are checked on the host **while** the device decodes
-   (both release the GIL), and nothing is handed out before they pass;
+   in one transfer; the chunk CRC-32s are checked by the device itself on the bytes it decodes
+   (:mod:`kvtool.codecs.crc`; version-1 files: CRCs and the content digest on host threads **while** the device
+   decodes), and nothing is handed out before they pass;
 2. build a small per-segment layout (a segment = one chunk's symbols of one layer; counts are arithmetic on the
    geometry, no per-token lists) and decode **every lane of every chunk in one kernel launch**
    (:mod:`kvtool.kernels.kvz_triton`; :func:`decode_symbols_reference` on CPU), dequantization fused, coefficients
@@ -32,11 +33,16 @@ from kvtool.capture import prefix_rope
 from kvtool.codecs import rans
 from kvtool.codecs.coding import AdaptiveCoder, CalibratedCoder
 from kvtool.codecs.container import chunk_crc, host_threads
+from kvtool.codecs.crc import chunk_crcs, padded_bytes, plan_chunk_crcs
 from kvtool.codecs.decode import DecodedLayer
 from kvtool.codecs.ecsq import MAX_K
 from kvtool.errors import ArtifactError
 
 TILE = 8  #: symbols per lane the fused kernel stores together; each segment's output is padded to it
+#: bytes per block of the device CRC check (a lane each; a chunk folds its blocks in order): large enough that the
+#: per-chunk fold stays short, small enough for ~10^5 lanes on a 32K-token file; smaller when interpreted (tests)
+CRC_BLOCK = int(os.environ.get("KVTOOL_CRC_BLOCK", "4096"))
+CRC_BLOCK_INTERPRETED = 64
 
 # -- host side: one read, checks in the background ------------------------------------------------------------------
 
@@ -75,6 +81,7 @@ def read_data(kvz: Any, pin: bool) -> torch.Tensor:
     view = memoryview(buf.numpy())
     fd = os.open(kvz.path, os.O_RDONLY)
     try:
+
         def piece(at: int) -> int:
             return os.preadv(fd, [view[at : at + READ_PIECE]], kvz._data_start + at)
 
@@ -163,9 +170,7 @@ def _gather_chunks(data: torch.Tensor, kvz: Any, part: str, n_chunks: int) -> to
     return data[idx].view(dtype)
 
 
-def build_layout(
-    kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None, ready: Any = None
-) -> dict[str, Any]:
+def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None, ready: Any = None) -> dict[str, Any]:
     """Every argument of the fused decode kernel, on ``data``'s device (``data``: the file's data section there):
     per lane its words and symbols, per segment its counts, per component (calibrated) or per chunk and channel
     (adaptive) the table, step and mean. The geometry is arithmetic on the header's numbers (host); whatever comes
@@ -251,8 +256,13 @@ def build_layout(
                 "comp_kmax": torch.zeros(1)}  # fmt: skip
         mark("layout.side")
         freq = freq.to(torch.int64)
-        problems.append((((freq.sum(1) != rans.PROB_SCALE) | (freq < 0).any(1)).any(), "a chunk's rANS table is "
-                         f"malformed (every frequency row must be non-negative and sum to {rans.PROB_SCALE})"))
+        problems.append(
+            (
+                ((freq.sum(1) != rans.PROB_SCALE) | (freq < 0).any(1)).any(),
+                "a chunk's rANS table is "
+                f"malformed (every frequency row must be non-negative and sum to {rans.PROB_SCALE})",
+            )
+        )
         tables = rans.build_tables(freq, check=False)
     else:
         level = coder.level
@@ -304,8 +314,12 @@ def decode_symbols_reference(args: dict[str, Any], out: torch.Tensor, bad: torch
     tables = rans.Tables(fc & 0xFFFF, torch.cat([fc >> 16, torch.full((fc.shape[0], 1), rans.PROB_SCALE)], 1),
                          args["lut"].cpu())  # fmt: skip
     word_idx = torch.repeat_interleave(args["lane_word"].cpu(), args["lane_words"].cpu())
-    word_idx = word_idx + torch.arange(word_idx.numel()) - torch.repeat_interleave(
-        args["lane_words"].cpu().cumsum(0) - args["lane_words"].cpu(), args["lane_words"].cpu()
+    word_idx = (
+        word_idx
+        + torch.arange(word_idx.numel())
+        - torch.repeat_interleave(
+            args["lane_words"].cpu().cumsum(0) - args["lane_words"].cpu(), args["lane_words"].cpu()
+        )
     )
     words = args["words"].cpu().to(torch.int64)[word_idx] & 0xFFFF
     try:
@@ -470,25 +484,55 @@ def finish_adaptive(
     mark("finish.args")
     finish_adaptive_triton(args, coef, out, pre)
     mark("finish.kernel")
+    _place_raw(kvz, raws, cos_all, sin_all, args["layer_rope"], base, out, pre, dtype)
     layers = []
     for i, (lo_i, hi_i) in enumerate(ranges):
         n, at = hi_i - lo_i, int(base[i])
         keys = out[at : at + heads * n * dim].view(1, heads, n, dim)
         values = out[at + heads * n * dim : at + 2 * heads * n * dim].view(1, heads, n, dim)
         kpre = None if pre is None else pre[at // 2 : at // 2 + heads * n * dim].view(1, heads, n, dim)
-        raw = raws[i]
-        if raw.shape[2]:
-            # raw positions: the sinks before the coded run and the recent ones after it
-            a_i, b_i = geo.coded_run(i)
-            rows = torch.cat([torch.arange(lo_i, a_i), torch.arange(b_i, hi_i)]).to(device)
-            r = raw.to(device, torch.float32)
-            cos, sin = ropes[i]
-            keys[0][:, rows - lo_i] = apply_rope(r[0][None], cos[:, rows], sin[:, rows])[0].to(dtype)
-            values[0][:, rows - lo_i] = r[1].to(dtype)
-            if kpre is not None:
-                kpre[0][:, rows - lo_i] = r[0].to(dtype)
         layers.append(DecodedLayer(keys, kpre, values, torch.arange(lo_i, hi_i)))
     return layers
+
+
+def _place_raw(
+    kvz: Any, raws: list[torch.Tensor], cos_all: torch.Tensor, sin_all: torch.Tensor, layer_rope: torch.Tensor,
+    base: torch.Tensor, out: torch.Tensor, pre: torch.Tensor | None, dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """The raw (fp16) tokens of every layer (``raws``: per layer ``(2, H, n_raw, D)``, the sinks before its coded
+    run and the recent tokens after it) into ``out``/``pre`` at :func:`finish_adaptive`'s layout, keys rotated by
+    their layer's table (``cos_all``/``sin_all`` ``(tables, tokens, D)``, ``layer_rope`` per layer): all layers in
+    a few device operations (one per layer cost ~0.3 ms each on a GPU, mostly launches)."""
+    geo = kvz.geometry
+    heads, dim = kvz.arch.num_kv_heads, kvz.arch.head_dim
+    layer, pos = [], []
+    for i, raw in enumerate(raws):
+        if raw.shape[2]:
+            lo_i, hi_i = geo.layer_range(i)
+            a_i, b_i = geo.coded_run(i)
+            rows = [*range(lo_i, a_i), *range(b_i, hi_i)]
+            layer += [i] * len(rows)
+            pos += rows
+    if not pos:
+        return
+    device = out.device
+    x = torch.cat([raw for raw in raws if raw.shape[2]], dim=2).to(device, torch.float32)  # (2, H, R, D)
+    lay, p = torch.tensor(layer), torch.tensor(pos)
+    lo = torch.tensor([geo.layer_range(i)[0] for i in range(len(raws))])
+    n_l = torch.tensor([hi - lo_ for lo_, hi in (geo.layer_range(i) for i in range(len(raws)))])
+    table = layer_rope.cpu()[lay].to(device)
+    cos, sin = cos_all[table, p.to(device)], sin_all[table, p.to(device)]  # (R, D)
+    keys = apply_rope(x[0][None], cos[None], sin[None])[0]  # (H, R, D)
+    # rows of D elements: layer l's keys (H, n_l, D) start at base[l], its values H · n_l rows later
+    h = torch.arange(heads)[:, None]
+    krow = (base[lay] // dim)[None, :] + h * n_l[lay][None, :] + (p - lo[lay])[None, :]  # (H, R)
+    vrow = krow + heads * n_l[lay][None, :]
+    rows = out.view(-1, dim)
+    rows[krow.to(device)] = keys.to(dtype)
+    rows[vrow.to(device)] = x[1].to(dtype)
+    if pre is not None:
+        prow = (base[lay] // (2 * dim))[None, :] + h * n_l[lay][None, :] + (p - lo[lay])[None, :]
+        pre.view(-1, dim)[prow.to(device)] = x[0].to(dtype)
 
 
 class _Stages:
@@ -518,21 +562,26 @@ def decode_file(
     stages = _Stages(timings, device)
     data = read_data(kvz, pin=device.type == "cuda")
     stages.mark("read")
-    checks = HostChecks(kvz, data)
+    # version-2 files: the chunk CRC-32s are checked by the device on the bytes it decodes (a few kernels, see
+    # kvtool.codecs.crc); version-1 files also need the whole-file digest, on host threads
+    on_device = backend == "triton" and bool(kvz._crc_seed)
+    checks = None if on_device else HostChecks(kvz, data)
     cuda = device.type == "cuda"
     try:
         ready: Any = None
+        # the device copy is word-padded: the CRC kernel reads whole 32-bit words
+        dev_data = padded_bytes(data.numel(), device) if on_device or cuda else data
         if cuda:  # the bulk copy on a side stream: the small host-built layout tensors do not queue behind it; the
             # main stream waits for it just before the first read of the bytes (build_layout calls ``ready``)
             side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
             with torch.cuda.stream(side):
-                dev_data = data.to(device, non_blocking=True)
-            dev_data.record_stream(main)
+                dev_data.copy_(data, non_blocking=True)
+            dev_data.record_stream(side)
 
             def ready() -> None:
                 main.wait_stream(side)
-        else:
-            dev_data = data.to(device)
+        elif on_device:
+            dev_data.copy_(data)
         stages.mark("transfer")
         layout = build_layout(kvz, coder, dev_data, stages, ready)
         layout["words"] = dev_data[: dev_data.numel() // 2 * 2].view(torch.int16)
@@ -566,14 +615,25 @@ def decode_file(
                 out.append(finish_layer(kvz, coder, layout, coef, raws[i], i, (cos, sin), dtype, keep_pre_rope))
         stages.mark("finish")
         # the device works through the queued kernels while the host checks the chunk CRCs (and, for version 1
-        # files, the content digest) of the bytes it read; then one synchronisation reads every device flag
-        checks.run()
-        flags = torch.stack([bad.any(), *(flag for flag, _ in layout["problems"])]).tolist()
+        # files, the content digest) of the bytes it read, or the device checks them after decoding; then one
+        # synchronisation reads every device flag
+        if checks is not None:
+            checks.run()
+            crc_bad = torch.zeros(1, dtype=torch.bool, device=device)
+        else:
+            plan = plan_chunk_crcs(kvz, device, CRC_BLOCK if cuda else CRC_BLOCK_INTERPRETED)
+            crc_bad = chunk_crcs(dev_data, plan, "triton") != plan.expected
+        flags = torch.stack([crc_bad.any(), bad.any(), *(flag for flag, _ in layout["problems"])]).tolist()
     except BaseException:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # no kernel may still read the staging buffer a next call refills
         raise
-    checks.result()
+    if checks is not None:
+        checks.result()
+    if flags[0]:
+        c = int(crc_bad.nonzero()[0, 0])
+        raise ArtifactError(f"{kvz.path}: chunk {c} is corrupted (CRC-32 mismatch)")
+    flags = flags[1:]
     for failed, why in zip(flags[1:], [why for _, why in layout["problems"]], strict=True):
         if failed:
             raise ArtifactError(f"{kvz.path}: {why}")
