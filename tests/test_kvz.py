@@ -295,6 +295,43 @@ def test_cuda_backends_give_the_same_file(tiny_llama, tmp_path: Path) -> None:
     assert all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefetched_decode(tiny_llama, tmp_path: Path) -> None:
+    """``load_cache`` and ``decode_kv`` on a CUDA model move the data section while the header is parsed
+    (``Prefetch``): the same K/V as the CPU decode from a path and from pinned bytes; a damaged, a truncated and a
+    header-length-forged file are refused with the reader's one-line errors, and nothing stays in flight."""
+    import copy
+
+    import kvtool
+    from kvtool.errors import ArtifactError
+
+    model = copy.deepcopy(tiny_llama.model).cuda()
+    s = CodecSettings(mode="adaptive", quality=0.3, chunk_tokens=32, sink_tokens=2, recent_tokens=3)
+    path = tmp_path / "p.kvz"
+    encode_prefix(TinyLM(tiny_llama), IDS, s, path)
+    ref = decode_kvz(KvzFile(path), tiny_llama.model)
+    cache, _ = kvtool.load_cache(path, model)
+    pinned = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).pin_memory()
+    for got in ([(layer.keys, layer.values) for layer in cache.layers], kvtool.decode_kv(pinned, model),
+                kvtool.decode_kv(str(path), model)):  # fmt: skip
+        for (k, v), r in zip(got, ref, strict=True):
+            assert torch.allclose(k.float().cpu(), r.keys, rtol=1e-2, atol=1e-2)
+            assert torch.allclose(v.float().cpu(), r.values, rtol=1e-2, atol=1e-2)
+    blob = path.read_bytes()
+    damaged = bytearray(blob)
+    damaged[-9] ^= 0x40
+    (tmp_path / "d.kvz").write_bytes(damaged)
+    (tmp_path / "t.kvz").write_bytes(blob[:-100])
+    forged = bytearray(blob)
+    forged[:8] = (len(blob) * 4).to_bytes(8, "little")
+    (tmp_path / "f.kvz").write_bytes(forged)
+    for name, why in (("d", "corrupted"), ("t", "truncated"), ("f", "header")):
+        with pytest.raises(ArtifactError, match=why):
+            kvtool.load_cache(tmp_path / f"{name}.kvz", model)
+    with pytest.raises(ArtifactError, match="corrupted"):
+        kvtool.decode_kv(torch.frombuffer(damaged, dtype=torch.uint8).pin_memory(), model)
+
+
 def test_geometry_split_and_segments_follow_the_definition() -> None:
     """``split`` (coded / raw positions of a layer in a chunk) and ``segments`` (their counts, by interval
     arithmetic) agree with the definition: raw = sink or recent position, over every small geometry."""

@@ -27,6 +27,7 @@ import torch
 
 from kvtool.artifacts import Artifact, read_artifact, serialize_artifact
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
+from kvtool.codecs.decode import model_param, start_prefetch
 from kvtool.codecs.kvz import (
     CodecSettings,
     KvzFile,
@@ -177,14 +178,19 @@ def decode_kv(
     they are filled and returned. The file must be for ``model`` (config digest; with a ``LoadedModel`` also the
     weights and tokenizer digests): anything else is refused (``ArtifactError``, exit 3 in the CLI), as is a file
     whose checks fail; nothing is written to ``out`` then."""
-    kvz = KvzFile(source)
-    model = bind_model(kvz, model)
-    param = next(model.parameters())
+    param = model_param(model)
     target = torch.device(device) if device is not None else param.device
-    if out is not None:
-        _check_out(out, kvz)
-    layers = decode_kvz(kvz, model, _calibration(calibration), backend=backend, device=target,
-                        dtype=dtype or param.dtype)  # fmt: skip
+    prefetch = start_prefetch(source, target, backend)  # the bytes move while the header is parsed
+    try:
+        kvz = KvzFile(source)
+        model = bind_model(kvz, model)
+        if out is not None:
+            _check_out(out, kvz)
+        layers = decode_kvz(kvz, model, _calibration(calibration), backend=backend, device=target,
+                            dtype=dtype or param.dtype, prefetch=prefetch)  # fmt: skip
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     pairs = [(d.keys, d.values) for d in layers]
     if out is None:
         return pairs

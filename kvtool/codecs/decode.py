@@ -56,6 +56,7 @@ def decode_kvz(
     backend: str = "auto",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    prefetch: Any = None,
 ) -> list[DecodedLayer]:
     """Decode every chunk of ``kvz`` (RoPE re-applied with ``model``'s own rotation) into per-layer tensors, in
     position order, on ``device`` (default: the CPU) in ``dtype`` (default: float32; lossless: the cache dtype).
@@ -64,7 +65,8 @@ def decode_kvz(
     Two pipelines, the same values: with the Triton backend (``auto`` on a CUDA ``device``) the whole file is
     decoded on the device (:mod:`kvtool.codecs.device_decode`: one read, one transfer, one kernel launch for every
     lane); otherwise chunks are read, checked and decoded ``BATCH_CHUNKS`` at a time on the CPU and written
-    straight into the output tensors (memory beyond the output is a few chunks)."""
+    straight into the output tensors (memory beyond the output is a few chunks). ``prefetch``: a
+    :class:`kvtool.codecs.device_decode.Prefetch` of ``kvz`` (see :func:`start_prefetch`; the caller closes it)."""
     s, arch = kvz.settings, kvz.arch
     check_calibration(kvz, calibration)
     target = torch.device(device) if device is not None else torch.device("cpu")
@@ -77,7 +79,8 @@ def decode_kvz(
         from kvtool.codecs.device_decode import decode_file
 
         chunker.check_layout(kvz)  # before anything is allocated from the header's numbers
-        layers = decode_file(kvz, model, chunker.coder, target, dtype or torch.float32, "triton", keep_pre_rope)
+        layers = decode_file(kvz, model, chunker.coder, target, dtype or torch.float32, "triton", keep_pre_rope,
+                             prefetch=prefetch)  # fmt: skip
         if progress:
             progress(kvz.tokens)
         return layers
@@ -173,6 +176,25 @@ def bind_model(kvz: KvzFile, model: Any) -> Any:
     return model
 
 
+def start_prefetch(source: Any, device: torch.device, backend: str) -> Any:
+    """A :class:`kvtool.codecs.device_decode.Prefetch` of ``source`` (a path or a pinned uint8 tensor) when it
+    will be decoded on the CUDA ``device`` by the device pipeline, else ``None``: the data section moves to the
+    device while the header is parsed. Close it once decoding is over (or failed)."""
+    try:
+        if device.type != "cuda" or pick_backend(backend, device) != "triton":
+            return None
+    except UsageError:  # reported by the decode itself, after the file's own problems
+        return None
+    from kvtool.codecs.device_decode import Prefetch
+
+    return Prefetch(source, device)
+
+
+def model_param(model: Any) -> torch.Tensor:
+    """A parameter of ``model`` (a transformers model or a ``LoadedModel``): its device and dtype are the cache's."""
+    return next((model.model if is_loaded_model(model) else model).parameters())
+
+
 def load_cache(
     path: str | os.PathLike[str],
     model: Any,
@@ -188,12 +210,17 @@ def load_cache(
     when it was coded with a calibration artifact, that artifact must be given (exit 3 otherwise)."""
     from kvtool.artifacts import read_artifact
 
-    kvz = KvzFile(path)
-    model = bind_model(kvz, model)
-    cal = (calibration if isinstance(calibration, Artifact) or calibration is None
-           else read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA))  # fmt: skip
-    param = next(model.parameters())
-    layers = decode_kvz(kvz, model, cal, backend=backend, device=param.device, dtype=param.dtype)
+    param = model_param(model)
+    prefetch = start_prefetch(path, param.device, backend)
+    try:
+        kvz = KvzFile(path)
+        model = bind_model(kvz, model)
+        cal = (calibration if isinstance(calibration, Artifact) or calibration is None
+               else read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA))  # fmt: skip
+        layers = decode_kvz(kvz, model, cal, backend=backend, device=param.device, dtype=param.dtype,
+                            prefetch=prefetch)  # fmt: skip
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     ids = kvz.input_ids()
     return restore_cache(model, [(d.keys, d.values) for d in layers], kvz.tokens), ids
-

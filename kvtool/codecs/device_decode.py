@@ -94,6 +94,85 @@ def read_data(kvz: Any, pin: bool) -> torch.Tensor:
     return buf
 
 
+class Prefetch:
+    """A ``.kvz``'s data section on its way to a CUDA device **before** its header is parsed: the copy (and, for a
+    file, the parallel reads into the pinned staging buffer, each piece sent on as soon as it is read) runs while
+    the host validates the header and builds the layout. Only the 8-byte header length is read up front: nothing
+    is trusted from it, :func:`decode_file` uses the copy only if the parsed file says the same data section, and
+    the chunk CRCs (seeded by the parsed metadata) bind the copied bytes to it.
+
+    ``source``: a path or a pinned CPU uint8 tensor (other sources are read by :func:`decode_file` itself).
+    :meth:`close` waits for the reads and the copy (call it on every path: the staging buffer and a caller's
+    pinned buffer must not be in use once the call returns)."""
+
+    def __init__(self, source: Any, device: torch.device):
+        self.device, self.start, self.host, self.dev = device, -1, None, None
+        self.side = torch.cuda.Stream(device)
+        self._pool: ThreadPoolExecutor | None = None
+        self._reads: list[Any] = []
+        self._fd = -1
+        try:
+            self._begin(source)
+        except (OSError, ValueError, RuntimeError):  # the parse reports a bad or unreadable file properly
+            self.close()
+            self.host = self.dev = None
+
+    def _begin(self, source: Any) -> None:
+        from kvtool.artifacts import max_artifact_bytes
+
+        if isinstance(source, torch.Tensor):
+            if not (source.dtype == torch.uint8 and source.dim() == 1 and source.is_pinned() and source.numel() >= 8):
+                return
+            size, head = source.numel(), int.from_bytes(source[:8].numpy().tobytes(), "little")
+        else:
+            self._fd = os.open(os.fspath(source), os.O_RDONLY)
+            size, head = os.fstat(self._fd).st_size, int.from_bytes(os.pread(self._fd, 8, 0), "little")
+        start = 8 + head
+        if not 8 <= start <= size or size > max_artifact_bytes():
+            return
+        n = size - start
+        self.dev = padded_bytes(n, self.device)
+        self.start = start
+        if isinstance(source, torch.Tensor):
+            self.host = source[start:]
+            with torch.cuda.stream(self.side):
+                self.dev.copy_(self.host, non_blocking=True)
+            return
+        self.host = staging_buffer(n, pin=True)
+        view = memoryview(self.host.numpy())
+        fd, host, dev, side = self._fd, self.host, self.dev, self.side
+
+        def piece(at: int) -> int:
+            got = os.preadv(fd, [view[at : at + READ_PIECE]], start + at)
+            if got:
+                with torch.cuda.stream(side):
+                    dev[at : at + got].copy_(host[at : at + got], non_blocking=True)
+            return got
+
+        self._pool = ThreadPoolExecutor(host_threads())
+        self._reads = [self._pool.submit(piece, at) for at in range(0, n, READ_PIECE)]
+
+    def data(self, kvz: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(host, device)`` views of ``kvz``'s data section once every piece is read (the device copy may still
+        be in flight on :attr:`side`), or ``None`` if this prefetch does not hold ``kvz``'s data section."""
+        if self.dev is None or self.start != kvz._data_start or self.dev.numel() != kvz.size - kvz._data_start:
+            return None
+        if sum(f.result() for f in self._reads) != self.dev.numel() and self._reads:
+            raise ArtifactError(f"{kvz.path}: truncated while reading the chunks")
+        return self.host, self.dev
+
+    def close(self) -> None:
+        for f in self._reads:
+            f.exception()  # waits; a failed read was reported by data() or is moot
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.side.synchronize()
+
+
 class HostChecks:
     """The chunk CRC-32s and the content digest over the data already in host memory, on a thread pool (zlib and
     hashlib release the GIL on large buffers). :func:`decode_file` runs them once every kernel is queued, so the
@@ -554,13 +633,15 @@ class _Stages:
 
 def decode_file(
     kvz: Any, model: Any, coder: Any, device: torch.device, dtype: torch.dtype, backend: str,
-    keep_pre_rope: bool = False, timings: dict[str, float] | None = None,
+    keep_pre_rope: bool = False, timings: dict[str, float] | None = None, prefetch: Prefetch | None = None,
 ) -> list[DecodedLayer]:  # fmt: skip
     """Decode all of ``kvz`` onto ``device`` in ``dtype`` (see module docstring); ``backend`` ``triton`` runs the
     fused kernel, ``torch`` its reference. ``timings``: filled with seconds per stage (read, transfer, layout,
-    decode, finish, checks), the device synchronised between stages."""
+    decode, finish, checks), the device synchronised between stages. ``prefetch``: the data section already on
+    its way to ``device`` (:class:`Prefetch`; the caller closes it)."""
     stages = _Stages(timings, device)
-    data = read_data(kvz, pin=device.type == "cuda")
+    got = prefetch.data(kvz) if prefetch is not None else None
+    data = got[0] if got is not None else read_data(kvz, pin=device.type == "cuda")
     stages.mark("read")
     # version-2 files: the chunk CRC-32s are checked by the device on the bytes it decodes (a few kernels, see
     # kvtool.codecs.crc); version-1 files also need the whole-file digest, on host threads
@@ -570,12 +651,16 @@ def decode_file(
     try:
         ready: Any = None
         # the device copy is word-padded: the CRC kernel reads whole 32-bit words
-        dev_data = padded_bytes(data.numel(), device) if on_device or cuda else data
+        dev_data = padded_bytes(data.numel(), device) if (on_device or cuda) and got is None else data
         if cuda:  # the bulk copy on a side stream: the small host-built layout tensors do not queue behind it; the
             # main stream waits for it just before the first read of the bytes (build_layout calls ``ready``)
-            side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
-            with torch.cuda.stream(side):
-                dev_data.copy_(data, non_blocking=True)
+            main = torch.cuda.current_stream(device)
+            if got is not None:  # already under way (Prefetch)
+                side, dev_data = prefetch.side, got[1]
+            else:
+                side = torch.cuda.Stream(device)
+                with torch.cuda.stream(side):
+                    dev_data.copy_(data, non_blocking=True)
             dev_data.record_stream(side)
 
             def ready() -> None:
