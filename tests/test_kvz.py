@@ -290,9 +290,12 @@ def test_cuda_backends_give_the_same_file(tiny_llama, tmp_path: Path) -> None:
     encode_prefix(lm, IDS, s, tmp_path / "t.kvz", backend="torch")
     encode_prefix(lm, IDS, s, tmp_path / "g.kvz", backend="triton")
     assert (tmp_path / "t.kvz").read_bytes() == (tmp_path / "g.kvz").read_bytes()
-    a = decode_kvz(KvzFile(tmp_path / "g.kvz"), lm.model, backend="triton")
+    a = decode_kvz(KvzFile(tmp_path / "g.kvz"), lm.model, backend="triton", device="cuda")
     b = decode_kvz(KvzFile(tmp_path / "g.kvz"), lm.model, backend="torch")
-    assert all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) for x, y in zip(a, b, strict=True))
+    # the device pipeline against the CPU one: FMA contraction, a few fp32 roundings per element (docs/kvz.md)
+    for x, y in zip(a, b, strict=True):
+        for u, v in ((x.keys, y.keys), (x.values, y.values)):
+            assert torch.allclose(u.cpu(), v, rtol=1e-5, atol=1e-5 * float(v.abs().max()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

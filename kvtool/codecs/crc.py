@@ -84,49 +84,55 @@ class CrcPlan:
     max_length: int  #: the longest block (a data block holds at most ``block`` bytes; a name may hold more)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def name_register(name: str) -> int:
+    """``R(0, name NUL)``: what a tensor's name contributes to its chunk's CRC register (names repeat from file to
+    file: cached)."""
+    return zlib.crc32(name.encode() + b"\0", MASK) ^ MASK
+
+
 def plan_chunk_crcs(kvz: Any, device: torch.device, block: int) -> CrcPlan:
     """The :class:`CrcPlan` of ``kvz``'s chunks (a :class:`kvtool.codecs.container.KvzFile`), on ``device``: the
-    pieces (a name or a tensor: a couple of thousand) are listed on the host, their blocks expanded on the
-    device."""
+    pieces (a name or a tensor: a couple of thousand) are listed on the host and sent in one copy, their blocks
+    expanded on the device."""
     if block % 4 or block < 4:
         raise ValueError(f"the CRC block must be a positive multiple of 4 bytes (got {block})")
     header = kvz._header
-    by_chunk: dict[int, list[str]] = {}
-    for name in sorted(kvz._expected):
-        if name.startswith("chunk."):
-            by_chunk.setdefault(int(name[6:12]), []).append(name)
-    starts, ends, presets, name_lens, nblocks = [], [], [], [], []
+    n_chunks = len(kvz.chunks)
+    parts = sorted({name[13:] for name in kvz._expected if name.startswith("chunk.")})  # every chunk has them all
+    rows: list[list[int]] = []  # per piece: start, end, preset, name length, blocks
     per_chunk = []
-    for c in range(len(kvz.chunks)):
+    for c in range(n_chunks):
         count = 0
-        for name in by_chunk.get(c, []):
-            tag = name.encode() + b"\0"
-            starts.append(0), ends.append(0), presets.append(zlib.crc32(tag, MASK) ^ MASK)
-            name_lens.append(len(tag)), nblocks.append(1)
+        for part in parts:
+            name = f"chunk.{c:06d}.{part}"
             b, e = header[name]["data_offsets"]
             n = -(-e // block) - b // block if e > b else 0
-            starts.append(b), ends.append(e), presets.append(0), name_lens.append(0), nblocks.append(n)
+            rows.append([0, 0, name_register(name), len(name) + 1, 1])
+            rows.append([b, e, 0, 0, n])
             count += 1 + n
         per_chunk.append(count)
-    counts = torch.tensor(nblocks, dtype=torch.int64)
+    host = torch.tensor(rows, dtype=torch.int64).reshape(-1, 5)
+    counts = host[:, 4]
     total = int(counts.sum())
-    piece = torch.repeat_interleave(torch.arange(len(nblocks), device=device), counts.to(device), output_size=total)
-    first_of_piece = (counts.cumsum(0) - counts).to(device)
-    k = torch.arange(total, device=device) - first_of_piece[piece]
-    p_start = torch.tensor(starts, dtype=torch.int64).to(device)[piece]
-    p_end = torch.tensor(ends, dtype=torch.int64).to(device)[piece]
+    dev = host.to(device)
+    p_start, p_end, p_preset, p_name, p_count = dev.unbind(1)
+    piece = torch.repeat_interleave(torch.arange(host.shape[0], device=device), p_count, output_size=total)
+    k = torch.arange(total, device=device) - (p_count.cumsum(0) - p_count)[piece]
+    p_start, p_end = p_start[piece], p_end[piece]
     is_data = p_end > p_start
     window = (p_start // block + k) * block
     start = torch.where(is_data, torch.maximum(p_start, window), 0)
     end = torch.where(is_data, torch.minimum(p_end, window + block), 0)
-    length = torch.where(is_data, end - start, torch.tensor(name_lens, dtype=torch.int64).to(device)[piece])
-    preset = torch.tensor(presets, dtype=torch.int64).to(device)[piece]
+    length = torch.where(is_data, end - start, p_name[piece])
     chunk_counts = torch.tensor(per_chunk, dtype=torch.int64)
-    first = torch.cat([torch.zeros(1, dtype=torch.int64), chunk_counts.cumsum(0)]).to(device)
-    expected = torch.tensor([c["crc32"] for c in kvz.chunks], dtype=torch.int64).to(device)
+    first = torch.cat([torch.zeros(1, dtype=torch.int64), chunk_counts.cumsum(0)])
+    expected = torch.tensor([c["crc32"] for c in kvz.chunks], dtype=torch.int64)
+    first, expected = torch.cat([first, expected]).to(device).split([n_chunks + 1, n_chunks])
     seed_state = zlib.crc32(kvz._crc_seed) ^ MASK
-    return CrcPlan(start, end, length, preset, is_data, first, seed_state, expected, block,
-                   max(per_chunk, default=0), max([block, *name_lens]))  # fmt: skip
+    longest = max((len(f"chunk.{0:06d}.{part}") + 1 for part in parts), default=0)
+    return CrcPlan(start, end, length, p_preset[piece], is_data, first, seed_state, expected, block,
+                   max(per_chunk, default=0), max(block, longest))  # fmt: skip
 
 
 def block_crcs_reference(data: torch.Tensor, plan: CrcPlan) -> torch.Tensor:

@@ -141,19 +141,24 @@ def _finish_adaptive_kernel(
     lbase = tl.load(layer_base_ptr + layer).to(tl.int64)
     rope = tl.load(layer_rope_ptr + layer).to(tl.int64) * rope_tokens * D + pos[:, None] * D
     # symbols: the segment's keys (channels component-major over its n tokens), then its values; dequantized with
-    # the chunk's step and mean of each channel (key slot = layer, value slot = L + layer), as the reference does
+    # the chunk's step and mean of each channel (key slot = layer, value slot = L + layer), as the reference does.
+    # Loaded as [channels, tokens] tiles (tokens contiguous in memory: whole sectors) and transposed on chip: the
+    # [tokens, channels] loads strode n bytes between neighbouring threads (10.4 -> 6.7 ms at 32K tokens, H100)
     ch = head * D + d
-    src = sym_ptr + base + ch * n + t[:, None]
+    dT = tl.arange(0, HALF)[:, None]
+    tT = t[None, :]
+    srcT = sym_ptr + base + (head * D + dT) * n + tT
+    liveT = tT < n
+    sk1 = tl.trans(tl.load(srcT, mask=liveT, other=0)).to(tl.float32)
+    sk2 = tl.trans(tl.load(srcT + HALF * n, mask=liveT, other=0)).to(tl.float32)
+    sv1 = tl.trans(tl.load(srcT + H * D * n, mask=liveT, other=0)).to(tl.float32)
+    sv2 = tl.trans(tl.load(srcT + H * D * n + HALF * n, mask=liveT, other=0)).to(tl.float32)
     kslot = (tl.load(seg_chunk_ptr + seg).to(tl.int64) * n_slots + layer) * (H * D)
     vslot = kslot + (n_slots // 2) * (H * D)
-    k1 = (tl.load(src, mask=live, other=0).to(tl.float32) - 63.0) * tl.load(step_ptr + kslot + ch) + tl.load(
-        mean_ptr + kslot + ch)
-    k2 = (tl.load(src + HALF * n, mask=live, other=0).to(tl.float32) - 63.0) * tl.load(
-        step_ptr + kslot + ch + HALF) + tl.load(mean_ptr + kslot + ch + HALF)
-    v1 = (tl.load(src + H * D * n, mask=live, other=0).to(tl.float32) - 63.0) * tl.load(
-        step_ptr + vslot + ch) + tl.load(mean_ptr + vslot + ch)
-    v2 = (tl.load(src + H * D * n + HALF * n, mask=live, other=0).to(tl.float32) - 63.0) * tl.load(
-        step_ptr + vslot + ch + HALF) + tl.load(mean_ptr + vslot + ch + HALF)
+    k1 = (sk1 - 63.0) * tl.load(step_ptr + kslot + ch) + tl.load(mean_ptr + kslot + ch)
+    k2 = (sk2 - 63.0) * tl.load(step_ptr + kslot + ch + HALF) + tl.load(mean_ptr + kslot + ch + HALF)
+    v1 = (sv1 - 63.0) * tl.load(step_ptr + vslot + ch) + tl.load(mean_ptr + vslot + ch)
+    v2 = (sv2 - 63.0) * tl.load(step_ptr + vslot + ch + HALF) + tl.load(mean_ptr + vslot + ch + HALF)
     c1 = tl.load(cos_ptr + rope + d, mask=live, other=0.0)
     c2 = tl.load(cos_ptr + rope + HALF + d, mask=live, other=0.0)
     s1 = tl.load(sin_ptr + rope + d, mask=live, other=0.0)
