@@ -41,7 +41,8 @@ def main() -> int:
 
     t = args.tokens
     cfg = LlamaConfig(num_hidden_layers=32, num_key_value_heads=8, num_attention_heads=8, head_dim=128,
-                      hidden_size=64, intermediate_size=64, vocab_size=1000, max_position_embeddings=131072)  # fmt: skip
+                      hidden_size=64, intermediate_size=64, vocab_size=1000,
+                      max_position_embeddings=131072)  # fmt: skip
     model = LlamaForCausalLM(cfg).eval().cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
     kv = [tuple(torch.randn(1, 8, t, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
