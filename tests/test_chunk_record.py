@@ -205,3 +205,19 @@ def test_engine_layout_round_trips_and_sliding_caches_are_refused_by_the_bench_r
     assert len({layer.keys.shape[-2] for layer in sliding.layers}) > 1  # the window is shorter than the prefix
     with pytest.raises(UsageError, match="sliding window"):
         codec_row("lmcache-kvtool@8.0", TinyLM(tiny_gemma3)).code_cache(sliding, ids)
+
+
+def test_record_rows_take_the_serde_outlier_options(tiny_llama) -> None:  # noqa: ANN001
+    """``lmcache-kvtool@<bits>o<N>z<Z>`` codes with the serde's ``outlier_tokens`` and ``outlier_z``; a value the
+    serde refuses is the bench's usage error."""
+    from tiny_models import TinyLM
+
+    from kvtool.errors import UsageError
+    from kvtool.eval.codec_rows import codec_row
+
+    row = codec_row("lmcache-kvtool@3.0o5z3.5", TinyLM(tiny_llama))
+    assert (row.record.bits, row.record.outlier_tokens, row.record.outlier_z) == (3.0, 5, 3.5)
+    assert codec_row("lmcache-kvtool@3.0", TinyLM(tiny_llama)).record == RecordSettings(bits=3.0)
+    for bad in ("lmcache-kvtool@3.0o65", "lmcache-kvtool@3.0z0", "lmcache-kvtool@3.0x1"):
+        with pytest.raises(UsageError):
+            codec_row(bad, TinyLM(tiny_llama))

@@ -69,9 +69,11 @@ def test_registered_with_lmcache_and_built_from_its_config() -> None:
     proc = _processor(bits=2.0, quality=0.5, model="smollm2-135m", max_workers=2)
     assert isinstance(proc, AsyncSerdeProcessor)
     proc.close()
+    _processor(bits=1.3, outlier_tokens=4, outlier_z=4.0).close()
     for bad, match in [({"bitz": 2}, "unknown option"), ({"bits": 0}, "bits"), ({"bits": "2"}, "number"),
                        ({"backend": "gpu"}, "backend"), ({"max_workers": 0}, "max_workers"),
-                       ({"device": "tpu"}, "device")]:  # fmt: skip
+                       ({"device": "tpu"}, "device"), ({"outlier_z": 0}, "outlier_z"),
+                       ({"outlier_tokens": 65}, "outlier_tokens")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             _processor(**bad)
 

@@ -197,7 +197,9 @@ def codec_row(name: str, lm: Any) -> CodecRow | None:
         return CodecRow(name, lm, CodecSettings(mode="adaptive", quality=entry.quality))
     if entry.codec == "record":
         try:
-            record = RecordSettings(bits=float(entry.bits or 0.0))
+            extra = {k: v for k, v in (("outlier_tokens", entry.outlier_tokens), ("outlier_z", entry.outlier_z))
+                     if v is not None}  # fmt: skip
+            record = RecordSettings(bits=float(entry.bits or 0.0), **extra)
         except ValueError as e:
             raise UsageError(f"'{name}': {e}") from None
         cal = None

@@ -7,9 +7,10 @@ An entry is one of:
   grammar of :mod:`kvtool.budget`: ``@2.5``, ``@3.25n``, ``@r0.5k``, ``@L2``);
 * a **codec**: ``kvz:lossless``, ``kvz:q<step in σ>`` (adaptive), ``kvz:PATH.safetensors[@<bits>|@L<n>]``
   (calibrated; default ``@1.0``), ``lmcache-kvtool@<bits>`` / ``lmcache-kvtool-plain@<bits>`` /
-  ``lmcache-kvtool:PATH.safetensors@<bits>`` (fixed-size records of post-RoPE chunks, what the LMCache serde stores
-  with the model's RoPE tables / without them / calibrated), or a peer: ``zstd-fp16``, ``cachegen``,
-  ``lmcache-fp8``.
+  ``lmcache-kvtool:PATH.safetensors@<bits>`` (fixed-size records of post-RoPE chunks, what the LMCache serde
+  stores with the model's RoPE tables / without them / calibrated; the bits may be followed by ``o<N>`` and
+  ``z<Z>``: the serde's ``outlier_tokens`` and ``outlier_z``, e.g. ``@1.3o4z4``), or a peer: ``zstd-fp16``,
+  ``cachegen``, ``lmcache-fp8``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class ConfigEntry:
     quality: float | None = None  #: adaptive codec step in standard deviations
     bits: float | None = None  #: chunk-record size in bits per element (``lmcache-kvtool@<bits>``)
     rope: bool = True  #: chunk records: keys rotated back within the chunk (``lmcache-kvtool-plain``: not)
+    outlier_tokens: int | None = None  #: chunk records: ``o<N>`` suffix (the serde's ``outlier_tokens``)
+    outlier_z: float | None = None  #: chunk records: ``z<Z>`` suffix (the serde's ``outlier_z``)
 
     @property
     def family(self) -> str:
@@ -66,16 +69,19 @@ def parse_config(name: str) -> ConfigEntry:
     if name in PEERS:
         return ConfigEntry(name, "peer")
     if name.startswith("lmcache-kvtool"):
-        kind, _, bits = name.rpartition("@")
+        kind, _, rate = name.rpartition("@")
         kind, _, path = kind.partition(":")
+        # <bits>[o<outlier tokens>][z<outlier z>]: the serde's bits, outlier_tokens and outlier_z
+        m = re.fullmatch(r"(?P<bits>[0-9.]+)(?:o(?P<o>[0-9]+))?(?:z(?P<z>[0-9.]+))?", rate)
         try:
-            if kind not in ("lmcache-kvtool", "lmcache-kvtool-plain") or (path and kind != "lmcache-kvtool"):
+            if kind not in ("lmcache-kvtool", "lmcache-kvtool-plain") or (path and kind != "lmcache-kvtool") or not m:
                 raise ValueError(kind)
-            return ConfigEntry(name, "codec", codec="record", bits=float(bits), rope=kind == "lmcache-kvtool",
-                               path=path or None)  # fmt: skip
+            return ConfigEntry(name, "codec", codec="record", bits=float(m["bits"]), rope=kind == "lmcache-kvtool",
+                               path=path or None, outlier_tokens=int(m["o"]) if m["o"] else None,
+                               outlier_z=float(m["z"]) if m["z"] else None)  # fmt: skip
         except ValueError:
-            raise UsageError(f"'{name}': use lmcache-kvtool[-plain]@<bits per element> or "
-                             "lmcache-kvtool:<artifact>@<bits>, e.g. lmcache-kvtool@2.0") from None
+            raise UsageError(f"'{name}': use lmcache-kvtool[-plain]@<bits per element>[o<outlier tokens>][z<outlier "
+                             "z>] or lmcache-kvtool:<artifact>@<bits>..., e.g. lmcache-kvtool@2.0") from None
     if name.startswith("kvz:"):
         spec = name[4:]
         if spec == "lossless":

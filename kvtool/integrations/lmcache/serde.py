@@ -13,7 +13,7 @@ cache miss (the engine recomputes the chunk): a damaged or foreign record is nev
 
 Configuration (the ``"serde"`` object of an ``--l2-adapter`` JSON spec; every key optional):
 ``{"type": "kvtool", "bits": 2.0, "quality": 0.5, "model_path": "<model folder>", "model": "<id>",
-"outlier_tokens": 2, "lane_symbols": 4096, "backend": "auto", "device": "auto", "max_workers": 1}``;
+"outlier_tokens": 2, "outlier_z": 9.0, "lane_symbols": 4096, "backend": "auto", "device": "auto", "max_workers": 1}``;
 ``model_path``: a local model folder (or kvtool alias) whose config gives the RoPE tables: keys are then rotated
 back by their position within the chunk before coding (far fewer bits for the same error; records are bound to
 those tables); ``calibration``: a kvtool PCA/SVD artifact of that model (``kvtool calibrate --method pca``), with
@@ -56,7 +56,8 @@ from kvtool.errors import KvtoolError
 SERDE_TYPE = "kvtool"
 RAW_MAGIC = b"KVZW"
 _RAW = struct.Struct("<4sQ16sI")  #: magic, payload bytes, binding, CRC-32 of the payload
-_KWARGS = {"bits", "quality", "lane_symbols", "outlier_tokens", "model", "model_path", "calibration", "backend",
+_KWARGS = {"bits", "quality", "lane_symbols", "outlier_tokens", "outlier_z", "model", "model_path", "calibration",
+           "backend",
            "device", "max_workers"}
 
 
@@ -204,7 +205,8 @@ def create_kvtool_serde(kwargs: dict[str, object]) -> SerdeProcessor:
     try:
         settings = RecordSettings(bits=float(_num(kwargs, "bits", 2.0)), quality=float(_num(kwargs, "quality", 0.5)),
                                   lane_symbols=int(_num(kwargs, "lane_symbols", 4096)),
-                                  outlier_tokens=int(_num(kwargs, "outlier_tokens", 2)))  # fmt: skip
+                                  outlier_tokens=int(_num(kwargs, "outlier_tokens", 2)),
+                                  outlier_z=float(_num(kwargs, "outlier_z", 9.0)))  # fmt: skip
     except ValueError as e:
         raise ValueError(f"kvtool serde: {e}") from None
     rope, calibration = None, None
