@@ -115,7 +115,7 @@ def plan_chunk_crcs(kvz: Any, device: torch.device, block: int) -> CrcPlan:
     host = torch.tensor(rows, dtype=torch.int64).reshape(-1, 5)
     counts = host[:, 4]
     total = int(counts.sum())
-    dev = host.to(device)
+    dev = host.to(device, non_blocking=True)  # no stream synchronisation: the queued decode kernels run on
     p_start, p_end, p_preset, p_name, p_count = dev.unbind(1)
     piece = torch.repeat_interleave(torch.arange(host.shape[0], device=device), p_count, output_size=total)
     k = torch.arange(total, device=device) - (p_count.cumsum(0) - p_count)[piece]
@@ -128,7 +128,7 @@ def plan_chunk_crcs(kvz: Any, device: torch.device, block: int) -> CrcPlan:
     chunk_counts = torch.tensor(per_chunk, dtype=torch.int64)
     first = torch.cat([torch.zeros(1, dtype=torch.int64), chunk_counts.cumsum(0)])
     expected = torch.tensor([c["crc32"] for c in kvz.chunks], dtype=torch.int64)
-    first, expected = torch.cat([first, expected]).to(device).split([n_chunks + 1, n_chunks])
+    first, expected = torch.cat([first, expected]).to(device, non_blocking=True).split([n_chunks + 1, n_chunks])
     seed_state = zlib.crc32(kvz._crc_seed) ^ MASK
     longest = max((len(f"chunk.{0:06d}.{part}") + 1 for part in parts), default=0)
     return CrcPlan(start, end, length, p_preset[piece], is_data, first, seed_state, expected, block,

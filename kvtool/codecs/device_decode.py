@@ -244,8 +244,8 @@ def _gather_chunks(data: torch.Tensor, kvz: Any, part: str, n_chunks: int) -> to
     total = int(sizes.sum())
     if total == 0:
         return torch.zeros(0, dtype=dtype, device=data.device)
-    starts = (begins - (sizes.cumsum(0) - sizes)).to(data.device)
-    idx = torch.repeat_interleave(starts, sizes.to(data.device), output_size=total)
+    starts = (begins - (sizes.cumsum(0) - sizes)).to(data.device, non_blocking=True)
+    idx = torch.repeat_interleave(starts, sizes.to(data.device, non_blocking=True), output_size=total)
     idx += torch.arange(total, device=data.device)
     return data[idx].view(dtype)
 
@@ -281,7 +281,7 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None, r
     lanes_per_seg = (sym + lane_len - 1) // lane_len
     n_lanes = int(lanes_per_seg.sum())
     # per lane (hundreds of thousands): expanded from the per-segment counts on the device itself
-    seg_dev, lps_dev = sym.to(device), lanes_per_seg.to(device)
+    seg_dev, lps_dev = sym.to(device, non_blocking=True), lanes_per_seg.to(device, non_blocking=True)
     lane_seg = torch.repeat_interleave(torch.arange(sym.numel(), device=device), lps_dev, output_size=n_lanes)
     lane_idx = torch.arange(n_lanes, device=device) - (lps_dev.cumsum(0) - lps_dev)[lane_seg]
     lane_off = lane_idx * lane_len
@@ -303,13 +303,13 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None, r
     ]  # fmt: skip
     word_base = torch.tensor([kvz._header[f"chunk.{c:06d}.words"]["data_offsets"][0] // 2 for c in range(n_chunks)])
     lanes_of_chunk = lanes_per_seg.reshape(n_chunks, n_layers).sum(1)
-    lane_chunk = torch.repeat_interleave(torch.arange(n_chunks, device=device), lanes_of_chunk.to(device),
-                                         output_size=n_lanes)  # fmt: skip
-    chunk_first = (lanes_of_chunk.cumsum(0) - lanes_of_chunk).to(device)
+    lane_chunk = torch.repeat_interleave(torch.arange(n_chunks, device=device),
+                                         lanes_of_chunk.to(device, non_blocking=True), output_size=n_lanes)  # fmt: skip
+    chunk_first = (lanes_of_chunk.cumsum(0) - lanes_of_chunk).to(device, non_blocking=True)
     within = per_lane.cumsum(0) - per_lane  # on the device: words before each lane, from the file's lane index
     if n_lanes:
         within = within - within[chunk_first.clamp_max(n_lanes - 1)][lane_chunk]
-    lane_word = word_base.to(device)[lane_chunk] + within
+    lane_word = word_base.to(device, non_blocking=True)[lane_chunk] + within
     mark("layout.lanes")
     # where each segment's symbols land in the output: in segment order, each padded to the kernel's store tile
     padded = (sym + TILE - 1) // TILE * TILE
@@ -329,7 +329,7 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None, r
         step = _gather_chunks(data, kvz, "step", n_chunks).reshape(n_chunks, n_slots, channels)
         mean = _gather_chunks(data, kvz, "mean", n_chunks).reshape(n_chunks, n_slots, channels)
         freq = _gather_chunks(data, kvz, "freq", n_chunks).reshape(n_chunks * n_slots, -1)
-        live = (seg.coded.reshape(n_chunks, n_layers).repeat(1, 2) > 0).to(device)  # (C, 2L): slots with tokens
+        live = (seg.coded.reshape(n_chunks, n_layers).repeat(1, 2) > 0).to(device, non_blocking=True)  # (C, 2L)
         problems.append((((step <= 0) & live[:, :, None]).any(), "a coded channel has no positive step"))
         out |= {"comp_step": step.float().reshape(-1), "comp_mean": mean.float().reshape(-1),
                 "comp_base": torch.zeros(1, dtype=torch.int64), "comp_tid": torch.zeros(1, dtype=torch.int64),
@@ -549,6 +549,7 @@ def finish_adaptive(
     for cos, _ in ropes:
         tables.setdefault(id(cos), len(tables))
     uniq = {id(c): (c, sn) for c, sn in ropes}
+    rope_index = [tables[id(c)] for c, _ in ropes]  # per layer: its table in cos_all / sin_all
     cos_all = torch.stack([uniq[k][0].reshape(-1, dim) for k in tables]).contiguous()
     sin_all = torch.stack([uniq[k][1].reshape(-1, dim) for k in tables]).contiguous()
     args = {"n_segments": len(layout["host"]["coded"]), "max_n": max(layout["host"]["coded"], default=0),
@@ -564,7 +565,7 @@ def finish_adaptive(
     mark("finish.args")
     finish_adaptive_triton(args, coef, out, pre)
     mark("finish.kernel")
-    _place_raw(kvz, raws, cos_all, sin_all, args["layer_rope"], base, out, pre, dtype)
+    _place_raw(kvz, raws, cos_all, sin_all, rope_index, base, out, pre, dtype)
     layers = []
     for i, (lo_i, hi_i) in enumerate(ranges):
         n, at = hi_i - lo_i, int(base[i])
@@ -576,12 +577,12 @@ def finish_adaptive(
 
 
 def _place_raw(
-    kvz: Any, raws: list[torch.Tensor], cos_all: torch.Tensor, sin_all: torch.Tensor, layer_rope: torch.Tensor,
+    kvz: Any, raws: list[torch.Tensor], cos_all: torch.Tensor, sin_all: torch.Tensor, rope_index: list[int],
     base: torch.Tensor, out: torch.Tensor, pre: torch.Tensor | None, dtype: torch.dtype,
 ) -> None:  # fmt: skip
     """The raw (fp16) tokens of every layer (``raws``: per layer ``(2, H, n_raw, D)``, the sinks before its coded
     run and the recent tokens after it) into ``out``/``pre`` at :func:`finish_adaptive`'s layout, keys rotated by
-    their layer's table (``cos_all``/``sin_all`` ``(tables, tokens, D)``, ``layer_rope`` per layer): all layers in
+    their layer's table (``cos_all``/``sin_all`` ``(tables, tokens, D)``, ``rope_index`` per layer): all layers in
     a few device operations (one per layer cost ~0.3 ms each on a GPU, mostly launches)."""
     geo = kvz.geometry
     heads, dim = kvz.arch.num_kv_heads, kvz.arch.head_dim
@@ -600,19 +601,22 @@ def _place_raw(
     lay, p = torch.tensor(layer), torch.tensor(pos)
     lo = torch.tensor([geo.layer_range(i)[0] for i in range(len(raws))])
     n_l = torch.tensor([hi - lo_ for lo_, hi in (geo.layer_range(i) for i in range(len(raws)))])
-    table = layer_rope.cpu()[lay].to(device)
-    cos, sin = cos_all[table, p.to(device)], sin_all[table, p.to(device)]  # (R, D)
+    # host-to-device copies without a stream synchronisation (a blocking copy, or a .cpu(), here made the host
+    # wait for the decode kernels before its remaining work: the CRC plan, the flags)
+    table = torch.tensor(rope_index)[lay].to(device, non_blocking=True)
+    p_dev = p.to(device, non_blocking=True)
+    cos, sin = cos_all[table, p_dev], sin_all[table, p_dev]  # (R, D)
     keys = apply_rope(x[0][None], cos[None], sin[None])[0]  # (H, R, D)
     # rows of D elements: layer l's keys (H, n_l, D) start at base[l], its values H · n_l rows later
     h = torch.arange(heads)[:, None]
     krow = (base[lay] // dim)[None, :] + h * n_l[lay][None, :] + (p - lo[lay])[None, :]  # (H, R)
     vrow = krow + heads * n_l[lay][None, :]
     rows = out.view(-1, dim)
-    rows[krow.to(device)] = keys.to(dtype)
-    rows[vrow.to(device)] = x[1].to(dtype)
+    rows[krow.to(device, non_blocking=True)] = keys.to(dtype)
+    rows[vrow.to(device, non_blocking=True)] = x[1].to(dtype)
     if pre is not None:
         prow = (base[lay] // (2 * dim))[None, :] + h * n_l[lay][None, :] + (p - lo[lay])[None, :]
-        pre.view(-1, dim)[prow.to(device)] = x[0].to(dtype)
+        pre.view(-1, dim)[prow.to(device, non_blocking=True)] = x[0].to(dtype)
 
 
 class _Stages:

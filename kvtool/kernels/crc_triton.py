@@ -81,7 +81,7 @@ def block_crcs_triton(data: torch.Tensor, plan: CrcPlan) -> torch.Tensor:
     if data.untyped_storage().nbytes() - data.storage_offset() < padded or data.storage_offset() % 4:
         raise ValueError("the CRC kernel needs the data section in a word-aligned, word-padded buffer")
     words = torch.as_strided(data, (padded,), (1,)).view(torch.int32)
-    table = byte_table().to(data.device)
+    table = byte_table().to(data.device, non_blocking=True)
     _block_crc_kernel[(triton.cdiv(n, BLOCK_LANES),)](
         words, plan.start, plan.end, plan.preset, table, out, n, WORDS=plan.block // 4, BLOCK=BLOCK_LANES,
         num_warps=4,
@@ -95,8 +95,8 @@ def combine_triton(crcs: torch.Tensor, plan: CrcPlan) -> torch.Tensor:
     out = torch.empty(n_chunks, dtype=torch.int64, device=crcs.device)
     if n_chunks == 0:
         return out
-    powers = zero_powers(plan.max_length).to(crcs.device)
-    consts = torch.tensor([POLY, MASK, plan.seed_state], dtype=torch.int64).to(crcs.device)
+    powers = zero_powers(plan.max_length).to(crcs.device, non_blocking=True)
+    consts = torch.tensor([POLY, MASK, plan.seed_state], dtype=torch.int64).to(crcs.device, non_blocking=True)
     lanes = 32
     _combine_kernel[(triton.cdiv(n_chunks, lanes),)](
         crcs, plan.length, plan.first, powers, consts, out, n_chunks, plan.max_blocks, BLOCK=lanes, num_warps=1,
