@@ -342,8 +342,11 @@ def _header_problem(header: Any, data_len: int) -> str | None:
     return None
 
 
-def parse_header(read: Callable[[int], bytes], size: int, source: str) -> tuple[dict[str, Any], int]:
-    """Parse and validate a safetensors header; returns (header, offset of the data section)."""
+def parse_header(read: Callable[[int], bytes], size: int, source: str,
+                 precheck: Callable[[bytes], None] | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
+    """Parse and validate a safetensors header; returns (header, offset of the data section). ``precheck``: called
+    with the raw header bytes before they are parsed (a schema's cheap refusal of a header it can bound: parsing
+    hundreds of thousands of forged entries takes seconds); it raises :class:`ArtifactError` to refuse."""
     prefix = read(8)
     if len(prefix) < 8:
         raise ArtifactError(f"{source}: truncated: {size} bytes, shorter than the 8-byte header length")
@@ -359,6 +362,8 @@ def parse_header(read: Callable[[int], bytes], size: int, source: str) -> tuple[
         raise ArtifactError(f"{source}: truncated while reading the header")
     if not raw.startswith(b"{"):
         raise ArtifactError(f"{source}: not a safetensors file: header does not start with '{{'")
+    if precheck is not None:
+        precheck(raw)
     try:
         header = strict_json(raw.decode("utf-8"))
     except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -448,13 +453,14 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     return read_header_with_offset(path)[0]
 
 
-def read_header_with_offset(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
+def read_header_with_offset(path: str | os.PathLike[str],
+                            precheck: Callable[[bytes], None] | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
     """:func:`read_header` and the file offset where the data section starts (tensor ``data_offsets`` are
-    relative to it)."""
+    relative to it); ``precheck`` as in :func:`parse_header`."""
     with open_regular_file(path) as f:
         try:
             size = os.fstat(f.fileno()).st_size
-            return parse_header(f.read, size, str(path))
+            return parse_header(f.read, size, str(path), precheck)
         except OSError as e:
             raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
 

@@ -343,3 +343,31 @@ def test_version_1_files_are_still_read(tiny_llama, tmp_path, monkeypatch) -> No
     path = tmp_path / "edited.kvz"
     path.write_bytes(KvzEdit(e.to_bytes("crc")).to_bytes("meta"))
     _refused(path, tiny_llama.model)
+
+
+def test_a_header_inflated_with_entries_is_refused_before_its_parse(files, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header with 200,000 forged empty entries is refused from its metadata's bound before the header is
+    parsed (a full strict parse of it takes seconds), with the reader's one-line message; with the metadata moved
+    after the entries the bound is not read and the full parse refuses it the same way."""
+    import kvtool.artifacts as artifacts
+
+    parsed: list[int] = []
+    strict = artifacts.strict_json
+    monkeypatch.setattr(artifacts, "strict_json", lambda text: parsed.append(len(text)) or strict(text))
+    blob = files["adaptive"].read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header, data = json.loads(blob[8 : 8 + n]), blob[8 + n :]
+    extra = {f"t{k:07d}": {"dtype": "U8", "shape": [0], "data_offsets": [len(data), len(data)]} for k in range(200_000)}
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    meta_first = {"__metadata__": header["__metadata__"], **tensors, **extra}
+    meta_last = {**tensors, **extra, "__metadata__": header["__metadata__"]}
+    want = f"malformed \\.kvz metadata \\({len(tensors) + 200_000} tensors, the format has {len(tensors)}\\)"
+    for name, order in (("first", meta_first), ("last", meta_last)):
+        raw = json.dumps(order, separators=(",", ":")).encode()
+        path = tmp_path / f"{name}.kvz"
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+        parsed.clear()
+        with pytest.raises(ArtifactError, match=want):
+            KvzFile(path)
+        assert (max(parsed, default=0) > len(raw) // 2) == (name == "last")  # the big header parsed only then

@@ -12,6 +12,7 @@ what the ``.kvz`` schema states. Encoding is :mod:`kvtool.codecs.encode`, decodi
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import stat
@@ -26,6 +27,7 @@ from kvtool import config as kvconfig
 from kvtool.arch import ArchInfo
 from kvtool.artifacts import (
     DIGEST_RE,
+    METADATA_KEY,
     Artifact,
     content_hasher,
     digest_tensor,
@@ -293,14 +295,20 @@ class KvzFile:
         else:
             self.path = Path(path)
         source = str(self.path)
+        def precheck(raw: bytes) -> None:
+            most = _most_tensors(raw)
+            count = raw.count(b'"data_offsets"')  # at most the entries (a key is written once per entry)
+            if most is not None and count > most:
+                raise ArtifactError(f"{source}: malformed .kvz metadata ({count} tensors, the format has {most})")
+
         if self.buffer is None:
-            header, self._data_start = read_header_with_offset(self.path)
+            header, self._data_start = read_header_with_offset(self.path, precheck)
         else:
             size = self.size
             if size > max_artifact_bytes():
                 raise ArtifactError(f"{source}: {size} bytes, more than the {max_artifact_bytes()}-byte cap")
             reader = self.open()
-            header, self._data_start = parse_header(reader.read, size, source)
+            header, self._data_start = parse_header(reader.read, size, source, precheck)
         meta = kvtool_metadata(header, source, expect_schema=SCHEMA)
         try:
             self._read_meta(meta)
@@ -499,6 +507,28 @@ class KvzFile:
         if "sha256:" + self._hasher.hexdigest() != self.content_digest:
             raise ArtifactError(f"{self.path}: content digest mismatch: the file is corrupted or was modified")
         self._digest_ok = True
+
+
+def _most_tensors(raw: bytes) -> int | None:
+    """How many tensors a ``.kvz`` header may hold, from its kvtool metadata when that comes first (as kvtool
+    writes it), without parsing the rest: a header inflated with forged entries is refused before the seconds its
+    full parse would take. ``None`` when the metadata cannot be read this way (the full parse decides); nothing
+    here is trusted beyond this bound, which a file the full checks accept always meets (every entry has exactly
+    one ``"data_offsets"`` key, and their count must equal the format's)."""
+    lead = b'{"__metadata__":'
+    if not raw.startswith(lead):
+        return None
+    try:
+        stmeta, _ = json.JSONDecoder().raw_decode(raw[: len(lead) + (1 << 20)].decode("utf-8", "ignore"), len(lead))
+        meta = json.loads(stmeta[METADATA_KEY])
+        method, tokens = meta["method"]["_data"], meta["inputs"]["tokens"]
+        per_chunk = {"lossless": 2, "calibrated": 4, "adaptive": 7}[method["mode"]]
+        chunk = method["chunk_tokens"]
+        if not (is_int(tokens) and is_int(chunk) and 1 <= tokens <= MAX_TOKENS and 1 <= chunk <= MAX_TOKENS):
+            return None
+        return 1 + per_chunk * -(-tokens // chunk)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _int_in(x: Any, what: str, lo: int, hi: int) -> int:
