@@ -527,7 +527,7 @@ def _most_tensors(raw: bytes) -> int | None:
         if not (is_int(tokens) and is_int(chunk) and 1 <= tokens <= MAX_TOKENS and 1 <= chunk <= MAX_TOKENS):
             return None
         return 1 + per_chunk * -(-tokens // chunk)
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # the full parse reports it
         return None
 
 
