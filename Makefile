@@ -59,9 +59,9 @@ demo: install
 	$(PY) examples/connector.py --tokens 1024
 	@echo "== 6c. kvtool inside LMCache: chunks through LMCache's own serde API, the kvtool serde beside LMCache's fp8" >&2
 	LMCACHE_LOG_LEVEL=WARNING $(PY) examples/lmcache_serde.py --tokens 512 --bits 3.0
-	@echo "== 7. bench: quantizers, searched precision, PCA, the codec at several rates, the LMCache serde beside its fp8 (+ rate-distortion plot)" >&2
+	@echo "== 7. bench: quantizers, searched precision, PCA, the codec at several rates, the LMCache serde beside its fp8 and CacheGen (+ rate-distortion plot)" >&2
 	$(VENV)/bin/kvtool bench smollm2-135m --tokens 2048 --offsets 0 --plot $(OUT)/rd.png --configs \
-		kivi-k4v4,kivi-k3v3,$(OUT)/smollm2-135m.kvcal.safetensors,$(OUT)/smollm2-135m.mixed.kvcal.safetensors,$(OUT)/smollm2-135m.pca.kvcal.safetensors@2.5,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L1,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L4,kvz:q0.5,lmcache-kvtool:$(OUT)/smollm2-135m.pca.kvcal.safetensors@2.4,lmcache-fp8,zstd-fp16
+		kivi-k4v4,kivi-k3v3,$(OUT)/smollm2-135m.kvcal.safetensors,$(OUT)/smollm2-135m.mixed.kvcal.safetensors,$(OUT)/smollm2-135m.pca.kvcal.safetensors@2.5,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L1,kvz:$(OUT)/smollm2-135m.pca.kvcal.safetensors@L4,kvz:q0.5,lmcache-kvtool:$(OUT)/smollm2-135m.pca.kvcal.safetensors@2.4,lmcache-kvtool:$(OUT)/smollm2-135m.pca.kvcal.safetensors@1.3o4z4,lmcache-fp8,cachegen,zstd-fp16
 
 # The LMCache CacheGen peer for `kvtool bench --configs cachegen` (its CPU codec; the rest of LMCache is not needed).
 peers: install
