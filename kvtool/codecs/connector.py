@@ -27,7 +27,7 @@ import torch
 
 from kvtool.artifacts import Artifact, read_artifact, serialize_artifact
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
-from kvtool.codecs.decode import model_param, start_prefetch
+from kvtool.codecs.decode import model_param, prefetching
 from kvtool.codecs.kvz import (
     CodecSettings,
     KvzFile,
@@ -180,17 +180,13 @@ def decode_kv(
     whose checks fail; nothing is written to ``out`` then."""
     param = model_param(model)
     target = torch.device(device) if device is not None else param.device
-    prefetch = start_prefetch(source, target, backend)  # the bytes move while the header is parsed
-    try:
+    with prefetching(source, target, backend) as prefetch:  # the bytes move while the header is parsed
         kvz = KvzFile(source)
         model = bind_model(kvz, model)
         if out is not None:
             _check_out(out, kvz)
         layers = decode_kvz(kvz, model, _calibration(calibration), backend=backend, device=target,
                             dtype=dtype or param.dtype, prefetch=prefetch)  # fmt: skip
-    finally:
-        if prefetch is not None:
-            prefetch.close()
     pairs = [(d.keys, d.values) for d in layers]
     if out is None:
         return pairs

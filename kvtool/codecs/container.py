@@ -109,6 +109,17 @@ class CodecSettings:
             raise UsageError(f"--quality must be in (0, 64] (got {q!r})")
 
 
+#: tensors per chunk in each mode (``docs/kvz.md``): lossless zstd + layer_bytes; calibrated words, lanes,
+#: layer_lanes, raw; adaptive those and mean, step, freq
+CHUNK_TENSORS = {"lossless": 2, "calibrated": 4, "adaptive": 7}
+
+
+def tensor_count(mode: str, tokens: int, chunk_tokens: int) -> int:
+    """The tensors a ``.kvz`` of ``tokens`` positions in chunks of ``chunk_tokens`` holds: ``input_ids`` and each
+    chunk's :data:`CHUNK_TENSORS`."""
+    return 1 + CHUNK_TENSORS[mode] * -(-tokens // chunk_tokens)
+
+
 def chunk_name(chunk: int, part: str) -> str:
     """The stored name of chunk ``chunk``'s tensor ``part`` (six digits: names sort in chunk order)."""
     return f"chunk.{chunk:06d}.{part}"
@@ -295,6 +306,7 @@ class KvzFile:
         else:
             self.path = Path(path)
         source = str(self.path)
+
         def precheck(raw: bytes) -> None:
             most = _most_tensors(raw)
             count = raw.count(b'"data_offsets"')  # at most the entries (a key is written once per entry)
@@ -312,8 +324,8 @@ class KvzFile:
         meta = kvtool_metadata(header, source, expect_schema=SCHEMA)
         try:
             self._read_meta(meta)
-            per_chunk = {"lossless": 2, "calibrated": 4, "adaptive": 7}[self.settings.mode]
-            want = 1 + per_chunk * self.geometry.num_chunks  # counted before any per-tensor table is built
+            # counted before any per-tensor table is built
+            want = tensor_count(self.settings.mode, self.tokens, self.settings.chunk_tokens)
             if len(header) - ("__metadata__" in header) != want:
                 raise ValueError(f"{len(header) - ('__metadata__' in header)} tensors, the format has {want}")
             self._expected = self._expected_tensors()
@@ -522,11 +534,10 @@ def _most_tensors(raw: bytes) -> int | None:
         stmeta, _ = json.JSONDecoder().raw_decode(raw[: len(lead) + (1 << 20)].decode("utf-8", "ignore"), len(lead))
         meta = json.loads(stmeta[METADATA_KEY])
         method, tokens = meta["method"]["_data"], meta["inputs"]["tokens"]
-        per_chunk = {"lossless": 2, "calibrated": 4, "adaptive": 7}[method["mode"]]
         chunk = method["chunk_tokens"]
         if not (is_int(tokens) and is_int(chunk) and 1 <= tokens <= MAX_TOKENS and 1 <= chunk <= MAX_TOKENS):
             return None
-        return 1 + per_chunk * -(-tokens // chunk)
+        return tensor_count(method["mode"], tokens, chunk)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # the full parse reports it
         return None
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from kvtool.codecs.container import chunk_name
+
 POLY = 0xEDB88320  #: zlib's CRC-32 polynomial, reflected
 MASK = 0xFFFFFFFF
 X0 = 0x80000000  #: the polynomial 1 (x^0) in the reflected representation
@@ -99,13 +101,14 @@ def plan_chunk_crcs(kvz: Any, device: torch.device, block: int) -> CrcPlan:
         raise ValueError(f"the CRC block must be a positive multiple of 4 bytes (got {block})")
     header = kvz._header
     n_chunks = len(kvz.chunks)
-    parts = sorted({name[13:] for name in kvz._expected if name.startswith("chunk.")})  # every chunk has them all
+    prefix = chunk_name(0, "")
+    parts = sorted({name[len(prefix) :] for name in kvz._expected if name.startswith(prefix)})  # every chunk's
     rows: list[list[int]] = []  # per piece: start, end, preset, name length, blocks
     per_chunk = []
     for c in range(n_chunks):
         count = 0
         for part in parts:
-            name = f"chunk.{c:06d}.{part}"
+            name = chunk_name(c, part)
             b, e = header[name]["data_offsets"]
             n = -(-e // block) - b // block if e > b else 0
             rows.append([0, 0, name_register(name), len(name) + 1, 1])
@@ -130,7 +133,7 @@ def plan_chunk_crcs(kvz: Any, device: torch.device, block: int) -> CrcPlan:
     expected = torch.tensor([c["crc32"] for c in kvz.chunks], dtype=torch.int64)
     first, expected = torch.cat([first, expected]).to(device, non_blocking=True).split([n_chunks + 1, n_chunks])
     seed_state = zlib.crc32(kvz._crc_seed) ^ MASK
-    longest = max((len(f"chunk.{0:06d}.{part}") + 1 for part in parts), default=0)
+    longest = max((len(chunk_name(0, part)) + 1 for part in parts), default=0)
     return CrcPlan(start, end, length, p_preset[piece], is_data, first, seed_state, expected, block,
                    max(per_chunk, default=0), max(block, longest))  # fmt: skip
 

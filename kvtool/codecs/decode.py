@@ -8,8 +8,9 @@ by the coder on the CPU, written straight into the output tensors → RoPE re-ap
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +67,7 @@ def decode_kvz(
     decoded on the device (:mod:`kvtool.codecs.device_decode`: one read, one transfer, one kernel launch for every
     lane); otherwise chunks are read, checked and decoded ``BATCH_CHUNKS`` at a time on the CPU and written
     straight into the output tensors (memory beyond the output is a few chunks). ``prefetch``: a
-    :class:`kvtool.codecs.device_decode.Prefetch` of ``kvz`` (see :func:`start_prefetch`; the caller closes it)."""
+    :class:`kvtool.codecs.device_decode.Prefetch` of ``kvz`` (see :func:`prefetching`)."""
     s, arch = kvz.settings, kvz.arch
     check_calibration(kvz, calibration)
     target = torch.device(device) if device is not None else torch.device("cpu")
@@ -176,18 +177,25 @@ def bind_model(kvz: KvzFile, model: Any) -> Any:
     return model
 
 
-def start_prefetch(source: Any, device: torch.device, backend: str) -> Any:
+@contextlib.contextmanager
+def prefetching(source: Any, device: torch.device, backend: str) -> Iterator[Any]:
     """A :class:`kvtool.codecs.device_decode.Prefetch` of ``source`` (a path or a pinned uint8 tensor) when it
     will be decoded on the CUDA ``device`` by the device pipeline, else ``None``: the data section moves to the
-    device while the header is parsed. Close it once decoding is over (or failed)."""
+    device while the header is parsed; closed when the block ends, whether decoding succeeded or failed."""
     try:
-        if device.type != "cuda" or pick_backend(backend, device) != "triton":
-            return None
+        use = device.type == "cuda" and pick_backend(backend, device) == "triton"
     except UsageError:  # reported by the decode itself, after the file's own problems
-        return None
+        use = False
+    if not use:
+        yield None
+        return
     from kvtool.codecs.device_decode import Prefetch
 
-    return Prefetch(source, device)
+    prefetch = Prefetch(source, device)
+    try:
+        yield prefetch
+    finally:
+        prefetch.close()
 
 
 def model_param(model: Any) -> torch.Tensor:
@@ -211,16 +219,12 @@ def load_cache(
     from kvtool.artifacts import read_artifact
 
     param = model_param(model)
-    prefetch = start_prefetch(path, param.device, backend)
-    try:
+    with prefetching(path, param.device, backend) as prefetch:
         kvz = KvzFile(path)
         model = bind_model(kvz, model)
         cal = (calibration if isinstance(calibration, Artifact) or calibration is None
                else read_artifact(calibration, expect_schema=CALIBRATION_SCHEMA))  # fmt: skip
         layers = decode_kvz(kvz, model, cal, backend=backend, device=param.device, dtype=param.dtype,
                             prefetch=prefetch)  # fmt: skip
-    finally:
-        if prefetch is not None:
-            prefetch.close()
     ids = kvz.input_ids()
     return restore_cache(model, [(d.keys, d.values) for d in layers], kvz.tokens), ids

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -65,8 +66,8 @@ def staging_buffer(size: int, pin: bool) -> torch.Tensor:
 
 
 def read_data(kvz: Any, pin: bool) -> torch.Tensor:
-    """The file's data section as one uint8 tensor (in the pinned staging buffer when ``pin``), read by parallel
-    ``preadv`` calls (a page-cache copy is a memory copy: several threads move more bytes per second). A file
+    """The file's data section as one uint8 tensor (in the pinned staging buffer when ``pin``), read by
+    :func:`read_pieces`. A file
     given as bytes in memory is a view of them (a pinned uint8 tensor is used as it is; other buffers are copied
     into the staging buffer when ``pin``)."""
     size = kvz.size - kvz._data_start
@@ -79,20 +80,31 @@ def read_data(kvz: Any, pin: bool) -> torch.Tensor:
         buf.copy_(src)
         return buf
     buf = staging_buffer(size, pin)
-    view = memoryview(buf.numpy())
     fd = os.open(kvz.path, os.O_RDONLY)
     try:
-
-        def piece(at: int) -> int:
-            return os.preadv(fd, [view[at : at + READ_PIECE]], kvz._data_start + at)
-
         with ThreadPoolExecutor(host_threads()) as pool:
-            got = sum(pool.map(piece, range(0, size, READ_PIECE)))
+            got = sum(f.result() for f in read_pieces(pool, fd, buf, kvz._data_start))
     finally:
         os.close(fd)
     if got != size:
         raise ArtifactError(f"{kvz.path}: truncated while reading the chunks")
     return buf
+
+
+def read_pieces(pool: ThreadPoolExecutor, fd: int, buf: torch.Tensor, offset: int,
+                then: Callable[[int, int], None] | None = None) -> list[Future[int]]:  # fmt: skip
+    """Read ``buf.numel()`` bytes of ``fd`` from ``offset`` into ``buf`` (uint8, CPU) by parallel ``preadv`` calls
+    of :data:`READ_PIECE` bytes on ``pool`` (a page-cache copy is a memory copy: several threads move more bytes
+    per second); ``then(at, n)`` runs after each piece is read. Returns the futures of the bytes each piece got."""
+    view = memoryview(buf.numpy())
+
+    def piece(at: int) -> int:
+        got = os.preadv(fd, [view[at : at + READ_PIECE]], offset + at)
+        if then is not None and got:
+            then(at, got)
+        return got
+
+    return [pool.submit(piece, at) for at in range(0, buf.numel(), READ_PIECE)]
 
 
 class Prefetch:
@@ -140,18 +152,14 @@ class Prefetch:
                 self.dev.copy_(self.host, non_blocking=True)
             return
         self.host = staging_buffer(n, pin=True)
-        view = memoryview(self.host.numpy())
-        fd, host, dev, side = self._fd, self.host, self.dev, self.side
+        host, dev, side = self.host, self.dev, self.side
 
-        def piece(at: int) -> int:
-            got = os.preadv(fd, [view[at : at + READ_PIECE]], start + at)
-            if got:
-                with torch.cuda.stream(side):
-                    dev[at : at + got].copy_(host[at : at + got], non_blocking=True)
-            return got
+        def send(at: int, got: int) -> None:  # each piece on its way as soon as it is read
+            with torch.cuda.stream(side):
+                dev[at : at + got].copy_(host[at : at + got], non_blocking=True)
 
         self._pool = ThreadPoolExecutor(host_threads())
-        self._reads = [self._pool.submit(piece, at) for at in range(0, n, READ_PIECE)]
+        self._reads = read_pieces(self._pool, self._fd, host, start, send)
 
     def data(self, kvz: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(host, device)`` views of ``kvz``'s data section once every piece is read (the device copy may still
@@ -565,7 +573,7 @@ def finish_adaptive(
     mark("finish.args")
     finish_adaptive_triton(args, coef, out, pre)
     mark("finish.kernel")
-    _place_raw(kvz, raws, cos_all, sin_all, rope_index, base, out, pre, dtype)
+    _place_raw(kvz, ranges, raws, cos_all, sin_all, rope_index, base, out, pre, dtype)
     layers = []
     for i, (lo_i, hi_i) in enumerate(ranges):
         n, at = hi_i - lo_i, int(base[i])
@@ -577,19 +585,19 @@ def finish_adaptive(
 
 
 def _place_raw(
-    kvz: Any, raws: list[torch.Tensor], cos_all: torch.Tensor, sin_all: torch.Tensor, rope_index: list[int],
-    base: torch.Tensor, out: torch.Tensor, pre: torch.Tensor | None, dtype: torch.dtype,
+    kvz: Any, ranges: list[tuple[int, int]], raws: list[torch.Tensor], cos_all: torch.Tensor, sin_all: torch.Tensor,
+    rope_index: list[int], base: torch.Tensor, out: torch.Tensor, pre: torch.Tensor | None, dtype: torch.dtype,
 ) -> None:  # fmt: skip
     """The raw (fp16) tokens of every layer (``raws``: per layer ``(2, H, n_raw, D)``, the sinks before its coded
-    run and the recent tokens after it) into ``out``/``pre`` at :func:`finish_adaptive`'s layout, keys rotated by
+    run and the recent tokens after it; ``ranges``: per layer its positions ``[lo, hi)``) into ``out``/``pre`` at
+    :func:`finish_adaptive`'s layout, keys rotated by
     their layer's table (``cos_all``/``sin_all`` ``(tables, tokens, D)``, ``rope_index`` per layer): all layers in
     a few device operations (one per layer cost ~0.3 ms each on a GPU, mostly launches)."""
     geo = kvz.geometry
     heads, dim = kvz.arch.num_kv_heads, kvz.arch.head_dim
     layer, pos = [], []
-    for i, raw in enumerate(raws):
+    for i, (raw, (lo_i, hi_i)) in enumerate(zip(raws, ranges, strict=True)):
         if raw.shape[2]:
-            lo_i, hi_i = geo.layer_range(i)
             a_i, b_i = geo.coded_run(i)
             rows = [*range(lo_i, a_i), *range(b_i, hi_i)]
             layer += [i] * len(rows)
@@ -599,8 +607,8 @@ def _place_raw(
     device = out.device
     x = torch.cat([raw for raw in raws if raw.shape[2]], dim=2).to(device, torch.float32)  # (2, H, R, D)
     lay, p = torch.tensor(layer), torch.tensor(pos)
-    lo = torch.tensor([geo.layer_range(i)[0] for i in range(len(raws))])
-    n_l = torch.tensor([hi - lo_ for lo_, hi in (geo.layer_range(i) for i in range(len(raws)))])
+    lo = torch.tensor([lo_i for lo_i, _ in ranges])
+    n_l = torch.tensor([hi_i - lo_i for lo_i, hi_i in ranges])
     # host-to-device copies without a stream synchronisation (a blocking copy, or a .cpu(), here made the host
     # wait for the decode kernels before its remaining work: the CRC plan, the flags)
     table = torch.tensor(rope_index)[lay].to(device, non_blocking=True)
@@ -720,14 +728,14 @@ def decode_file(
         raise
     if checks is not None:
         checks.result()
-    if flags[0]:
+    crc_failed, lanes_failed, *problems_failed = flags
+    if crc_failed:
         c = int(crc_bad.nonzero()[0, 0])
         raise ArtifactError(f"{kvz.path}: chunk {c} is corrupted (CRC-32 mismatch)")
-    flags = flags[1:]
-    for failed, why in zip(flags[1:], [why for _, why in layout["problems"]], strict=True):
+    for failed, why in zip(problems_failed, [why for _, why in layout["problems"]], strict=True):
         if failed:
             raise ArtifactError(f"{kvz.path}: {why}")
-    if flags[0]:
+    if lanes_failed:
         raise ArtifactError(f"{kvz.path}: a coded stream is corrupted (a lane does not end where its length says)")
     stages.mark("checks")
     return out
