@@ -541,7 +541,8 @@ def _check_writable(artifact: Artifact) -> dict[str, Any]:
 
 
 def serialize_artifact(artifact: Artifact) -> tuple[bytes, str]:
-    """The exact file bytes of ``artifact`` and its content digest (no file is touched).
+    """The exact file bytes of ``artifact`` and its content digest (no file is touched): :func:`serialized_parts`
+    joined.
 
     Parameters
     ----------
@@ -558,6 +559,13 @@ def serialize_artifact(artifact: Artifact) -> tuple[bytes, str]:
     ValueError
         Unknown schema or version, malformed fields, or tensors that cannot be stored.
     """
+    parts, digest = serialized_parts(artifact)
+    return b"".join(parts), digest
+
+
+def serialized_parts(artifact: Artifact) -> tuple[list[bytes | memoryview], str]:
+    """The file bytes of ``artifact`` as consecutive pieces (the header, then views of each tensor's bytes: a
+    writer streams them without assembling one buffer) and its content digest; see :func:`serialize_artifact`."""
     meta = _check_writable(artifact)
     tensors = {name: t.detach().cpu() for name, t in sorted(artifact.tensors.items())}
     _check_unshared(tensors)
@@ -590,7 +598,8 @@ def serialize_artifact(artifact: Artifact) -> tuple[bytes, str]:
     head += b" " * (-len(head) % 8)
     if len(head) > MAX_HEADER_SIZE:
         raise ValueError(f"artifact header of {len(head)} bytes exceeds {MAX_HEADER_SIZE}; stack the tensors")
-    return b"".join([len(head).to_bytes(8, "little"), head, *(data[name] for name in entries)]), meta["content_digest"]
+    return [len(head).to_bytes(8, "little"), head, *(data[name] for name in entries)], meta["content_digest"]
+
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -638,8 +647,8 @@ def write_artifact(path: str | os.PathLike[str], artifact: Artifact) -> str:
     KvtoolError
         The file system refused the write (exit 1); nothing is left behind.
     """
-    data, digest = serialize_artifact(artifact)
-    write_bytes_atomic(path, data)
+    parts, digest = serialized_parts(artifact)
+    write_bytes_atomic(path, parts)  # streamed: no joined copy of a large .kvz in memory
     artifact.producer = artifact.producer or default_producer()
     artifact.content_digest = digest
     return digest

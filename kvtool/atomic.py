@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from kvtool.errors import KvtoolError
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically; a file-system failure is a one-line :class:`KvtoolError` (exit 1)."""
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | Sequence[bytes | memoryview]) -> None:
+    """Write ``data`` (bytes, or consecutive pieces of it) to ``path`` atomically; a file-system failure is a
+    one-line :class:`KvtoolError` (exit 1)."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes | bytearray | memoryview):
+                f.write(data)
+            else:
+                f.writelines(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -18,6 +18,7 @@ from kvtool.codecs import rans
 from kvtool.codecs.coding import AdaptiveCoder
 from kvtool.codecs.ecsq import dequantize
 from kvtool.kernels import rans_decode, rans_encode
+from kvtool.kernels.histogram_triton import symbol_counts_triton
 from kvtool.kernels.rans_triton import decode_interleaved, deinterleave, interleave
 from kvtool.kernels.rope_triton import rope_triton
 
@@ -44,6 +45,17 @@ def _random_case(seed: int, n: int, tables_n: int, alphabet: int, lane_len: int,
                                      (step.to(device), kmax.to(device)))  # fmt: skip
     want = dequantize(sym, step[tid], kmax[tid])
     assert torch.equal(deinterleave(coeff, lengths).cpu(), want), "fused dequantization differs"
+
+
+def _counts_case(device: str, big: bool) -> None:
+    """The symbol-count kernel against its reference (exact): rows longer and shorter than a block, full alphabet."""
+    gen = torch.Generator().manual_seed(5)
+    for rows, n, a in [(3, 10_000, 255), (1, 1, 2), (5, 8_193, 17), (0, 5, 3), (2, 0, 9), (2, 70, 256)] + (
+        [(64, 262_144, 255)] if big else []
+    ):
+        x = torch.randint(0, a, (rows, n), dtype=torch.uint8, generator=gen)
+        got = symbol_counts_triton(x.to(device), a).cpu()
+        assert torch.equal(got, rans.symbol_counts_reference(x, a)), f"symbol counts differ ({rows}x{n}, {a})"
 
 
 def _kv_case(heads: int, head_dim: int, tokens: int, layers: int, device: str) -> None:
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for heads, dim, tokens in shapes:
         _kv_case(heads, dim, tokens, 2, args.device)
     _rope_case(args.device, big=args.big)
+    _counts_case(args.device, big=args.big)
     _device_decode_case(args.device)
     print("kernel checks: all equal")
     return 0

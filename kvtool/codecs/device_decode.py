@@ -37,6 +37,7 @@ from kvtool.codecs.container import chunk_crc, host_threads
 from kvtool.codecs.crc import chunk_crcs, padded_bytes, plan_chunk_crcs
 from kvtool.codecs.decode import DecodedLayer
 from kvtool.codecs.ecsq import MAX_K
+from kvtool.codecs.staging import staging_buffer
 from kvtool.errors import ArtifactError
 
 TILE = 8  #: symbols per lane the fused kernel stores together; each segment's output is padded to it
@@ -49,20 +50,7 @@ CRC_BLOCK_INTERPRETED = 64
 # -- host side: one read, checks in the background ------------------------------------------------------------------
 
 
-_STAGING: dict[str, torch.Tensor] = {}
 READ_PIECE = 32 << 20  #: bytes per parallel read
-
-
-def staging_buffer(size: int, pin: bool) -> torch.Tensor:
-    """A host buffer of ``size`` bytes; pinned ones are kept and reused (grow-only), as an engine keeps its staging
-    memory: pinning hundreds of megabytes costs more than the transfer itself."""
-    if not pin:
-        return torch.empty(size, dtype=torch.uint8)
-    buf = _STAGING.get("pinned")
-    if buf is None or buf.numel() < size:
-        buf = torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=True)
-        _STAGING["pinned"] = buf
-    return buf[:size]
 
 
 def read_data(kvz: Any, pin: bool) -> torch.Tensor:

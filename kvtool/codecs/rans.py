@@ -70,6 +70,17 @@ def quantize_counts(counts: torch.Tensor, alphabet_sizes: torch.Tensor) -> torch
     return freq + (rounds[:, None] + (rank < rest[:, None]).to(torch.int64)) * live.to(torch.int64)
 
 
+def symbol_counts_reference(symbols: torch.Tensor, alphabet: int) -> torch.Tensor:
+    """Per row of ``symbols`` ``(rows, n)`` uint8 (values below ``alphabet``), how often each value occurs:
+    ``(rows, alphabet)`` int64, on ``symbols.device``. Exact integers, so the same on every device."""
+    rows = symbols.shape[0]
+    if rows == 0:
+        return torch.zeros(0, alphabet, dtype=torch.int64, device=symbols.device)
+    offset = torch.arange(rows, dtype=torch.int32, device=symbols.device)[:, None] * alphabet
+    flat = (symbols.to(torch.int32) + offset).reshape(-1)
+    return torch.bincount(flat, minlength=rows * alphabet).reshape(rows, alphabet)
+
+
 def build_tables(freq: torch.Tensor, check: bool = True) -> Tables:
     """:class:`Tables` from integer frequencies ``(n, A)`` (each row sums to ``PROB_SCALE``). ``check=False``
     leaves the check to the caller (a device pipeline that checks on the device, without a host round trip)."""

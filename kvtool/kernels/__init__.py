@@ -66,6 +66,17 @@ def rans_decode(*args: Any, backend: str = "auto", **kwargs: Any) -> torch.Tenso
     return _dispatch("decode", args[0].device, backend)(*args, **kwargs)
 
 
+def symbol_counts(symbols: torch.Tensor, alphabet: int, backend: str = "auto") -> torch.Tensor:
+    """:func:`kvtool.codecs.rans.symbol_counts_reference` or its Triton twin (numba: the reference). Exact integers
+    either way, so CPU tensors under a ``triton`` coder (not interpreted) are counted by the reference."""
+    runnable = symbols.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if backend in ("auto", "triton") and runnable and pick_backend(backend, symbols.device) == "triton":
+        from kvtool.kernels.histogram_triton import symbol_counts_triton
+
+        return symbol_counts_triton(symbols, alphabet)
+    return rans.symbol_counts_reference(symbols, alphabet)
+
+
 def _dispatch(op: str, device: torch.device, backend: str) -> Callable[..., Any]:
     use = pick_backend(backend, device)
     if use == "torch":
