@@ -133,6 +133,7 @@ def batch_layers(
     a0, b0 = geo.chunk_span(batch[0])[0], geo.chunk_span(batch[-1])[1]
     out: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]] = [([], []) for _ in batch]
     raw_of: list[list[torch.Tensor]] = [[] for _ in batch]  # per chunk its raw parts, on the cache's device
+    no_raw = torch.zeros(0, dtype=torch.float16, device=cache.layers[0].keys.device) if cache.layers else None
     for i, layer in enumerate(cache.layers):
         lo, hi = geo.layer_range(i)
         s, e = max(a0, lo), max(min(b0, hi), max(a0, lo))  # this layer's positions in the batch: [s, e)
@@ -148,8 +149,8 @@ def batch_layers(
             if raw:  # most chunks have none (sinks open the prefix, recent tokens close it)
                 idx = torch.tensor([p - s for p in raw], dtype=torch.int64).to(kp.device)
                 raws.append(torch.stack([kp.index_select(1, idx), v.index_select(1, idx)]).half().reshape(-1))
-            else:
-                raws.append(kp.new_zeros(0, dtype=torch.float16))
+            else:  # one shared empty tensor (an allocation per chunk and layer cost ~40 µs each on a GPU)
+                raws.append(no_raw)
     for (_, raw_parts), raws in zip(out, raw_of, strict=True):  # one copy to the host per chunk with raw positions
         flat = torch.cat(raws).cpu() if any(r.numel() for r in raws) else torch.zeros(0, dtype=torch.float16)
         raw_parts.extend(flat.split([r.numel() for r in raws]))

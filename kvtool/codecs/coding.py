@@ -22,7 +22,6 @@ import torch
 from kvtool.calibration import transform_of
 from kvtool.codecs import rans
 from kvtool.codecs.ecsq import MAX_K, Level, codec_levels, dequantize, quantize
-from kvtool.codecs.staging import staging_buffer
 from kvtool.errors import ArtifactError, UsageError
 from kvtool.kernels import pick_backend, rans_decode, rans_encode, symbol_counts
 from kvtool.quantizers.projection import ProjectionQuantizer
@@ -65,12 +64,8 @@ class AnalysedBatch:
         return float((self.counts.to(torch.float64) * torch.log2(rans.PROB_SCALE / freq.clamp_min(1))).sum())
 
 
-def _slot_matrix(x: torch.Tensor) -> torch.Tensor:
-    """``(heads, n, head_dim)`` → ``(n, heads·head_dim)`` (head-major channels)."""
-    return x.permute(1, 0, 2).reshape(x.shape[1], x.shape[0] * x.shape[2])
-
-
 def _from_slot_matrix(m: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(n, heads·head_dim)`` (head-major channels) → ``(heads, n, head_dim)``."""
     return m.reshape(m.shape[0], heads, m.shape[1] // heads).permute(1, 0, 2)
 
 
@@ -170,19 +165,15 @@ class _Coder:
         words, lanes = rans_encode(syms.to(self.device), tids, tables, torch.cat(lengths), backend=self.backend)
         # uint16 words, narrowed where they were coded (half the bytes to copy back), exactly: int16 holds the
         # same 16 bits once the values above 32767 are moved down by 2^16
-        words = torch.where(words >= 32768, words - 65536, words).to(torch.int16)
-        if words.is_cuda:  # into pinned memory (7 GB/s to pageable memory, ~50 to pinned), sliced and copied below
-            host = staging_buffer(2 * words.numel(), pin=True, purpose="encode").view(torch.int16)
-            host.copy_(words, non_blocking=True)
-            lanes = lanes.cpu()  # synchronises: the words have arrived too
-            words = host
-        words, lanes = words.cpu().view(torch.uint16), lanes.cpu()
+        words = torch.where(words >= 32768, words - 65536, words).to(torch.int16).cpu().view(torch.uint16)
+        lanes = lanes.cpu()
         out, lane_at, word_at = [], 0, 0
         for per, side in zip(per_layer, sides, strict=True):
             n_lanes = int(per.sum())
             mine = lanes[lane_at : lane_at + n_lanes]
             n_words = int(mine.sum())
-            out.append(CodedChunk(words[word_at : word_at + n_words].clone(), mine.clone(), per, side))
+            # views of the batch's buffers, disjoint (an artifact may hold them: no copy of ~half a GB at 32K)
+            out.append(CodedChunk(words[word_at : word_at + n_words], mine, per, side))
             lane_at, word_at = lane_at + n_lanes, word_at + n_words
         return out
 
@@ -346,7 +337,9 @@ class AdaptiveCoder(_Coder):
         sym_of: dict[int, torch.Tensor] = {}
         for group in groups.values():
             idx = [row for row, _ in group]
-            m = torch.stack([_slot_matrix(x) for _, x in group])  # (G, n, C)
+            # (G, heads, n, head_dim) → (G, n, C): one stack and one permuting copy for the whole group
+            m = torch.stack([x for _, x in group])
+            m = m.permute(0, 2, 1, 3).reshape(m.shape[0], m.shape[2], m.shape[1] * m.shape[3])
             mu = order_free_mean(m).float().half()
             dev = m - mu.float()[:, None, :]
             sd = order_free_mean(dev.double().square()).sqrt()

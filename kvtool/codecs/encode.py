@@ -186,8 +186,10 @@ def kvz_artifact(
     )
     seed = crc_seed({"schema": art.schema, "schema_version": art.schema_version, "model": art.model,
                      "inputs": art.inputs, "method": art.method, "extra": art.extra})  # fmt: skip
-    # CRCs on host threads while the next batch is coded (on a GPU model the coder waits on the device meanwhile)
-    with ThreadPoolExecutor(host_threads()) as pool:
+    # CRCs on host threads while the next batch is coded (on a GPU model the coder waits on the device meanwhile).
+    # Two threads keep up (zlib: ~3.7 GB/s a core, the words of a 32K Llama-3.1-8B prefix are 0.48 GB); more only
+    # compete for the cores with the coder's own host work and torch's intra-op threads
+    with ThreadPoolExecutor(min(2, host_threads())) as pool:
         crcs = []
         step = encode_batch_chunks(geo, where)
         for first in range(0, geo.num_chunks, step):
