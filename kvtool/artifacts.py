@@ -23,6 +23,7 @@ import os
 import re
 import stat
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +194,27 @@ class Artifact:
 # --------------------------------------------------------------------------------------------------- digest
 
 
+#: schema → the first of its versions whose content digest hashes each tensor's sha256 instead of its bytes
+#: (:func:`register_tensor_hashed_digest`)
+TENSOR_HASHED_FROM: dict[str, int] = {}
+#: threads hashing tensors for a tensor-hashed digest (hashlib releases the GIL on large buffers)
+DIGEST_THREADS = max(1, min(16, os.cpu_count() or 1))
+
+
+def register_tensor_hashed_digest(name: str, first_version: int) -> None:
+    """From ``first_version`` on, artifacts of schema ``name`` take the tensor-hashed form of the content digest
+    (``docs/artifacts.md``): each tensor's bytes are hashed on their own (in parallel), then those digests in
+    order, so a writer with hundreds of megabytes of tensors is not held by one sequential SHA-256."""
+    TENSOR_HASHED_FROM[name] = first_version
+
+
+def tensor_hashed(meta: dict[str, Any]) -> bool:
+    """Whether ``meta``'s artifact (schema and version) has a tensor-hashed content digest."""
+    first = TENSOR_HASHED_FROM.get(meta.get("schema"))  # type: ignore[arg-type]
+    version = meta.get("schema_version")
+    return first is not None and is_int(version) and version >= first
+
+
 def content_digest(meta: dict[str, Any], header: dict[str, Any], buffer: bytes | memoryview) -> str:
     """``sha256:<hex>`` of an artifact, as defined in ``docs/artifacts.md``.
 
@@ -209,13 +231,28 @@ def content_digest(meta: dict[str, Any], header: dict[str, Any], buffer: bytes |
     -------
     str
         ``"sha256:" + hex`` of: canonical JSON of ``meta`` without ``content_digest``, then for every tensor in
-        name order ``name 0x00 dtype 0x00 canonical-JSON(shape) 0x00`` followed by the tensor's bytes.
+        name order ``name 0x00 dtype 0x00 canonical-JSON(shape) 0x00`` followed by the tensor's bytes (or, for a
+        tensor-hashed schema version, the 32-byte SHA-256 of those bytes).
     """
-    h = content_hasher(meta)
     view = memoryview(buffer)
-    for name in sorted(k for k in header if k != "__metadata__"):
-        begin, end = header[name]["data_offsets"]
-        digest_tensor(h, name, header[name], view[begin:end])
+    names = sorted(k for k in header if k != "__metadata__")
+    data = [view[header[n]["data_offsets"][0] : header[n]["data_offsets"][1]] for n in names]
+    return digest_of(meta, names, [header[n] for n in names], data)
+
+
+def digest_of(meta: dict[str, Any], names: list[str], infos: list[dict[str, Any]],
+              data: list[bytes | memoryview]) -> str:  # fmt: skip
+    """:func:`content_digest` of tensors given in name order (``infos``: their header entries, ``data``: their
+    bytes)."""
+    h = content_hasher(meta)
+    if tensor_hashed(meta):
+        with ThreadPoolExecutor(DIGEST_THREADS) as pool:
+            hashed = list(pool.map(lambda d: hashlib.sha256(d).digest(), data, chunksize=8))
+        for name, info, digest in zip(names, infos, hashed, strict=True):
+            digest_tensor(h, name, info, digest)
+    else:
+        for name, info, d in zip(names, infos, data, strict=True):
+            digest_tensor(h, name, info, d)
     return "sha256:" + h.hexdigest()
 
 
@@ -226,7 +263,8 @@ def content_hasher(meta: dict[str, Any]) -> Any:
 
 
 def digest_tensor(h: Any, name: str, info: dict[str, Any], data: bytes | memoryview) -> None:
-    """Feed one tensor (its header entry ``info`` and its bytes) to a :func:`content_hasher`."""
+    """Feed one tensor (its header entry ``info`` and its bytes, or their SHA-256 for a tensor-hashed digest) to
+    a :func:`content_hasher`."""
     h.update(f"{name}\0{info['dtype']}\0{canonical_json(list(info['shape']))}\0".encode())
     h.update(data)
 
@@ -587,10 +625,8 @@ def serialized_parts(artifact: Artifact) -> tuple[list[bytes | memoryview], str]
         entries[name] = {"dtype": info["dtype"], "shape": list(tensors[name].shape),
                          "data_offsets": [at, at + data[name].nbytes]}  # fmt: skip
         at += data[name].nbytes
-    h = content_hasher(meta)
-    for name in sorted(entries):
-        digest_tensor(h, name, entries[name], data[name])
-    meta["content_digest"] = "sha256:" + h.hexdigest()
+    names = sorted(entries)
+    meta["content_digest"] = digest_of(meta, names, [entries[n] for n in names], [data[n] for n in names])
     # __metadata__ first ("format", then "kvtool"), then the tensor entries in safetensors' order (safetensors writes
     # __metadata__ from a hash map, in random key order: the header is written here with a fixed one)
     header = {"__metadata__": {"format": "pt", METADATA_KEY: canonical_json(meta)}, **entries}

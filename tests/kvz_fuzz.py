@@ -327,14 +327,16 @@ def meta_digest(kv: Any) -> str:
 
 def content_digest(doc: Doc) -> str:
     """docs/artifacts.md: sha256 of the canonical JSON without ``content_digest`` then, per tensor in name
-    order, ``name NUL dtype NUL canonical(shape) NUL`` and its bytes."""
+    order, ``name NUL dtype NUL canonical(shape) NUL`` and its bytes (``.kvz`` version 3 on: their sha256)."""
     p = plain(doc.kv)
     h = hashlib.sha256(_lenient_json({k: v for k, v in p.items() if k != "content_digest"}).encode())
+    version = p.get("schema_version") if isinstance(p, dict) else None
+    hashed = p.get("schema") == "kvtool.kvz" and type(version) is int and version >= 3
     for name in sorted(doc.tensors):
         e = doc.tensors[name]
         shape = list(e.shape) if isinstance(e.shape, list) else e.shape
         h.update(f"{name}\0{e.dtype}\0{_lenient_json(shape)}\0".encode())
-        h.update(e.data)
+        h.update(hashlib.sha256(e.data).digest() if hashed else e.data)
     return "sha256:" + h.hexdigest()
 
 

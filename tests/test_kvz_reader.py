@@ -24,6 +24,7 @@ from tiny_models import TinyLM
 
 from kvtool.artifacts import read_artifact
 from kvtool.cli._errors import message_for
+from kvtool.codecs.container import SCHEMA_VERSION
 from kvtool.codecs.kvz import CodecSettings, KvzFile, decode_kvz, encode_prefix
 from kvtool.errors import ArtifactError, InputError
 
@@ -116,7 +117,7 @@ FORGED = [
     ("lossless", "extra.layers.0", [1, 150]),
     ("lossless", "schema_version", 0),
     ("lossless", "schema_version", -1),
-    ("lossless", "schema_version", 3),
+    ("lossless", "schema_version", SCHEMA_VERSION + 1),  # a version this kvtool does not know
     ("lossless", "method._data.chunk_tokens", 64.0),
     ("lossless", "method._data.chunk_tokens", 1_000_000),
     ("lossless", "inputs.tokens", 3_000_000),
@@ -371,3 +372,35 @@ def test_a_header_inflated_with_entries_is_refused_before_its_parse(files, tmp_p
         with pytest.raises(ArtifactError, match=want):
             KvzFile(path)
         assert (max(parsed, default=0) > len(raw) // 2) == (name == "last")  # the big header parsed only then
+
+
+def test_kvz_content_digest_is_tensor_hashed_as_documented(tiny_llama, tmp_path) -> None:
+    """docs/artifacts.md, tensor-hashed form (``.kvz`` from version 3): recomputed from the raw file with hashlib
+    alone, and ``kvtool inspect``'s check (``read_artifact``) agrees; one changed byte anywhere breaks it."""
+    import hashlib
+    import json
+
+    from kvtool.artifacts import read_artifact
+
+    path = tmp_path / "a.kvz"
+    encode_prefix(TinyLM(tiny_llama), IDS, CodecSettings(mode="adaptive", chunk_tokens=64), path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    kv = json.loads(header.pop("__metadata__")["kvtool"])
+    assert kv["schema_version"] == SCHEMA_VERSION == 3
+    expected = kv.pop("content_digest")
+    h = hashlib.sha256(json.dumps(kv, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+    for name in sorted(header):
+        info = header[name]
+        begin, end = info["data_offsets"]
+        h.update(name.encode() + b"\0" + info["dtype"].encode() + b"\0")
+        h.update(json.dumps(info["shape"], separators=(",", ":")).encode() + b"\0")
+        h.update(hashlib.sha256(data[8 + n + begin : 8 + n + end]).digest())
+    assert "sha256:" + h.hexdigest() == expected
+    assert read_artifact(path).content_digest == expected
+    damaged = bytearray(data)
+    damaged[-3] ^= 0x10
+    (tmp_path / "b.kvz").write_bytes(bytes(damaged))
+    with pytest.raises(ArtifactError, match="content digest mismatch"):
+        read_artifact(tmp_path / "b.kvz")
