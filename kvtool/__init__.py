@@ -4,7 +4,7 @@ Public API (the catalogue)::
 
     load_model, capture_kv, perplexity, continuation_quality, KVTransform, UniformQuantizer, NonUniformQuantizer,
     transformed_attention, read_artifact, write_artifact, load_calibration, load_quantized_cache, ProjectionQuantizer,
-    encode_prefix, load_cache, encode_kv, decode_kv
+    encode_prefix, load_cache, encode_kv, encode_kv_into, decode_kv
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from kvtool.artifacts import read_artifact, write_artifact
 from kvtool.attention import transformed_attention
 from kvtool.calibration import load_calibration
 from kvtool.capture import capture_kv
-from kvtool.codecs.connector import decode_kv, encode_kv
+from kvtool.codecs.connector import decode_kv, encode_kv, encode_kv_into
 from kvtool.codecs.kvz import encode_prefix, load_cache
 from kvtool.eval.harness import continuation_quality, perplexity
 from kvtool.models import load_model
@@ -40,5 +40,6 @@ __all__ = [
     "encode_prefix",
     "load_cache",
     "encode_kv",
+    "encode_kv_into",
     "decode_kv",
 ]

@@ -50,6 +50,28 @@ def test_bytes_equal_the_file_and_every_source_decodes_the_same(tiny_gemma3: Any
     assert [k.shape[2] for k, _ in got[0]] == [layer.keys.shape[2] for layer in cache.layers]
 
 
+def test_encode_into_caller_buffer(tiny_llama: Any) -> None:
+    """``encode_kv_into`` writes exactly ``encode_kv``'s bytes at the start of a tensor or a bytearray; a buffer
+    too small is refused before anything is written."""
+    ids = _ids()
+    cache = prefill_cache(tiny_llama.model, ids)
+    lm, settings = TinyLM(tiny_llama), CodecSettings(mode="adaptive", chunk_tokens=16)
+    blob = kvtool.encode_kv(lm, cache, ids, settings=settings)
+    buf = torch.full((len(blob) + 100,), 0xAB, dtype=torch.uint8)
+    assert kvtool.encode_kv_into(buf, lm, cache, ids, settings=settings) == len(blob)
+    assert bytes(buf[: len(blob)].numpy()) == blob and bool((buf[len(blob) :] == 0xAB).all())
+    arr = bytearray(len(blob))
+    assert kvtool.encode_kv_into(arr, lm, cache, ids, settings=settings) == len(blob) and bytes(arr) == blob
+    small = bytearray(b"\x01" * (len(blob) - 1))
+    with pytest.raises(UsageError, match=f"needs {len(blob)}"):
+        kvtool.encode_kv_into(small, lm, cache, ids, settings=settings)
+    assert small == bytearray(b"\x01" * (len(blob) - 1))
+    with pytest.raises(UsageError, match="writable"):
+        kvtool.encode_kv_into(memoryview(blob), lm, cache, ids, settings=settings)
+    with pytest.raises(UsageError, match="uint8"):
+        kvtool.encode_kv_into(torch.zeros(len(blob)), lm, cache, ids, settings=settings)
+
+
 def test_decode_into_caller_buffers(tiny_llama: Any) -> None:
     ids = _ids()
     cache = prefill_cache(tiny_llama.model, ids)

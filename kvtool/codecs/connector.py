@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kvtool.artifacts import Artifact, read_artifact, serialize_artifact
+from kvtool.artifacts import Artifact, read_artifact, serialized_parts
 from kvtool.calibration import SCHEMA as CALIBRATION_SCHEMA
 from kvtool.codecs.decode import model_param, prefetching
 from kvtool.codecs.kvz import (
@@ -143,6 +143,55 @@ def encode_kv(
     ``input_ids``: the ``T`` prefix token ids. ``positions``: the prefix positions, if given they must be
     ``0 .. T-1`` (a ``.kvz`` holds a prefix from its first token). ``settings``: the codec's
     (default: adaptive, quality 0.5); ``calibration``: the artifact for calibrated coding."""
+    return b"".join(_encoded_parts(model, kv, input_ids, positions, settings, calibration, fingerprint, tokenizer,
+                                   backend))  # fmt: skip
+
+
+def encode_kv_into(
+    out: torch.Tensor | bytearray | memoryview,
+    model: Any,
+    kv: Any,
+    input_ids: torch.Tensor,
+    *,
+    positions: torch.Tensor | None = None,
+    settings: CodecSettings | None = None,
+    calibration: str | os.PathLike[str] | Artifact | None = None,
+    fingerprint: dict[str, str] | None = None,
+    tokenizer: Any = None,
+    backend: str = "auto",
+) -> int:
+    """:func:`encode_kv` into the caller's buffer: the ``.kvz`` bytes are written to the start of ``out`` (a CPU
+    uint8 tensor, e.g. an engine's pinned staging buffer, or a writable bytes-like object) and their count is
+    returned. A buffer kept and reused is already mapped, so the host copy of a large file runs at memory speed on
+    all cores instead of faulting in fresh pages (what most of ``encode_kv``'s final copy costs). ``UsageError``
+    (nothing written) when ``out`` is too small."""
+    if isinstance(out, torch.Tensor):
+        if out.device.type != "cpu" or out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous():
+            raise UsageError("out must be a contiguous 1-d CPU uint8 tensor or a writable bytes-like object")
+        dst = out
+    else:
+        view = memoryview(out)
+        if view.readonly:
+            raise UsageError("out must be writable")
+        dst = torch.frombuffer(view.cast("B"), dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
+    parts = _encoded_parts(model, kv, input_ids, positions, settings, calibration, fingerprint, tokenizer, backend)
+    size = sum(memoryview(p).nbytes for p in parts)
+    if size > dst.numel():
+        raise UsageError(f"out holds {dst.numel()} bytes; this .kvz needs {size}")
+    at = 0
+    for p in parts:  # torch copies large pieces on all its threads
+        n = memoryview(p).nbytes
+        if n:  # the header is bytes (read-only: torch.frombuffer wants a writable buffer, so a small copy)
+            src = torch.frombuffer(bytearray(p) if isinstance(p, bytes) else p, dtype=torch.uint8)
+            dst[at : at + n].copy_(src)
+        at += n
+    return size
+
+
+def _encoded_parts(model: Any, kv: Any, input_ids: torch.Tensor, positions: torch.Tensor | None,
+                   settings: CodecSettings | None, calibration: Any, fingerprint: dict[str, str] | None,
+                   tokenizer: Any, backend: str) -> list[bytes | memoryview]:  # fmt: skip
+    """The ``.kvz`` of :func:`encode_kv` as consecutive pieces (:func:`kvtool.artifacts.serialized_parts`)."""
     lm = codec_model(model, fingerprint, tokenizer)
     ids = input_ids.reshape(-1).to(torch.int64).cpu()
     if positions is not None and not torch.equal(positions.reshape(-1).cpu(), torch.arange(ids.numel())):
@@ -151,7 +200,7 @@ def encode_kv(
         raise UsageError("the prefix has no tokens")
     cal = _calibration(calibration)
     art = kvz_artifact(lm, ids, _as_cache(kv, lm.arch), settings or CodecSettings(), cal, None, backend)
-    return serialize_artifact(art)[0]
+    return serialized_parts(art)[0]
 
 
 def _calibration(calibration: Any) -> Artifact | None:
