@@ -529,6 +529,8 @@ class Base:
     lm: LM
     ref: Decoded | None = None
     ref_cache: Decoded | None = None
+    ref_1t: Decoded | None = None  #: the same decodes on one torch thread (what a forked case runs on)
+    ref_cache_1t: Decoded | None = None
 
 
 def _source_key() -> str:
@@ -604,6 +606,15 @@ class World:
             cal = self.cal_paths.get(base.cal) if base.cal else None
             base.ref = oracle_decode(base, path, cal)
             base.ref_cache = oracle_load_cache(base, path, cal)
+            # the references a forked case (one torch thread) is judged against: a calibrated file's inverse
+            # transform is a batched float32 matmul whose last bits depend on the thread count (gemma3-calibrated:
+            # 4e-8 between 1 and 2 threads), so each process compares with a decode made on its own thread count
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                base.ref_1t, base.ref_cache_1t = oracle_decode(base, path, cal), oracle_load_cache(base, path, cal)
+            finally:
+                torch.set_num_threads(threads)
         self.log(f"base files ready in {time.time() - t0:.1f} s")
 
     def _encode_all(self) -> None:
@@ -2244,6 +2255,8 @@ class Runner:
                 os.close(r)
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 torch.set_num_threads(1)
+                for b in self.world.bases.values():  # this process's own references (see World)
+                    b.ref, b.ref_cache = b.ref_1t, b.ref_cache_1t
                 start = _maxrss_kb()
                 vm = _vm_kb("VmSize")
                 limit = (vm + CHILD_AS_HEADROOM_MB * 1024) * 1024
