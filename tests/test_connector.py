@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import TinyLM
@@ -70,6 +71,10 @@ def test_encode_into_caller_buffer(tiny_llama: Any) -> None:
         kvtool.encode_kv_into(memoryview(blob), lm, cache, ids, settings=settings)
     with pytest.raises(UsageError, match="uint8"):
         kvtool.encode_kv_into(torch.zeros(len(blob)), lm, cache, ids, settings=settings)
+    with pytest.raises(UsageError, match="contiguous"):
+        kvtool.encode_kv_into(np.zeros((2, 2 * len(blob)), dtype=np.uint8)[:, ::2], lm, cache, ids, settings=settings)
+    with pytest.raises(UsageError, match="buffer"):
+        kvtool.encode_kv_into(12, lm, cache, ids, settings=settings)  # type: ignore[arg-type]
 
 
 def test_decode_into_caller_buffers(tiny_llama: Any) -> None:

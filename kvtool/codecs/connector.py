@@ -170,10 +170,14 @@ def encode_kv_into(
             raise UsageError("out must be a contiguous 1-d CPU uint8 tensor or a writable bytes-like object")
         dst = out
     else:
-        view = memoryview(out)
+        try:
+            view = memoryview(out)
+            flat = view.cast("B") if view.nbytes else None
+        except TypeError as e:  # not a buffer, or one that is not C-contiguous
+            raise UsageError(f"out must be a CPU uint8 tensor or a writable contiguous buffer ({e})") from None
         if view.readonly:
             raise UsageError("out must be writable")
-        dst = torch.frombuffer(view.cast("B"), dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
+        dst = torch.frombuffer(flat, dtype=torch.uint8) if flat is not None else torch.empty(0, dtype=torch.uint8)
     parts = _encoded_parts(model, kv, input_ids, positions, settings, calibration, fingerprint, tokenizer, backend)
     size = sum(memoryview(p).nbytes for p in parts)
     if size > dst.numel():
