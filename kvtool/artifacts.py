@@ -252,13 +252,17 @@ def digest_of(meta: dict[str, Any], names: list[str], infos: list[dict[str, Any]
         sizes = [memoryview(d).nbytes for d in data]
         hashed: list[Any] = [None] * len(data)
         big = [i for i, n in enumerate(sizes) if n >= DIGEST_POOL_BYTES]
-        with ThreadPoolExecutor(min(DIGEST_THREADS, len(big)) or 1) as pool:
-            pending = {i: pool.submit(lambda d: hashlib.sha256(d).digest(), data[i]) for i in big}
+        pool = ThreadPoolExecutor(min(DIGEST_THREADS, len(big))) if big else None
+        try:
+            pending = {i: pool.submit(lambda d: hashlib.sha256(d).digest(), data[i]) for i in big} if pool else {}
             for i, n in enumerate(sizes):
                 if n < DIGEST_POOL_BYTES:
                     hashed[i] = hashlib.sha256(data[i]).digest()
             for i, f in pending.items():
                 hashed[i] = f.result()
+        finally:
+            if pool is not None:
+                pool.shutdown()
         for name, info, digest in zip(names, infos, hashed, strict=True):
             digest_tensor(h, name, info, digest)
     else:
@@ -646,7 +650,6 @@ def serialized_parts(artifact: Artifact) -> tuple[list[bytes | memoryview], str]
     if len(head) > MAX_HEADER_SIZE:
         raise ValueError(f"artifact header of {len(head)} bytes exceeds {MAX_HEADER_SIZE}; stack the tensors")
     return [len(head).to_bytes(8, "little"), head, *(data[name] for name in entries)], meta["content_digest"]
-
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
