@@ -346,20 +346,82 @@ def measure_engine_table(
 def _layer_kl(model: Any, ids: torch.Tensor, table: EngineTable, cal: EngineKVCalibration) -> np.ndarray:
     """ModelOpt's layer score, measured: the mean KL(p_model ‖ p_quantized) over the next-token distributions of
     one calibration sequence ``ids`` when only layer ``i``'s K/V are quantized as each of ``MODELOPT_PAIRS``
-    (``layers × 3`` forward passes). Summed over layers it is the search's error (additive, as ModelOpt assumes)."""
+    (``layers × 3`` forward passes). Summed over layers it is the search's error (additive, as ModelOpt assumes).
+
+    Layers before ``i`` see exactly what they saw in the unquantized pass, so their outputs are recorded once and
+    replayed (:class:`_Replay`): each pass computes only layers ``i ..`` — the same numbers, about half the work."""
     layers = len(table.tokens)
     x = ids[None].to(next(model.parameters()).device)
-    ref = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
-    out = np.zeros((layers, len(MODELOPT_PAIRS)))
-    for i in range(layers):
-        for j, (kd, vd) in enumerate(MODELOPT_PAIRS.values()):
-            keys: list[TensorTransform | None] = [None] * layers
-            values: list[TensorTransform | None] = [None] * layers
-            keys[i], values[i] = quantizer(table, "k", i, kd, cal.observer), quantizer(table, "v", i, vd, cal.observer)
-            with transformed_attention(model, KVTransform(keys, values, keys_pre_rope=False)):
-                logp = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
-            out[i, j] = float((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).mean())
+    blocks = decoder_layers(model, table.modules)
+    with _Replay(blocks) as replay:
+        ref = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
+        out = np.zeros((layers, len(MODELOPT_PAIRS)))
+        for i in range(layers):
+            replay.upto(i)
+            for j, (kd, vd) in enumerate(MODELOPT_PAIRS.values()):
+                keys: list[TensorTransform | None] = [None] * layers
+                values: list[TensorTransform | None] = [None] * layers
+                keys[i] = quantizer(table, "k", i, kd, cal.observer)
+                values[i] = quantizer(table, "v", i, vd, cal.observer)
+                with transformed_attention(model, KVTransform(keys, values, keys_pre_rope=False)):
+                    logp = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
+                out[i, j] = float((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).mean())
     return out
+
+
+def decoder_layers(model: Any, attention: list[str | None]) -> list[torch.nn.Module] | None:
+    """Each layer's decoder block: the module holding its attention module (``model.layers.3`` for
+    ``model.layers.3.self_attn``), found from the attention modules' names (:func:`attention_modules`), not
+    assumed. ``None`` when a layer has no attention module found or two layers share a block."""
+    if any(name is None or "." not in name for name in attention):
+        return None
+    blocks = [model.get_submodule(name.rsplit(".", 1)[0]) for name in attention]  # type: ignore[union-attr]
+    return blocks if len({id(b) for b in blocks}) == len(blocks) else None
+
+
+def _copy(out: Any) -> Any:
+    """A block's output with its tensors copied (a later block may not modify what is replayed)."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, tuple):
+        return tuple(_copy(o) for o in out)
+    return out
+
+
+class _Replay:
+    """Records every decoder block's output during the first forward pass under it, then (after
+    :meth:`upto` ``(i)``) makes blocks ``0 .. i-1`` return their recorded outputs instead of computing them: valid
+    while their inputs are those of the recorded pass (same ids, nothing before block ``i`` changed)."""
+
+    def __init__(self, blocks: list[torch.nn.Module] | None):
+        self.blocks = blocks or []
+        self.outputs: dict[int, Any] = {}
+        self.hooks: list[Any] = []
+
+    def __enter__(self) -> _Replay:
+        for j, block in enumerate(self.blocks):
+            record = lambda _m, _a, out, j=j: self.outputs.setdefault(j, _copy(out))  # noqa: E731
+            self.hooks.append(block.register_forward_hook(record))
+        return self
+
+    def upto(self, i: int) -> None:
+        for h in self.hooks:  # the recording pass is over
+            h.remove()
+        self.hooks = []
+        if len(self.outputs) != len(self.blocks):  # not every block ran in the recorded pass: compute them all
+            i = 0
+        for j, block in enumerate(self.blocks):
+            if j < i:
+                block.forward = lambda *_a, j=j, **_k: self.outputs[j]
+            elif "forward" in block.__dict__:
+                del block.forward
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.hooks:
+            h.remove()
+        for block in self.blocks:
+            if "forward" in block.__dict__:
+                del block.forward
 
 
 # -- choosing the layers ------------------------------------------------------------------------------------------
