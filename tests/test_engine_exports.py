@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_one_line_error, invoke
@@ -441,6 +442,23 @@ def test_kl_sensitivity_is_measured_recorded_and_ranks_the_layers(engine_arts: d
     cal, table = engine_table_from(art)
     assert cal.sensitivity == "kl" and choose_layers(cal, table) == art.extra["engine"]["choice"]
     assert art.extra["bits"]["all_in"] <= 7.0 + 1e-9
+
+
+def test_kl_replay_equals_full_passes(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-layer KL with the earlier layers' outputs replayed equals the KL of full forward passes bit for bit,
+    on every tiny architecture (sliding windows included), and the model is left as it was."""
+    import kvtool.calibrators.engine_kv as ek
+
+    model = tiny.model
+    cal = ek.EngineKVCalibration(kv_dtype="mixed", target_bits=7.0, observer="mse", num_seqs=2, seq_len=96)
+    ids = torch.randint(0, model.config.vocab_size, (4000,), generator=torch.Generator().manual_seed(1))
+    table = ek.measure_engine_table(model, tiny.info, ids, cal)
+    window = ek.calibration_windows(ids, cal.seq_len, cal.num_seqs, cal.seed, ())[0]
+    assert ek.decoder_layers(model, table.modules) is not None
+    replayed = ek._layer_kl(model, window, table, cal)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    monkeypatch.setattr(ek, "decoder_layers", lambda *_: None)  # every pass computes every layer
+    assert np.array_equal(replayed, ek._layer_kl(model, window, table, cal))
 
 
 def test_a_malformed_engine_record_is_exit_3(engine_arts: dict[str, Path], tmp_path: Path) -> None:
