@@ -555,7 +555,7 @@ def finish_adaptive(
             "n_slots": layout["n_slots"],
             "layer_base": base.to(device, non_blocking=True), "layer_lo": lo.to(device, non_blocking=True),
             "layer_len": lens.to(device, non_blocking=True), "layer_rope": torch.tensor(
-                [tables[id(c)] for c, _ in ropes], dtype=torch.int64).to(device, non_blocking=True),
+                rope_index, dtype=torch.int64).to(device, non_blocking=True),
             "cos": cos_all, "sin": sin_all, "rope_tokens": cos_all.shape[1]}  # fmt: skip
     mark = (stages or _Stages(None, device)).mark
     mark("finish.args")
