@@ -355,6 +355,7 @@ def _layer_kl(model: Any, ids: torch.Tensor, table: EngineTable, cal: EngineKVCa
     blocks = decoder_layers(model, table.modules)
     with _Replay(blocks) as replay:
         ref = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
+        p_ref = ref.exp()
         out = np.zeros((layers, len(MODELOPT_PAIRS)))
         for i in range(layers):
             replay.upto(i)
@@ -365,7 +366,7 @@ def _layer_kl(model: Any, ids: torch.Tensor, table: EngineTable, cal: EngineKVCa
                 values[i] = quantizer(table, "v", i, vd, cal.observer)
                 with transformed_attention(model, KVTransform(keys, values, keys_pre_rope=False)):
                     logp = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
-                out[i, j] = float((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).mean())
+                out[i, j] = float((p_ref * (ref - logp)).sum(-1).clamp_min(0).mean())
     return out
 
 
