@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from digest_spec import documented_digest
 
 from kvtool import artifacts as A
 from kvtool.artifacts import (
@@ -126,21 +127,8 @@ def test_file_layout_and_plain_safetensors(written: Path) -> None:
 
 def test_digest_definition_matches_docs(written: Path) -> None:
     """Recompute the digest exactly as docs/artifacts.md spells it out, from the raw file."""
-    import hashlib
-
-    data = written.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    kv = json.loads(header.pop("__metadata__")["kvtool"])
-    expected = kv.pop("content_digest")
-    h = hashlib.sha256(json.dumps(kv, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
-    for name in sorted(header):
-        info = header[name]
-        begin, end = info["data_offsets"]
-        h.update(name.encode() + b"\0" + info["dtype"].encode() + b"\0")
-        h.update(json.dumps(info["shape"], separators=(",", ":")).encode() + b"\0")
-        h.update(data[8 + n + begin : 8 + n + end])
-    assert "sha256:" + h.hexdigest() == expected
+    _, expected, recomputed = documented_digest(written.read_bytes())
+    assert recomputed == expected
 
 
 def test_describe(written: Path) -> None:
