@@ -17,10 +17,12 @@ from kvtool.arch import apply_rope
 from kvtool.codecs import rans
 from kvtool.codecs.coding import AdaptiveCoder
 from kvtool.codecs.ecsq import dequantize
+from kvtool.codecs.slot_stats import slot_stats_reference
 from kvtool.kernels import rans_decode, rans_encode
 from kvtool.kernels.histogram_triton import symbol_counts_triton
 from kvtool.kernels.rans_triton import decode_interleaved, deinterleave, interleave
 from kvtool.kernels.rope_triton import rope_triton
+from kvtool.kernels.stats_triton import slot_stats_triton
 
 
 def _random_case(seed: int, n: int, tables_n: int, alphabet: int, lane_len: int, device: str) -> None:
@@ -56,6 +58,27 @@ def _counts_case(device: str, big: bool) -> None:
         x = torch.randint(0, a, (rows, n), dtype=torch.uint8, generator=gen)
         got = symbol_counts_triton(x.to(device), a).cpu()
         assert torch.equal(got, rans.symbol_counts_reference(x, a)), f"symbol counts differ ({rows}x{n}, {a})"
+
+
+def _stats_case(device: str, big: bool) -> None:
+    """The slot-statistics kernels against their reference (exact fp16 means and steps, exact symbols): odd head
+    widths and token counts, one token, constant and all-zero channels, channels of very large and very small
+    magnitude, and values on the quantizer's half-way points."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(3, 2, 7, 64), (2, 3, 1, 24), (1, 1, 33, 8), (4, 2, 40, 128)] + ([(512, 8, 256, 128)] if big else [])
+    for g, heads, n, dim in shapes:
+        x = torch.randn(g, heads, n, dim, generator=gen) * torch.rand(g, heads, 1, dim, generator=gen) * 4
+        x += torch.randn(g, heads, 1, dim, generator=gen) * 3  # per-channel offsets (pre-RoPE keys)
+        x[0, 0, :, 0] = 0.0
+        x[0, 0, :, 1] = 1.5
+        x[-1, -1, :, -1] *= 3e3
+        x[-1, 0, :, 0] *= 1e-30
+        if n > 2:
+            x[0, -1, :, 2] = torch.arange(n, dtype=torch.float32) * 0.5  # half-way points of a step of 1
+        got = slot_stats_triton(x.to(device), 0.5)
+        want = slot_stats_reference(x, 0.5)
+        for name, a, b in zip(want._fields, got, want, strict=True):
+            assert torch.equal(a.cpu(), b), f"slot statistics differ ({name}, {(g, heads, n, dim)})"
 
 
 def _kv_case(heads: int, head_dim: int, tokens: int, layers: int, device: str) -> None:
@@ -183,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         _kv_case(heads, dim, tokens, 2, args.device)
     _rope_case(args.device, big=args.big)
     _counts_case(args.device, big=args.big)
+    _stats_case(args.device, big=args.big)
     _device_decode_case(args.device)
     print("kernel checks: all equal")
     return 0

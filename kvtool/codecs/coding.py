@@ -23,7 +23,7 @@ from kvtool.calibration import transform_of
 from kvtool.codecs import rans
 from kvtool.codecs.ecsq import MAX_K, Level, codec_levels, dequantize, quantize
 from kvtool.errors import ArtifactError, UsageError
-from kvtool.kernels import pick_backend, rans_decode, rans_encode, symbol_counts
+from kvtool.kernels import pick_backend, rans_decode, rans_encode, slot_stats, symbol_counts
 from kvtool.quantizers.projection import ProjectionQuantizer
 
 if TYPE_CHECKING:
@@ -67,30 +67,6 @@ class AnalysedBatch:
 def _from_slot_matrix(m: torch.Tensor, heads: int) -> torch.Tensor:
     """``(n, heads·head_dim)`` (head-major channels) → ``(heads, n, head_dim)``."""
     return m.reshape(m.shape[0], heads, m.shape[1] // heads).permute(1, 0, 2)
-
-
-def _pow2(e: torch.Tensor) -> torch.Tensor:
-    """``2**e`` as float64, exactly, for integer ``e`` (int64) in [-1022, 1023]: built from the exponent bits (no
-    ``pow`` whose last bit could differ between math libraries)."""
-    return ((e.clamp(-1022, 1023) + 1023) << 52).view(torch.float64)
-
-
-def order_free_mean(x: torch.Tensor) -> torch.Tensor:
-    """Means over the rows of ``x`` ``(..., n, C)`` as float64 ``(..., C)``, bit-identical on every device and
-    thread count.
-
-    A floating-point sum depends on the order of its terms (a GPU reduction and a CPU one differ in the last
-    bits, and a last bit can move an fp16 mean or step, hence a symbol): here each value is scaled by a power of two
-    per column (``|x|·2^s < 2^(62 − bits(n))``) and rounded to an integer, the integers are summed exactly in
-    int64, and the sum is scaled back and divided by ``n``: every step is one correctly rounded IEEE operation on
-    values that do not depend on the order. Values more than ~2^-40 below the column's largest contribute rounded
-    to that resolution (far below the fp16 the result is stored in)."""
-    n = max(x.shape[-2], 1)
-    xd = x.double()
-    _, e = torch.frexp(xd.abs().amax(-2, keepdim=True))  # |x| < 2^e per column
-    shift = (62 - n.bit_length()) - e.to(torch.int64)
-    ints = torch.round(xd * _pow2(shift)).to(torch.int64)
-    return (ints.sum(-2, keepdim=True).double() * _pow2(-shift) / n).squeeze(-2)
 
 
 class _Coder:
@@ -311,7 +287,7 @@ class AdaptiveCoder(_Coder):
 
     def encode_analysed(self, batch: AnalysedBatch) -> list[CodedChunk]:
         """Entropy-code an analysed batch (one table set for all its chunks)."""
-        tables = rans.build_tables(torch.cat([side["freq"] for side in batch.sides]).to(torch.int64))
+        tables = rans.build_tables(torch.cat([side["freq"] for side in batch.sides]).to(torch.int64), lut=False)
         return self._entropy_code(batch.sides, batch.syms, batch.tids, batch.segments, tables)
 
     def analyse(self, chunks: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> AnalysedBatch:
@@ -320,7 +296,7 @@ class AdaptiveCoder(_Coder):
 
         The slots of all chunks with the same token count are stacked and done together (a batch of a
         full-attention model: a few dozen operations, not a few per chunk and layer), on the device the tensors are
-        on; every reduction is order-free (:func:`order_free_mean`, ``amax``, integer counts), so the bytes are the
+        on; every reduction is order-free (:mod:`kvtool.codecs.slot_stats`, integer counts), so the bytes are the
         same on every device and whatever the batch."""
         n_layers, slots, a = self.layers, 2 * self.layers, 2 * MAX_K + 1
         n_chunks = len(chunks)
@@ -337,22 +313,11 @@ class AdaptiveCoder(_Coder):
         sym_of: dict[int, torch.Tensor] = {}
         for group in groups.values():
             idx = [row for row, _ in group]
-            # (G, heads, n, head_dim) → (G, n, C): one stack and one permuting copy for the whole group
-            m = torch.stack([x for _, x in group])
-            m = m.permute(0, 2, 1, 3).reshape(m.shape[0], m.shape[2], m.shape[1] * m.shape[3])
-            mu = order_free_mean(m).float().half()
-            dev = m - mu.float()[:, None, :]
-            sd = order_free_mean(dev.double().square()).sqrt()
-            # Never clip: the step grows where quality·σ could not reach the channel's peak in MAX_K steps.
-            fit = torch.maximum(sd * self.quality, dev.abs().amax(1).double() / (MAX_K - 0.5))
-            st = fit.float().clamp_min(6e-8).half()
-            # symbols as bytes (alphabet 2·MAX_K + 1 <= 255): every later pass over them moves 1 byte, not 8
-            sym = quantize(dev, st.float()[:, None, :], torch.tensor(float(MAX_K), device=device)).to(torch.uint8)
+            stats = slot_stats(torch.stack([x for _, x in group]), self.quality, self.backend)  # (G, heads, n, d)
             rows = torch.tensor(idx).to(device, non_blocking=True)
-            counts[rows] = symbol_counts(sym.reshape(len(group), -1), a, self.backend)
-            mean[rows], step[rows] = mu, st
-            flat = sym.transpose(1, 2).reshape(len(group), -1)  # per slot its symbols component-major, one copy
-            sym_of |= dict(zip(idx, flat.unbind(0), strict=True))
+            counts[rows] = symbol_counts(stats.symbols, a, self.backend)
+            mean[rows], step[rows] = stats.mean, stats.step
+            sym_of |= dict(zip(idx, stats.symbols.unbind(0), strict=True))  # per slot, component-major
         counts = counts.cpu()
         freq = rans.quantize_counts(counts, torch.full((n_chunks * slots,), a)).to(torch.int16)
         mean, step = mean.cpu(), step.cpu()

@@ -281,7 +281,7 @@ def build_layout(kvz: Any, coder: Any, data: torch.Tensor, stages: Any = None, r
     lane_seg = torch.repeat_interleave(torch.arange(sym.numel(), device=device), lps_dev, output_size=n_lanes)
     lane_idx = torch.arange(n_lanes, device=device) - (lps_dev.cumsum(0) - lps_dev)[lane_seg]
     lane_off = lane_idx * lane_len
-    lane_len_t = torch.minimum(seg_dev[lane_seg] - lane_off, torch.tensor(lane_len, device=device))
+    lane_len_t = (seg_dev[lane_seg] - lane_off).clamp_max(lane_len)  # a fill, not a blocking host copy
     max_len = min(lane_len, int(sym.max())) if n_lanes else 0
     # words: the data section as 16-bit words; each chunk's lanes start at its `words` tensor
     if sum(kvz._header[f"chunk.{c:06d}.lanes"]["shape"][0] for c in range(n_chunks)) != n_lanes:

@@ -81,17 +81,21 @@ def symbol_counts_reference(symbols: torch.Tensor, alphabet: int) -> torch.Tenso
     return torch.bincount(flat, minlength=rows * alphabet).reshape(rows, alphabet)
 
 
-def build_tables(freq: torch.Tensor, check: bool = True) -> Tables:
+def build_tables(freq: torch.Tensor, check: bool = True, lut: bool = True) -> Tables:
     """:class:`Tables` from integer frequencies ``(n, A)`` (each row sums to ``PROB_SCALE``). ``check=False``
-    leaves the check to the caller (a device pipeline that checks on the device, without a host round trip)."""
+    leaves the check to the caller (a device pipeline that checks on the device, without a host round trip).
+    ``lut=False``: no slot → symbol table (``(n, 0)``): an encoder reads only ``freq`` and ``cum``, and the table
+    is ``PROB_SCALE`` searches per row (a 32K-token prefix has ~8,000 rows)."""
     freq = freq.to(torch.int64)
     if check and (bool((freq.sum(1) != PROB_SCALE).any()) or bool((freq < 0).any())):
         raise ValueError(f"every frequency row must be non-negative and sum to {PROB_SCALE}")
     cum = torch.zeros(freq.shape[0], freq.shape[1] + 1, dtype=torch.int64, device=freq.device)
     cum[:, 1:] = freq.cumsum(1)
+    if not lut:
+        return Tables(freq=freq, cum=cum, lut=torch.zeros(freq.shape[0], 0, dtype=torch.uint8, device=freq.device))
     slots = torch.arange(PROB_SCALE, device=freq.device)
-    lut = torch.searchsorted(cum[:, 1:].contiguous(), slots.expand(freq.shape[0], -1).contiguous(), right=True)
-    return Tables(freq=freq, cum=cum, lut=lut.to(torch.uint8))
+    found = torch.searchsorted(cum[:, 1:].contiguous(), slots.expand(freq.shape[0], -1).contiguous(), right=True)
+    return Tables(freq=freq, cum=cum, lut=found.to(torch.uint8))
 
 
 def lane_lengths(segments: list[int], lane_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,6 +77,19 @@ def symbol_counts(symbols: torch.Tensor, alphabet: int, backend: str = "auto") -
     return rans.symbol_counts_reference(symbols, alphabet)
 
 
+def slot_stats(x: torch.Tensor, quality: float, backend: str = "auto") -> Any:
+    """:func:`kvtool.codecs.slot_stats.slot_stats_reference` or its Triton twin (numba: the reference); the same
+    values either way, so CPU tensors under a ``triton`` coder (not interpreted) take the reference."""
+    runnable = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if backend in ("auto", "triton") and runnable and pick_backend(backend, x.device) == "triton":
+        from kvtool.kernels.stats_triton import slot_stats_triton
+
+        return slot_stats_triton(x, quality)
+    from kvtool.codecs.slot_stats import slot_stats_reference
+
+    return slot_stats_reference(x, quality)
+
+
 def _dispatch(op: str, device: torch.device, backend: str) -> Callable[..., Any]:
     use = pick_backend(backend, device)
     if use == "torch":
