@@ -49,7 +49,7 @@ class CodedChunk:
 class AnalysedBatch:
     """An adaptive batch ready to entropy-code (:meth:`AdaptiveCoder.analyse`): per chunk its side tensors (CPU),
     the chunks' symbols and table ids concatenated (on the coder's device), per chunk its symbols per layer, and the
-    symbol counts ``(chunks · 2L, alphabet)`` (CPU) the tables were quantized from."""
+    symbol counts ``(chunks · 2L, alphabet)`` (on the coder's device) the tables were quantized from."""
 
     sides: list[dict[str, torch.Tensor]]
     syms: torch.Tensor
@@ -61,7 +61,8 @@ class AnalysedBatch:
         """The ideal code length of the symbols with their own tables (``Σ count · log2(PROB_SCALE / freq)``): what
         the rANS words hold, less the lanes' final states and flush losses (~0.1 %)."""
         freq = torch.cat([side["freq"] for side in self.sides]).to(torch.float64)
-        return float((self.counts.to(torch.float64) * torch.log2(rans.PROB_SCALE / freq.clamp_min(1))).sum())
+        counts = self.counts.to("cpu", torch.float64)
+        return float((counts * torch.log2(rans.PROB_SCALE / freq.clamp_min(1))).sum())
 
 
 def _from_slot_matrix(m: torch.Tensor, heads: int) -> torch.Tensor:
@@ -318,8 +319,9 @@ class AdaptiveCoder(_Coder):
             counts[rows] = symbol_counts(stats.symbols, a, self.backend)
             mean[rows], step[rows] = stats.mean, stats.step
             sym_of |= dict(zip(idx, stats.symbols.unbind(0), strict=True))  # per slot, component-major
-        counts = counts.cpu()
-        freq = rans.quantize_counts(counts, torch.full((n_chunks * slots,), a)).to(torch.int16)
+        # the tables where the counts are (exact integers: the same on every device), then one copy of each side
+        # tensor to the host
+        freq = rans.quantize_counts(counts, torch.full((n_chunks * slots,), a, device=device)).to(torch.int16).cpu()
         mean, step = mean.cpu(), step.cpu()
         sides, order, segments = [], [], []
         for c, layers in enumerate(chunks):
@@ -335,7 +337,8 @@ class AdaptiveCoder(_Coder):
             return AnalysedBatch(sides, empty, empty, segments, counts)
         syms = torch.cat([sym_of[row] for row in order])
         sizes = torch.tensor([sym_of[row].numel() for row in order], dtype=torch.int64)
-        tids = torch.repeat_interleave(torch.tensor(order, dtype=torch.int32).to(device), sizes.to(device))
+        tids = torch.repeat_interleave(torch.tensor(order, dtype=torch.int32).to(device), sizes.to(device),
+                                       output_size=int(sizes.sum()))  # sizes known here: no device round trip
         return AnalysedBatch(sides, syms, tids, segments, counts)
 
     def _tables(self, side: dict[str, torch.Tensor]) -> rans.Tables:

@@ -47,12 +47,14 @@ def quantize_counts(counts: torch.Tensor, alphabet_sizes: torch.Tensor) -> torch
 
     Symbols ``< alphabet_sizes[row]`` get at least 1; the others 0. Exact integer arithmetic (deterministic on every
     machine): ``floor(count · spare / total) + 1``, the remainder to the symbols with the largest counts (lowest index
-    first on ties)."""
+    first on ties). On ``counts``' device (integers only: the same frequencies on every device)."""
     counts = counts.to(torch.int64).clamp_min(0)
     n, a = counts.shape
-    if a > MAX_ALPHABET or bool((alphabet_sizes < 1).any()) or bool((alphabet_sizes > a).any()):
+    dev = counts.device
+    alphabet_sizes = alphabet_sizes.to(dev)
+    if a > MAX_ALPHABET or bool(((alphabet_sizes < 1) | (alphabet_sizes > a)).any()):
         raise ValueError(f"alphabet sizes must be in 1..{min(a, MAX_ALPHABET)}")
-    live = torch.arange(a)[None, :] < alphabet_sizes[:, None]
+    live = torch.arange(a, device=dev)[None, :] < alphabet_sizes[:, None]
     counts = torch.where(live, counts, torch.zeros_like(counts))
     total = counts.sum(1, keepdim=True)
     spare = PROB_SCALE - alphabet_sizes[:, None].to(torch.int64)
@@ -61,7 +63,8 @@ def quantize_counts(counts: torch.Tensor, alphabet_sizes: torch.Tensor) -> torch
     left = PROB_SCALE - freq.sum(1)  # 0 <= left < a
     # Hand out the remainder one by one to the largest counts (stable order: ties go to the lower symbol).
     order = torch.sort(torch.where(live, counts, torch.full_like(counts, -1)), dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order.indices).scatter_(1, order.indices, torch.arange(a).expand(n, a).contiguous())
+    ranks = torch.arange(a, device=dev).expand(n, a).contiguous()
+    rank = torch.empty_like(order.indices).scatter_(1, order.indices, ranks)
     # Round-robin over the live symbols in that order: a row with fewer live symbols than the remainder (an
     # all-zero row) goes round several times; each symbol gets the full rounds, plus one if its rank is below the
     # rest (the closed form of handing out one at a time).

@@ -63,7 +63,7 @@ def _decode_kernel(
 
 @triton.jit
 def _encode_kernel(
-    sym_ptr, tid_ptr, length_ptr, freq_ptr, cum_ptr, buf_ptr, count_ptr, state_ptr, n_lanes,
+    sym_ptr, tid_ptr, length_ptr, freq_ptr, cum_ptr, buf_ptr, count_ptr, state_ptr, bad_ptr, n_lanes,
     max_len, cap, A: tl.constexpr, PROB_BITS_: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -71,13 +71,19 @@ def _encode_kernel(
     length = tl.load(length_ptr + lanes, mask=live, other=0).to(tl.int64)
     x = tl.full((BLOCK,), 65536, tl.int64)
     emitted = tl.zeros((BLOCK,), tl.int64)
+    bad = tl.zeros((BLOCK,), tl.int32)
     for j in range(0, max_len):
         k = max_len - 1 - j  # backwards: the decoder reads forwards
         active = live & (k < length)
         s = tl.load(sym_ptr + k * n_lanes + lanes, mask=active, other=0).to(tl.int64)
         t = tl.load(tid_ptr + k * n_lanes + lanes, mask=active, other=0).to(tl.int64)
-        fc = tl.load(freq_ptr + t * A + s, mask=active, other=1).to(tl.int64)  # freq | cum << 16: one load
+        inside = active & (s >= 0) & (s < A)
+        fc = tl.load(freq_ptr + t * A + s, mask=inside, other=0).to(tl.int64)  # freq | cum << 16: one load
         f = fc & 0xFFFF
+        # a symbol outside its table's alphabet, or of frequency 0, cannot be coded: the lane is flagged (the
+        # caller refuses the batch) and coded on with frequency 1 (no division by zero)
+        bad = tl.where(active & (f == 0), 1, bad)
+        f = tl.where(f == 0, 1, f)
         c = fc >> 16
         flush = active & (x >= (f << (32 - PROB_BITS_)))
         tl.store(buf_ptr + emitted * n_lanes + lanes, x & 0xFFFF, mask=flush)  # step-major: coalesced
@@ -86,6 +92,7 @@ def _encode_kernel(
         x = tl.where(active, ((x // f) << PROB_BITS_) + (x % f) + c, x)
     tl.store(count_ptr + lanes, emitted, mask=live)
     tl.store(state_ptr + lanes, x, mask=live)
+    tl.store(bad_ptr + lanes, bad, mask=live)
 
 
 def _device_tables(tables: Tables, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -115,8 +122,8 @@ def interleave(flat: torch.Tensor, lengths: torch.Tensor, *more: torch.Tensor) -
     padding 0). The kernels read and write this layout: at each step, neighbouring lanes touch neighbouring
     addresses (coalesced), where the flat layout would put them ``lane_len`` apart. ``more``: further flat tensors
     of the same layout, interleaved with the same index (a tuple is returned then)."""
+    max_len = int(lengths.max())  # host lengths: no device synchronisation
     lengths = lengths.to(flat.device)
-    max_len = int(lengths.max())
     starts = lengths.cumsum(0) - lengths
     k = torch.arange(max_len, device=flat.device)[:, None]
     idx = (starts[None, :] + k).clamp_max(flat.numel() - 1)
@@ -135,29 +142,27 @@ def deinterleave(steps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 def encode_triton(
     symbols: torch.Tensor, table_ids: torch.Tensor, tables: Tables, lengths: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`kvtool.codecs.rans.encode_reference` (same bytes); runs on ``symbols.device``."""
+    """Triton twin of :func:`kvtool.codecs.rans.encode_reference` (same bytes, the same ``ValueError`` for a symbol
+    outside its table's alphabet); runs on ``symbols.device``. uint8 symbols stay bytes until the kernel reads
+    them (a 32K-token prefix has billions)."""
     device = symbols.device
     n = symbols.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.int64, device=device)
-    lengths = lengths.to(device, torch.int64)
-    if int(lengths.sum()) != n or bool((lengths < 1).any()):
+    host_lengths = lengths.to(torch.int64) if lengths.device.type == "cpu" else lengths.cpu().to(torch.int64)
+    if int(host_lengths.sum()) != n or bool((host_lengths < 1).any()):
         raise ValueError("lane lengths must be positive and cover the symbols")
-    sym = symbols.to(device, torch.int32).reshape(-1).contiguous()
+    keep = symbols.dtype in (torch.uint8, torch.int32)
+    sym = symbols.to(device, symbols.dtype if keep else torch.int32).reshape(-1).contiguous()
     tid = table_ids.to(device, torch.int32).reshape(-1).contiguous()
-    _, freq, cum = _device_tables(tables, device)
-    a = tables.freq.shape[1]
-    outside = (sym < 0) | (sym >= a)
-    # int32 flat table index: tables × alphabet stays far below 2^31
-    if bool(outside.any()) or bool(((freq.reshape(-1)[tid * a + sym] & 0xFFFF) <= 0).any()):
-        raise ValueError("a symbol outside its table's alphabet")
-    return encode_interleaved(*interleave(sym, lengths, tid), tables, lengths)
+    return encode_interleaved(*interleave(sym, host_lengths, tid), tables, host_lengths)
 
 
 def encode_interleaved(
     sym: torch.Tensor, tid: torch.Tensor, tables: Tables, lengths: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`encode_triton` on step-major ``(max_len, n_lanes)`` int32 symbols and table ids (no checks)."""
+    """:func:`encode_triton` on step-major ``(max_len, n_lanes)`` integer symbols and int32 table ids;
+    ``ValueError`` when a symbol lies outside its table's alphabet (checked by the kernel)."""
     device = sym.device
     _, freq, cum = _device_tables(tables, device)
     a = tables.freq.shape[1]
@@ -167,14 +172,17 @@ def encode_interleaved(
     buf = torch.zeros(n_lanes * cap, dtype=torch.int32, device=device)
     count = torch.zeros(n_lanes, dtype=torch.int64, device=device)
     state = torch.zeros(n_lanes, dtype=torch.int64, device=device)
+    bad = torch.empty(n_lanes, dtype=torch.int32, device=device)
     _encode_kernel[_grid(n_lanes)](
-        sym, tid, lengths, freq, cum, buf, count, state, n_lanes, max_len, cap,
+        sym, tid, lengths, freq, cum, buf, count, state, bad, n_lanes, max_len, cap,
         A=a, PROB_BITS_=PROB_BITS, BLOCK=BLOCK_LANES, num_warps=NUM_WARPS,
     )  # fmt: skip
     # Each lane: [state low, state high, emitted words in reverse emission order].
     per_lane = count + 2
-    total = int(per_lane.sum())
-    lane = torch.repeat_interleave(torch.arange(n_lanes, device=device), per_lane)
+    total, n_bad = torch.stack([per_lane.sum(), bad.sum().to(torch.int64)]).tolist()  # one synchronisation
+    if n_bad:
+        raise ValueError("a symbol outside its table's alphabet")
+    lane = torch.repeat_interleave(torch.arange(n_lanes, device=device), per_lane, output_size=total)
     first = per_lane.cumsum(0) - per_lane
     j = torch.arange(total, device=device) - first[lane]
     emitted_idx = (count[lane] - 1 - (j - 2)).clamp_min(0)
