@@ -131,26 +131,37 @@ def batch_layers(
     layer over the batch's positions, by separate elementwise operations, each correctly rounded, so the pre-RoPE
     keys are the same bits on every device (and whatever the batch)."""
     a0, b0 = geo.chunk_span(batch[0])[0], geo.chunk_span(batch[-1])[1]
-    out: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]] = [([], []) for _ in batch]
-    raw_of: list[list[torch.Tensor]] = [[] for _ in batch]  # per chunk its raw parts, on the cache's device
+    n_layers = len(cache.layers)
+    coded_of: list[list[Any]] = [[None] * n_layers for _ in batch]  # per chunk, per layer (keys, values)
+    raw_of: list[list[Any]] = [[None] * n_layers for _ in batch]  # per chunk its raw parts, on the cache's device
     no_raw = torch.zeros(0, dtype=torch.float16, device=cache.layers[0].keys.device) if cache.layers else None
-    for i, layer in enumerate(cache.layers):
+    # layers with the same positions in the batch and the same rotary table (all of a full-attention model's) are
+    # inverted together, one set of elementwise operations over their stack (not one per layer), and share the
+    # chunks' position split
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i in range(n_layers):
         lo, hi = geo.layer_range(i)
-        s, e = max(a0, lo), max(min(b0, hi), max(a0, lo))  # this layer's positions in the batch: [s, e)
-        cos, sin = rope[i]
-        k = layer.keys[0, :, s - lo : e - lo]
-        kp = invert_rope(k[None].float().to(cos.device), cos[:, s:e], sin[:, s:e])[0]  # (heads, e - s, head_dim)
-        v = layer.values[0, :, s - lo : e - lo].float().to(kp.device)
+        s = max(a0, lo)
+        groups.setdefault((lo, max(min(b0, hi), s), id(rope[i][0])), []).append(i)
+    for (lo, e, _), members in groups.items():
+        s = max(a0, lo)
+        cos, sin = rope[members[0]]
+        k = torch.stack([cache.layers[i].keys[0, :, s - lo : e - lo] for i in members])
+        kp = invert_rope(k.float().to(cos.device), cos[:, s:e], sin[:, s:e])  # (layers, heads, e - s, head_dim)
+        v = torch.stack([cache.layers[i].values[0, :, s - lo : e - lo] for i in members]).float().to(kp.device)
         kd, vd = (kp, v) if kp.device == device else (kp.to(device), v.to(device))
-        for (coded_layers, _), raws, chunk in zip(out, raw_of, batch, strict=True):
-            coded, raw = geo.split(i, chunk)
+        for c, chunk in enumerate(batch):
+            coded, raw = geo.split(members[0], chunk)
             c0 = coded[0] - s if coded else 0  # the coded positions are one run
-            coded_layers.append((kd[:, c0 : c0 + len(coded)], vd[:, c0 : c0 + len(coded)]))
-            if raw:  # most chunks have none (sinks open the prefix, recent tokens close it)
-                idx = torch.tensor([p - s for p in raw], dtype=torch.int64).to(kp.device)
-                raws.append(torch.stack([kp.index_select(1, idx), v.index_select(1, idx)]).half().reshape(-1))
-            else:  # one shared empty tensor (an allocation per chunk and layer cost ~40 µs each on a GPU)
-                raws.append(no_raw)
+            idx = torch.tensor([p - s for p in raw], dtype=torch.int64).to(kp.device) if raw else None
+            for j, i in enumerate(members):
+                coded_of[c][i] = (kd[j, :, c0 : c0 + len(coded)], vd[j, :, c0 : c0 + len(coded)])
+                if idx is not None:  # most chunks have none (sinks open the prefix, recent tokens close it)
+                    pair = torch.stack([kp[j].index_select(1, idx), v[j].index_select(1, idx)])
+                    raw_of[c][i] = pair.half().reshape(-1)
+                else:  # one shared empty tensor (an allocation per chunk and layer cost ~40 µs each on a GPU)
+                    raw_of[c][i] = no_raw
+    out: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]] = [(cl, []) for cl in coded_of]
     for (_, raw_parts), raws in zip(out, raw_of, strict=True):  # one copy to the host per chunk with raw positions
         flat = torch.cat(raws).cpu() if any(r.numel() for r in raws) else torch.zeros(0, dtype=torch.float16)
         raw_parts.extend(flat.split([r.numel() for r in raws]))
