@@ -331,7 +331,9 @@ class AdaptiveCoder(_Coder):
             order += [row for rows in mine for row in rows]
             segments.append([sum(sym_of[row].numel() for row in rows) for rows in mine])
             rows = slice(base, base + slots)
-            sides.append({"mean": mean[rows].clone(), "step": step[rows].clone(), "freq": freq[rows].clone()})
+            # views of the batch's side tensors (contiguous rows): a copy per chunk of these 128 KiB tensors cost
+            # ~0.7 ms each on the GPU host (fresh allocations at the mmap threshold), 0.28 s of a 32K encode
+            sides.append({"mean": mean[rows], "step": step[rows], "freq": freq[rows]})
         if not order:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return AnalysedBatch(sides, empty, empty, segments, counts)
