@@ -104,13 +104,13 @@ def build_tables(freq: torch.Tensor, check: bool = True, lut: bool = True) -> Ta
 def lane_lengths(segments: list[int], lane_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lanes of at most ``lane_len`` symbols over consecutive ``segments`` (sizes), never crossing a segment:
     ``(lengths (n_lanes,), lanes per segment (len(segments),))``, int64. Empty segments get no lane."""
-    lengths: list[int] = []
-    per = []
-    for n in segments:
-        full, rest = divmod(int(n), lane_len)
-        lengths += [lane_len] * full + ([rest] if rest else [])
-        per.append(full + (1 if rest else 0))
-    return torch.tensor(lengths, dtype=torch.int64), torch.tensor(per, dtype=torch.int64)
+    seg = torch.tensor([int(n) for n in segments], dtype=torch.int64)
+    per = (seg + lane_len - 1) // lane_len
+    lengths = torch.full((int(per.sum()),), lane_len, dtype=torch.int64)
+    if lengths.numel():  # each segment's last lane holds the rest (a whole lane when the size divides evenly)
+        last = (per.cumsum(0) - 1)[per > 0]
+        lengths[last] = seg[per > 0] - (per[per > 0] - 1) * lane_len
+    return lengths, per
 
 
 def encode_reference(
