@@ -461,6 +461,36 @@ def test_kl_replay_equals_full_passes(tiny: Any, monkeypatch: pytest.MonkeyPatch
     assert np.array_equal(replayed, ek._layer_kl(model, window, table, cal))
 
 
+def test_kl_is_measured_on_the_first_kl_tokens(tiny: Any) -> None:
+    """``kl_tokens``: the per-layer KL is that of the first ``kl_tokens`` tokens of the first calibration window
+    (the cost of the passes grows faster than linearly with the tokens), and differs from the whole window's."""
+    import kvtool.calibrators.engine_kv as ek
+
+    model = tiny.model
+    cal = ek.EngineKVCalibration(kv_dtype="mixed", target_bits=7.0, observer="mse", sensitivity="kl", num_seqs=2,
+                                 seq_len=96, kl_tokens=40)  # fmt: skip
+    ids = torch.randint(0, model.config.vocab_size, (4000,), generator=torch.Generator().manual_seed(1))
+    table = ek.measure_engine_table(model, tiny.info, ids, cal)
+    window = ek.calibration_windows(ids, cal.seq_len, cal.num_seqs, cal.seed, ())[0]
+    assert np.array_equal(table.kl, ek._layer_kl(model, window[:40], table, cal))
+    assert not np.array_equal(table.kl, ek._layer_kl(model, window, table, cal))
+
+
+def test_kl_tokens_settings_and_version_1_records() -> None:
+    """A version-1 record (no ``kl_tokens``) reads as what it measured, the whole first sequence; too few tokens
+    are refused; the flag belongs to the engine method."""
+    from kvtool import config as kvconfig
+
+    data = {"kv_dtype": "mixed", "target_bits": 5.0, "sensitivity": "kl", "seq_len": 1024}
+    old = {"_type": "EngineKVCalibration", "_version": 1, "_data": data}
+    assert kvconfig.from_dict(old).kl_tokens == 1024
+    assert kvconfig.to_dict(EngineKVCalibration())["_version"] == 2 and EngineKVCalibration().kl_tokens == 512
+    with pytest.raises(UsageError, match="kl_tokens"):
+        EngineKVCalibration(kl_tokens=8)
+    assert_one_line_error(invoke("calibrate", "tiny", "--method", "pca", "--kl-tokens", 100), 2, "--kl-tokens",
+                          "--method engine")  # fmt: skip
+
+
 def test_a_malformed_engine_record_is_exit_3(engine_arts: dict[str, Path], tmp_path: Path) -> None:
     """An engine artifact whose record lacks what the exports and --resolve read (a consistent digest: written by
     kvtool's own writer, so only the content is wrong) is refused with one line and exit 3."""

@@ -72,10 +72,12 @@ class EngineKVCalibration:
     ``kv_dtype``: ``fp8`` or ``nvfp4`` in every layer but the skipped ones, or ``mixed`` (ModelOpt's per-layer
     FP8 / NVFP4 / FP8_K_NVFP4_V / unquantized under ``target_bits``). ``granularity``: FP8 scales per ``tensor`` or
     per KV ``head`` (NVFP4 has one per-tensor scale). ``skip_budget``: layers kept in the model dtype (fp8, nvfp4);
-    ``target_bits``: an all-in bits budget instead (required for ``mixed``).
+    ``target_bits``: an all-in bits budget instead (required for ``mixed``). ``kl_tokens``: with
+    ``sensitivity="kl"``, the per-layer KL is measured on the first this many tokens of the first calibration
+    sequence (layers × 3 forward passes over them; version 1 measured it on the whole sequence).
     """
 
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     kv_dtype: Literal["fp8", "nvfp4", "mixed"] = "fp8"
     granularity: Literal["tensor", "head"] = "tensor"
     observer: Literal["amax", "mse", "minmax"] = "amax"
@@ -86,6 +88,12 @@ class EngineKVCalibration:
     num_seqs: int = 8
     seq_len: int = 2048
     seed: int = 0
+    kl_tokens: int = 512
+
+    @classmethod
+    def upgrade(cls, version: int, data: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 had no ``kl_tokens``: its KL (if any) was measured on the whole first sequence."""
+        return {"kl_tokens": int(data.get("seq_len", 2048)), **data}
 
     def __post_init__(self) -> None:
         if self.kv_dtype not in KV_DTYPES:
@@ -110,6 +118,8 @@ class EngineKVCalibration:
             raise UsageError(f"alphas must start with 1.0 (amax) and lie in (0, 1] (got {self.alphas})")
         if self.num_seqs < 1 or self.seq_len < 16:
             raise UsageError("need at least one calibration sequence of at least 16 tokens")
+        if not isinstance(self.kl_tokens, int) or isinstance(self.kl_tokens, bool) or self.kl_tokens < 16:
+            raise UsageError(f"kl_tokens must be an integer >= 16 (got {self.kl_tokens!r})")
 
     # -- the calibrator protocol (kvtool.calibrators.base) --------------------------------------------------------
 
@@ -336,7 +346,9 @@ def measure_engine_table(
         if progress:
             progress(1)
     if cal.sensitivity == "kl":
-        table.kl = _layer_kl(model, windows[0], table, cal)
+        # on the first kl_tokens of the first window: the passes cost ~tokens^1.3 (SmolLM2 on 2 cores: a forward of
+        # 2,048 tokens 6.0 s, of 512 1.3 s), and layers x 3 of them dominated a calibration (docs/benchmarks.md)
+        table.kl = _layer_kl(model, windows[0][: cal.kl_tokens], table, cal)
         if progress:
             progress(cal.num_seqs)
     return table

@@ -60,7 +60,7 @@ FIELD_FLAGS = {"target_rank_fraction": "--target-rank-fraction", "target_bits": 
                "recent_tokens": "--recent-tokens", "fit_skip_recent": "--fit-skip-recent",
                "granularity": "--granularity", "rank_fraction": "--target-rank-fraction", "method": "--method",
                "bits": "--bits", "kv_dtype": "--kv-dtype", "observer": "--observer",
-               "skip_budget": "--skip-budget", "sensitivity": "--sensitivity"}  # fmt: skip
+               "skip_budget": "--skip-budget", "sensitivity": "--sensitivity", "kl_tokens": "--kl-tokens"}  # fmt: skip
 
 
 def _as_flags(error: UsageError, bits_flag: str = "--bits") -> UsageError:
@@ -130,6 +130,10 @@ def calibrate(
         str, typer.Option("--sensitivity", help="engine: rank layers by the Fisher proxy of the passes, or by kl: the "
                           "measured KL of quantizing each layer alone (ModelOpt's score; layers x 3 forward passes).")
     ] = "fisher",
+    kl_tokens: Annotated[
+        int, typer.Option("--kl-tokens", help="engine, --sensitivity kl: the tokens of the first calibration "
+                          "sequence the per-layer KL is measured on.", min=16)
+    ] = 512,
     skip_budget: Annotated[
         int, typer.Option("--skip-budget", help="engine: layers kept in the model dtype (the most sensitive).", min=0)
     ] = 0,
@@ -203,7 +207,8 @@ def calibrate(
     if resolve is not None:
         # only the budget is re-solved: a flag that would change how the table was measured cannot apply
         fixed = {"--method": method != "search", "--kv-dtype": kv_dtype is not None, "--observer": observer != "amax",
-                 "--sensitivity": sensitivity != "fisher", "--skip-budget": bool(skip_budget),
+                 "--sensitivity": sensitivity != "fisher", "--kl-tokens": kl_tokens != 512,
+                 "--skip-budget": bool(skip_budget),
                  "--granularity": granularity is not None, "--bits": bits != "3", "--num-seqs": num_seqs != 8,
                  "--seq-len": seq_len != 2048, "--seed": seed != 0, "--text": text != "calibration"}  # fmt: skip
         if given := [flag for flag, changed in fixed.items() if changed]:
@@ -228,15 +233,17 @@ def calibrate(
             raise UsageError("--target-bits applies to search, pca and svd; nuq takes --bits")
         if target_rank_fraction is not None and method not in ("pca", "svd"):
             raise UsageError("--target-rank-fraction applies to --method pca or svd")
-        engine_only = kv_dtype is not None or skip_budget or observer != "amax" or sensitivity != "fisher"
+        engine_only = (kv_dtype is not None or skip_budget or observer != "amax" or sensitivity != "fisher"
+                       or kl_tokens != 512)  # fmt: skip
         if method != "engine" and engine_only:
-            raise UsageError("--kv-dtype, --observer, --sensitivity and --skip-budget apply to --method engine")
+            raise UsageError("--kv-dtype, --observer, --sensitivity, --kl-tokens and --skip-budget apply to "
+                             "--method engine")
         settings: dict[str, Any] = {"num_seqs": num_seqs, "seq_len": seq_len, "seed": seed}
         if method != "engine":  # engines keep no tokens aside
             settings["sink_tokens"] = sink_tokens
         if method == "engine":
             settings |= {"kv_dtype": kv_dtype or "fp8", "granularity": granularity or "tensor", "observer": observer,
-                         "sensitivity": sensitivity, "skip_budget": skip_budget,
+                         "sensitivity": sensitivity, "kl_tokens": kl_tokens, "skip_budget": skip_budget,
                          "target_bits": target_bits}  # fmt: skip
         elif method in ("pca", "svd"):
             if target_rank_fraction is None and target_bits is None:
