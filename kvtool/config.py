@@ -48,10 +48,7 @@ def from_dict(d: dict[str, Any]) -> Any:
     extra = set(d.get("_data", {})) - names
     if extra:
         raise ArtifactError(f"{d['_type']}: unknown fields {sorted(extra)}")
-    data = dict(d.get("_data", {}))
-    if version < cls.version and hasattr(cls, "upgrade"):  # what an older version meant by its missing fields
-        data = cls.upgrade(version, data)
     try:
-        return cls(**data)
+        return cls(**d.get("_data", {}))
     except (TypeError, ValueError, KvtoolError) as e:  # settings a config refuses: the file is at fault
         raise ArtifactError(f"{d['_type']}: {e}") from e

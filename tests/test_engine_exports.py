@@ -476,15 +476,14 @@ def test_kl_is_measured_on_the_first_kl_tokens(tiny: Any) -> None:
     assert not np.array_equal(table.kl, ek._layer_kl(model, window, table, cal))
 
 
-def test_kl_tokens_settings_and_version_1_records() -> None:
-    """A version-1 record (no ``kl_tokens``) reads as what it measured, the whole first sequence; too few tokens
-    are refused; the flag belongs to the engine method."""
+def test_kl_tokens_settings() -> None:
+    """By default the whole first sequence (what records without the field measured); too few tokens are refused;
+    the flag belongs to the engine method."""
     from kvtool import config as kvconfig
 
     data = {"kv_dtype": "mixed", "target_bits": 5.0, "sensitivity": "kl", "seq_len": 1024}
-    old = {"_type": "EngineKVCalibration", "_version": 1, "_data": data}
-    assert kvconfig.from_dict(old).kl_tokens == 1024
-    assert kvconfig.to_dict(EngineKVCalibration())["_version"] == 2 and EngineKVCalibration().kl_tokens == 512
+    assert kvconfig.from_dict({"_type": "EngineKVCalibration", "_version": 1, "_data": data}).kl_tokens is None
+    assert EngineKVCalibration(kl_tokens=64).kl_tokens == 64
     with pytest.raises(UsageError, match="kl_tokens"):
         EngineKVCalibration(kl_tokens=8)
     assert_one_line_error(invoke("calibrate", "tiny", "--method", "pca", "--kl-tokens", 100), 2, "--kl-tokens",

@@ -74,10 +74,11 @@ class EngineKVCalibration:
     per KV ``head`` (NVFP4 has one per-tensor scale). ``skip_budget``: layers kept in the model dtype (fp8, nvfp4);
     ``target_bits``: an all-in bits budget instead (required for ``mixed``). ``kl_tokens``: with
     ``sensitivity="kl"``, the per-layer KL is measured on the first this many tokens of the first calibration
-    sequence (layers × 3 forward passes over them; version 1 measured it on the whole sequence).
+    sequence (``None``: all of it); layers × 3 forward passes over them, so fewer tokens cost far less time, and
+    rank the layers less well (SmolLM2, 512 of 2,048: docs/benchmarks.md).
     """
 
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 1
     kv_dtype: Literal["fp8", "nvfp4", "mixed"] = "fp8"
     granularity: Literal["tensor", "head"] = "tensor"
     observer: Literal["amax", "mse", "minmax"] = "amax"
@@ -88,12 +89,7 @@ class EngineKVCalibration:
     num_seqs: int = 8
     seq_len: int = 2048
     seed: int = 0
-    kl_tokens: int = 512
-
-    @classmethod
-    def upgrade(cls, version: int, data: dict[str, Any]) -> dict[str, Any]:
-        """Version 1 had no ``kl_tokens``: its KL (if any) was measured on the whole first sequence."""
-        return {"kl_tokens": int(data.get("seq_len", 2048)), **data}
+    kl_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_dtype not in KV_DTYPES:
@@ -118,7 +114,8 @@ class EngineKVCalibration:
             raise UsageError(f"alphas must start with 1.0 (amax) and lie in (0, 1] (got {self.alphas})")
         if self.num_seqs < 1 or self.seq_len < 16:
             raise UsageError("need at least one calibration sequence of at least 16 tokens")
-        if not isinstance(self.kl_tokens, int) or isinstance(self.kl_tokens, bool) or self.kl_tokens < 16:
+        if self.kl_tokens is not None and (not isinstance(self.kl_tokens, int) or isinstance(self.kl_tokens, bool)
+                                           or self.kl_tokens < 16):  # fmt: skip
             raise UsageError(f"kl_tokens must be an integer >= 16 (got {self.kl_tokens!r})")
 
     # -- the calibrator protocol (kvtool.calibrators.base) --------------------------------------------------------
@@ -346,8 +343,8 @@ def measure_engine_table(
         if progress:
             progress(1)
     if cal.sensitivity == "kl":
-        # on the first kl_tokens of the first window: the passes cost ~tokens^1.3 (SmolLM2 on 2 cores: a forward of
-        # 2,048 tokens 6.0 s, of 512 1.3 s), and layers x 3 of them dominated a calibration (docs/benchmarks.md)
+        # on the first kl_tokens of the first window (the passes' cost grows faster than the tokens: SmolLM2 on 2
+        # cores, a forward of 2,048 tokens takes 6.0 s, of 512 1.3 s)
         table.kl = _layer_kl(model, windows[0][: cal.kl_tokens], table, cal)
         if progress:
             progress(cal.num_seqs)

@@ -131,9 +131,10 @@ def calibrate(
                           "measured KL of quantizing each layer alone (ModelOpt's score; layers x 3 forward passes).")
     ] = "fisher",
     kl_tokens: Annotated[
-        int, typer.Option("--kl-tokens", help="engine, --sensitivity kl: the tokens of the first calibration "
-                          "sequence the per-layer KL is measured on.", min=16)
-    ] = 512,
+        int | None, typer.Option("--kl-tokens", help="engine, --sensitivity kl: measure the per-layer KL on the "
+                                 "first N tokens of the first calibration sequence (default: all of it; fewer cost "
+                                 "far less time and rank the layers less well).", min=16)
+    ] = None,
     skip_budget: Annotated[
         int, typer.Option("--skip-budget", help="engine: layers kept in the model dtype (the most sensitive).", min=0)
     ] = 0,
@@ -207,7 +208,7 @@ def calibrate(
     if resolve is not None:
         # only the budget is re-solved: a flag that would change how the table was measured cannot apply
         fixed = {"--method": method != "search", "--kv-dtype": kv_dtype is not None, "--observer": observer != "amax",
-                 "--sensitivity": sensitivity != "fisher", "--kl-tokens": kl_tokens != 512,
+                 "--sensitivity": sensitivity != "fisher", "--kl-tokens": kl_tokens is not None,
                  "--skip-budget": bool(skip_budget),
                  "--granularity": granularity is not None, "--bits": bits != "3", "--num-seqs": num_seqs != 8,
                  "--seq-len": seq_len != 2048, "--seed": seed != 0, "--text": text != "calibration"}  # fmt: skip
@@ -234,7 +235,7 @@ def calibrate(
         if target_rank_fraction is not None and method not in ("pca", "svd"):
             raise UsageError("--target-rank-fraction applies to --method pca or svd")
         engine_only = (kv_dtype is not None or skip_budget or observer != "amax" or sensitivity != "fisher"
-                       or kl_tokens != 512)  # fmt: skip
+                       or kl_tokens is not None)  # fmt: skip
         if method != "engine" and engine_only:
             raise UsageError("--kv-dtype, --observer, --sensitivity, --kl-tokens and --skip-budget apply to "
                              "--method engine")
