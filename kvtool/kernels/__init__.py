@@ -8,12 +8,15 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvtool.codecs import rans
 from kvtool.errors import UsageError
+
+if TYPE_CHECKING:
+    from kvtool.codecs.slot_stats import SlotStats
 
 BACKENDS = ("auto", "torch", "triton", "numba")
 
@@ -77,7 +80,7 @@ def symbol_counts(symbols: torch.Tensor, alphabet: int, backend: str = "auto") -
     return rans.symbol_counts_reference(symbols, alphabet)
 
 
-def slot_stats(x: torch.Tensor, quality: float, backend: str = "auto") -> Any:
+def slot_stats(x: torch.Tensor, quality: float, backend: str = "auto") -> SlotStats:
     """:func:`kvtool.codecs.slot_stats.slot_stats_reference` or its Triton twin (numba: the reference); the same
     values either way, so CPU tensors under a ``triton`` coder (not interpreted) take the reference."""
     runnable = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
