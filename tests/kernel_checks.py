@@ -60,12 +60,13 @@ def _counts_case(device: str, big: bool) -> None:
         assert torch.equal(got, rans.symbol_counts_reference(x, a)), f"symbol counts differ ({rows}x{n}, {a})"
 
 
-def _stats_case(device: str, big: bool) -> None:
-    """The slot-statistics kernels against their reference (exact fp16 means and steps, exact symbols): odd head
-    widths and token counts, one token, constant and all-zero channels, channels of very large and very small
-    magnitude, and values on the quantizer's half-way points."""
+def stats_inputs(big: bool = False) -> list[torch.Tensor]:
+    """Slots ``(G, heads, n, head_dim)`` for the slot-statistics kernels: odd head widths and token counts, one
+    token, constant and all-zero channels, channels of very large and very small magnitude, and values on the
+    quantizer's half-way points."""
     gen = torch.Generator().manual_seed(11)
     shapes = [(3, 2, 7, 64), (2, 3, 1, 24), (1, 1, 33, 8), (4, 2, 40, 128)] + ([(512, 8, 256, 128)] if big else [])
+    out = []
     for g, heads, n, dim in shapes:
         x = torch.randn(g, heads, n, dim, generator=gen) * torch.rand(g, heads, 1, dim, generator=gen) * 4
         x += torch.randn(g, heads, 1, dim, generator=gen) * 3  # per-channel offsets (pre-RoPE keys)
@@ -75,10 +76,17 @@ def _stats_case(device: str, big: bool) -> None:
         x[-1, 0, :, 0] *= 1e-30
         if n > 2:
             x[0, -1, :, 2] = torch.arange(n, dtype=torch.float32) * 0.5  # half-way points of a step of 1
+        out.append(x)
+    return out
+
+
+def _stats_case(device: str, big: bool) -> None:
+    """The slot-statistics kernels against their reference (exact fp16 means and steps, exact symbols)."""
+    for x in stats_inputs(big):
         got = slot_stats_triton(x.to(device), 0.5)
         want = slot_stats_reference(x, 0.5)
         for name, a, b in zip(want._fields, got, want, strict=True):
-            assert torch.equal(a.cpu(), b), f"slot statistics differ ({name}, {(g, heads, n, dim)})"
+            assert torch.equal(a.cpu(), b), f"slot statistics differ ({name}, {tuple(x.shape)})"
 
 
 def _kv_case(heads: int, head_dim: int, tokens: int, layers: int, device: str) -> None:

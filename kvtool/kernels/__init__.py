@@ -81,13 +81,17 @@ def symbol_counts(symbols: torch.Tensor, alphabet: int, backend: str = "auto") -
 
 
 def slot_stats(x: torch.Tensor, quality: float, backend: str = "auto") -> SlotStats:
-    """:func:`kvtool.codecs.slot_stats.slot_stats_reference` or its Triton twin (numba: the reference); the same
+    """:func:`kvtool.codecs.slot_stats.slot_stats_reference` or its Triton (GPU) or numba (CPU) twin; the same
     values either way, so CPU tensors under a ``triton`` coder (not interpreted) take the reference."""
     runnable = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if backend in ("auto", "triton") and runnable and pick_backend(backend, x.device) == "triton":
         from kvtool.kernels.stats_triton import slot_stats_triton
 
         return slot_stats_triton(x, quality)
+    if backend in ("auto", "numba") and not x.is_cuda and pick_backend(backend, x.device) == "numba":
+        from kvtool.kernels.stats_numba import slot_stats_numba
+
+        return slot_stats_numba(x, quality)
     from kvtool.codecs.slot_stats import slot_stats_reference
 
     return slot_stats_reference(x, quality)
