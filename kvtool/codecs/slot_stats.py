@@ -9,13 +9,14 @@ channel 1, ...).
 
 Every reduction here is order-free (:func:`order_free_mean`, ``amax``), so the statistics, hence the file's bytes,
 are the same on every device, thread count and batch. :func:`slot_stats_reference` is the definition;
-:func:`kvtool.kernels.stats_triton.slot_stats_triton` computes the same values in a few passes over the slots
-without the float64 and int64 intermediates (its column sums and peaks go through :func:`order_free_shift`,
-:func:`order_free_finish` and :func:`step_of`, the same torch operations as here).
+:func:`kvtool.kernels.stats_triton.slot_stats_triton` and :func:`kvtool.kernels.stats_numba.slot_stats_numba`
+compute the same values in a few passes over the slots without the float64 and int64 intermediates; both are
+driven by :func:`slot_stats_by_passes`, whose per-column steps between the passes are the torch operations here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -87,3 +88,30 @@ def slot_stats_reference(x: torch.Tensor, quality: float) -> SlotStats:
     kmax = torch.full((), float(MAX_K), device=x.device)
     sym = quantize(dev, st.float()[:, None, :], kmax).to(torch.uint8)  # bytes: every later pass moves 1, not 8
     return SlotStats(mu, st, sym.transpose(1, 2).reshape(g, -1))
+
+
+Peaks = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+Sums = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+Symbols = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def slot_stats_by_passes(x: torch.Tensor, quality: float, peaks: Peaks, sums: Sums, symbols: Symbols) -> SlotStats:
+    """:func:`slot_stats_reference` from three passes a kernel twin provides over ``x`` ``(G, heads, n, head_dim)``
+    (channel ``c = h · head_dim + j``), each giving ``(G, C)`` per column:
+
+    * ``peaks(x, mu)``: ``max_t |x|`` (float32), or ``max_t |x − mu|`` when ``mu`` (float32 ``(G, C)``) is given;
+    * ``sums(x, mu, scale)``: ``Σ_t round_half_even(v · scale)`` (int64) of ``v = x`` in float64, or of the float32
+      deviation ``x − mu`` squared in float64 (exact) when ``mu`` is given; ``scale``: float64 powers of two;
+    * ``symbols(x, mu, step)``: ``clamp(round_half_even((x − mu) / step), ±MAX_K) + MAX_K`` as uint8 ``(G, C · n)``,
+      component-major (float32 operations).
+
+    The peak of the squared deviations is the squared peak (float32 squares are exact in float64)."""
+    n = x.shape[2]
+    peak = peaks(x, None)
+    shift = order_free_shift(peak.double(), n)
+    mu = order_free_finish(sums(x, None, pow2(shift)), shift, n).float().half()
+    muf = mu.float()
+    dev_peak = peaks(x, muf)
+    shift = order_free_shift(dev_peak.double().square(), n)
+    st = step_of(order_free_finish(sums(x, muf, pow2(shift)), shift, n).sqrt(), dev_peak, quality)
+    return SlotStats(mu, st, symbols(x, muf, st.float()))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kvtool.codecs.ecsq import MAX_K
-from kvtool.codecs.slot_stats import SlotStats, order_free_finish, order_free_shift, pow2, step_of
+from kvtool.codecs.slot_stats import SlotStats, slot_stats_by_passes
 from kvtool.kernels.rans_numba import _jit, _set_threads
 
 _KMAX = np.float32(MAX_K)
@@ -84,19 +84,21 @@ def slot_stats_numba(x: torch.Tensor, quality: float) -> SlotStats:
     c = heads * hd
     xs = x.detach().cpu().contiguous().numpy()
     _set_threads()
-    peak = np.empty((g, c), np.float32)
-    _peaks(xs, peak, False, peak)
-    shift = order_free_shift(torch.from_numpy(peak).double(), n)
-    sums = np.empty((g, c), np.int64)
-    _sums(xs, peak, pow2(shift).numpy(), False, sums)
-    mu = order_free_finish(torch.from_numpy(sums), shift, n).float().half()
-    muf = mu.float().numpy()
-    dev_peak = np.empty((g, c), np.float32)
-    _peaks(xs, muf, True, dev_peak)
-    dev_peak_t = torch.from_numpy(dev_peak)
-    shift = order_free_shift(dev_peak_t.double().square(), n)
-    _sums(xs, muf, pow2(shift).numpy(), True, sums)
-    st = step_of(order_free_finish(torch.from_numpy(sums), shift, n).sqrt(), dev_peak_t, quality)
-    sym = np.empty((g, c * n), np.uint8)
-    _symbols(xs, muf, st.float().numpy(), sym)
-    return SlotStats(mu.to(x.device), st.to(x.device), torch.from_numpy(sym).to(x.device))
+
+    def peaks(_x: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+        out = np.empty((g, c), np.float32)
+        _peaks(xs, out if mu is None else mu.numpy(), mu is not None, out)
+        return torch.from_numpy(out)
+
+    def sums(_x: torch.Tensor, mu: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+        out = np.empty((g, c), np.int64)
+        _sums(xs, np.zeros((g, c), np.float32) if mu is None else mu.numpy(), scale.numpy(), mu is not None, out)
+        return torch.from_numpy(out)
+
+    def symbols(_x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        out = np.empty((g, c * n), np.uint8)
+        _symbols(xs, mu.numpy(), step.numpy(), out)
+        return torch.from_numpy(out)
+
+    stats = slot_stats_by_passes(x.detach().cpu(), quality, peaks, sums, symbols)
+    return SlotStats(*(t.to(x.device) for t in stats))

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kvtool.codecs.ecsq import MAX_K
-from kvtool.codecs.slot_stats import SlotStats, order_free_finish, order_free_shift, pow2, step_of
+from kvtool.codecs.slot_stats import SlotStats, slot_stats_by_passes
 
 BLOCK_N = 32  #: tokens per tile
 BLOCK_C = 64  #: channels per program
@@ -122,19 +122,20 @@ def slot_stats_triton(x: torch.Tensor, quality: float) -> SlotStats:
     dims = (n, c, hd, x.stride(0), x.stride(1), x.stride(2))
     grid = (g, triton.cdiv(c, BLOCK_C))
     opts = {"BN": BLOCK_N, "BC": BLOCK_C, "enable_fp_fusion": False}
-    peak = torch.empty(g, c, dtype=torch.float32, device=x.device)
-    _peak_kernel[grid](x, peak, peak, *dims, CENTRED=False, **opts)
-    shift = order_free_shift(peak.double(), n)
-    sums = torch.empty(g, c, dtype=torch.int64, device=x.device)
-    _sum_kernel[grid](x, peak, pow2(shift), sums, *dims, SQUARED=False, **opts)
-    mu = order_free_finish(sums, shift, n).float().half()
-    muf = mu.float()
-    dev_peak = torch.empty(g, c, dtype=torch.float32, device=x.device)
-    _peak_kernel[grid](x, muf, dev_peak, *dims, CENTRED=True, **opts)
-    # the peak of the squared deviations is the squared peak (float32 squares are exact in float64)
-    shift = order_free_shift(dev_peak.double().square(), n)
-    _sum_kernel[grid](x, muf, pow2(shift), sums, *dims, SQUARED=True, **opts)
-    st = step_of(order_free_finish(sums, shift, n).sqrt(), dev_peak, quality)
-    sym = torch.empty(g, c * n, dtype=torch.uint8, device=x.device)
-    _symbols_kernel[grid](x, muf, st.float(), sym, *dims, KMAX=float(MAX_K), **opts)
-    return SlotStats(mu, st, sym)
+
+    def peaks(x: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty(g, c, dtype=torch.float32, device=x.device)
+        _peak_kernel[grid](x, out if mu is None else mu, out, *dims, CENTRED=mu is not None, **opts)
+        return out
+
+    def sums(x: torch.Tensor, mu: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(g, c, dtype=torch.int64, device=x.device)
+        _sum_kernel[grid](x, scale if mu is None else mu, scale, out, *dims, SQUARED=mu is not None, **opts)
+        return out
+
+    def symbols(x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(g, c * n, dtype=torch.uint8, device=x.device)
+        _symbols_kernel[grid](x, mu, step, out, *dims, KMAX=float(MAX_K), **opts)
+        return out
+
+    return slot_stats_by_passes(x, quality, peaks, sums, symbols)
