@@ -90,28 +90,27 @@ def slot_stats_reference(x: torch.Tensor, quality: float) -> SlotStats:
     return SlotStats(mu, st, sym.transpose(1, 2).reshape(g, -1))
 
 
-Peaks = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-Sums = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
-Symbols = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Peaks = Callable[[torch.Tensor | None], torch.Tensor]
+Sums = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
+Symbols = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def slot_stats_by_passes(x: torch.Tensor, quality: float, peaks: Peaks, sums: Sums, symbols: Symbols) -> SlotStats:
-    """:func:`slot_stats_reference` from three passes a kernel twin provides over ``x`` ``(G, heads, n, head_dim)``
-    (channel ``c = h · head_dim + j``), each giving ``(G, C)`` per column:
+def slot_stats_by_passes(n: int, quality: float, peaks: Peaks, sums: Sums, symbols: Symbols) -> SlotStats:
+    """:func:`slot_stats_reference` of ``n`` tokens from three passes a kernel twin makes over its slots
+    ``(G, heads, n, head_dim)`` (channel ``c = h · head_dim + j``), each giving ``(G, C)`` per column:
 
-    * ``peaks(x, mu)``: ``max_t |x|`` (float32), or ``max_t |x − mu|`` when ``mu`` (float32 ``(G, C)``) is given;
-    * ``sums(x, mu, scale)``: ``Σ_t round_half_even(v · scale)`` (int64) of ``v = x`` in float64, or of the float32
+    * ``peaks(mu)``: ``max_t |x|`` (float32), or ``max_t |x − mu|`` when ``mu`` (float32 ``(G, C)``) is given;
+    * ``sums(mu, scale)``: ``Σ_t round_half_even(v · scale)`` (int64) of ``v = x`` in float64, or of the float32
       deviation ``x − mu`` squared in float64 (exact) when ``mu`` is given; ``scale``: float64 powers of two;
-    * ``symbols(x, mu, step)``: ``clamp(round_half_even((x − mu) / step), ±MAX_K) + MAX_K`` as uint8 ``(G, C · n)``,
+    * ``symbols(mu, step)``: ``clamp(round_half_even((x − mu) / step), ±MAX_K) + MAX_K`` as uint8 ``(G, C · n)``,
       component-major (float32 operations).
 
     The peak of the squared deviations is the squared peak (float32 squares are exact in float64)."""
-    n = x.shape[2]
-    peak = peaks(x, None)
+    peak = peaks(None)
     shift = order_free_shift(peak.double(), n)
-    mu = order_free_finish(sums(x, None, pow2(shift)), shift, n).float().half()
+    mu = order_free_finish(sums(None, pow2(shift)), shift, n).float().half()
     muf = mu.float()
-    dev_peak = peaks(x, muf)
+    dev_peak = peaks(muf)
     shift = order_free_shift(dev_peak.double().square(), n)
-    st = step_of(order_free_finish(sums(x, muf, pow2(shift)), shift, n).sqrt(), dev_peak, quality)
-    return SlotStats(mu, st, symbols(x, muf, st.float()))
+    st = step_of(order_free_finish(sums(muf, pow2(shift)), shift, n).sqrt(), dev_peak, quality)
+    return SlotStats(mu, st, symbols(muf, st.float()))

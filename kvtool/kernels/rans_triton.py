@@ -149,7 +149,7 @@ def encode_triton(
     n = symbols.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.int64, device=device)
-    host_lengths = lengths.to(torch.int64) if lengths.device.type == "cpu" else lengths.cpu().to(torch.int64)
+    host_lengths = lengths.to("cpu", torch.int64)
     if int(host_lengths.sum()) != n or bool((host_lengths < 1).any()):
         raise ValueError("lane lengths must be positive and cover the symbols")
     keep = symbols.dtype in (torch.uint8, torch.int32)

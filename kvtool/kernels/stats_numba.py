@@ -85,20 +85,20 @@ def slot_stats_numba(x: torch.Tensor, quality: float) -> SlotStats:
     xs = x.detach().cpu().contiguous().numpy()
     _set_threads()
 
-    def peaks(_x: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+    def peaks(mu: torch.Tensor | None) -> torch.Tensor:
         out = np.empty((g, c), np.float32)
         _peaks(xs, out if mu is None else mu.numpy(), mu is not None, out)
         return torch.from_numpy(out)
 
-    def sums(_x: torch.Tensor, mu: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    def sums(mu: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
         out = np.empty((g, c), np.int64)
         _sums(xs, np.zeros((g, c), np.float32) if mu is None else mu.numpy(), scale.numpy(), mu is not None, out)
         return torch.from_numpy(out)
 
-    def symbols(_x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def symbols(mu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         out = np.empty((g, c * n), np.uint8)
         _symbols(xs, mu.numpy(), step.numpy(), out)
         return torch.from_numpy(out)
 
-    stats = slot_stats_by_passes(x.detach().cpu(), quality, peaks, sums, symbols)
+    stats = slot_stats_by_passes(n, quality, peaks, sums, symbols)
     return SlotStats(*(t.to(x.device) for t in stats))

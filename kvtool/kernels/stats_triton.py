@@ -123,19 +123,19 @@ def slot_stats_triton(x: torch.Tensor, quality: float) -> SlotStats:
     grid = (g, triton.cdiv(c, BLOCK_C))
     opts = {"BN": BLOCK_N, "BC": BLOCK_C, "enable_fp_fusion": False}
 
-    def peaks(x: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+    def peaks(mu: torch.Tensor | None) -> torch.Tensor:
         out = torch.empty(g, c, dtype=torch.float32, device=x.device)
         _peak_kernel[grid](x, out if mu is None else mu, out, *dims, CENTRED=mu is not None, **opts)
         return out
 
-    def sums(x: torch.Tensor, mu: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    def sums(mu: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
         out = torch.empty(g, c, dtype=torch.int64, device=x.device)
         _sum_kernel[grid](x, scale if mu is None else mu, scale, out, *dims, SQUARED=mu is not None, **opts)
         return out
 
-    def symbols(x: torch.Tensor, mu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def symbols(mu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         out = torch.empty(g, c * n, dtype=torch.uint8, device=x.device)
         _symbols_kernel[grid](x, mu, step, out, *dims, KMAX=float(MAX_K), **opts)
         return out
 
-    return slot_stats_by_passes(x, quality, peaks, sums, symbols)
+    return slot_stats_by_passes(n, quality, peaks, sums, symbols)
